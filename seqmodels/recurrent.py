@@ -1,0 +1,198 @@
+"""Unroll a cell over time, stack layers, and choose how the recurrence is computed.
+
+``RecurrentStack(x, state=None, lengths=None) -> (output, state)`` mirrors torch.nn.RNN /
+torch.nn.LSTM with ``batch_first=True``: x (B, T, I) -> output (B, T, H) of the last layer,
+state ``h`` (num_layers, B, H) for the RNN and ``(h, c)`` for the LSTM.
+
+Implementations (``impl``), all on the very same parameters:
+    autograd  the readable loop over ``cells.py``; autograd derives the backward pass
+    native    torch's fused kernels (oneDNN on CPU, cuDNN on GPU); no peepholes
+    auto      the fastest correct one for the options (see ``resolve_impl``)
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, _VF, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from seqmodels.cells import NONLINEARITIES, LSTMCell, RNNCell
+
+CELLS = ("rnn", "lstm")
+IMPLS = ("auto", "autograd", "native")
+State = Union[Tensor, tuple[Tensor, Tensor]]  # h, or (h, c); each (num_layers, B, H)
+
+
+def check_stack_args(
+    cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
+    nonlinearity: str = "tanh", peephole: bool = False, impl: str = "auto",
+) -> None:
+    """Raise a one-line ValueError naming the parameter and its allowed values."""
+    if cell not in CELLS:
+        raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {list(NONLINEARITIES)}, got {nonlinearity!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+    if peephole and cell != "lstm":
+        raise ValueError("peephole: true needs cell: lstm (the vanilla RNN has no cell state)")
+    if impl == "native" and peephole:
+        raise ValueError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd or auto")
+
+
+def resolve_impl(impl: str, peephole: bool) -> str:
+    """``auto`` -> native kernels when the math is identical, else the autograd loop."""
+    if impl != "auto":
+        return impl
+    return "autograd" if peephole else "native"
+
+
+class RecurrentLayer(nn.Module):
+    """Unrolls one cell over time with ``unbind`` (O(T) backward, unlike ``x[:, t]``).
+
+    With a mask, the state stops changing past each sequence's end:
+        s_t = m_t ? cell(x_t, s_{t-1}) : s_{t-1},   output_t = m_t ? h_t : 0
+    which is what torch computes on a PackedSequence.
+    """
+
+    def __init__(self, cell: nn.Module) -> None:
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
+        outputs = []
+        masks = mask.unsqueeze(-1).unbind(1) if mask is not None else None
+        for t, x_t in enumerate(x.unbind(1)):
+            new = self.cell(x_t, state)
+            if masks is None:
+                state = new
+                outputs.append(new[0] if isinstance(new, tuple) else new)
+                continue
+            m = masks[t]
+            if isinstance(new, tuple):
+                state = tuple(torch.where(m, n, s) for n, s in zip(new, state))
+                outputs.append(new[0] * m)
+            else:
+                state = torch.where(m, new, state)
+                outputs.append(new * m)
+        return torch.stack(outputs, 1), state
+
+
+class RecurrentStack(nn.Module):
+    """``num_layers`` recurrent layers with dropout between them (not after the last).
+
+    Parameter names: ``layers.{l}.cell.weight_ih`` etc.; ``torch_state_dict`` /
+    ``load_torch_state_dict`` convert to and from torch.nn.RNN / nn.LSTM names
+    (``weight_ih_l{l}``), so weights move freely between the two.
+    """
+
+    def __init__(
+        self,
+        cell: str = "lstm",
+        input_size: int = 1,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        nonlinearity: str = "tanh",
+        forget_bias: float = 1.0,
+        peephole: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_stack_args(cell, input_size, hidden_size, num_layers, dropout, nonlinearity, peephole, impl)
+        self.cell_type, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
+        self.dropout, self.nonlinearity, self.peephole = dropout, nonlinearity, peephole
+        self.impl = impl
+        sizes = [input_size] + [hidden_size] * (num_layers - 1)
+        if cell == "rnn":
+            cells = [RNNCell(i, hidden_size, nonlinearity) for i in sizes]
+        else:
+            cells = [LSTMCell(i, hidden_size, forget_bias, peephole) for i in sizes]
+        self.layers = nn.ModuleList(RecurrentLayer(c) for c in cells)
+
+    @property
+    def is_lstm(self) -> bool:
+        return self.cell_type == "lstm"
+
+    def initial_state(self, batch_size: int, like: Tensor) -> State:
+        """Zeros shaped (num_layers, B, H), as torch uses when no state is given."""
+        h = like.new_zeros(self.num_layers, batch_size, self.hidden_size)
+        return (h, h.clone()) if self.is_lstm else h
+
+    def forward(
+        self, x: Tensor, state: State | None = None, lengths: Tensor | None = None
+    ) -> tuple[Tensor, State]:
+        """x (B, T, I), lengths (B,) or None -> output (B, T, H), final state."""
+        if x.dim() != 3:
+            raise ValueError(f"expected input of shape (B, T, F), got {tuple(x.shape)}")
+        if state is None:
+            state = self.initial_state(x.shape[0], x)
+        impl = resolve_impl(self.impl, self.peephole)
+        if impl == "native":
+            return self._forward_native(x, state, lengths)
+        mask = None
+        if lengths is not None:
+            mask = torch.arange(x.shape[1], device=x.device) < lengths.to(x.device).unsqueeze(1)
+        finals = []
+        for l, layer in enumerate(self.layers):
+            if l > 0 and self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            layer_state = (state[0][l], state[1][l]) if self.is_lstm else state[l]
+            x, s = layer(x, layer_state, mask)
+            finals.append(s)
+        if self.is_lstm:
+            return x, (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
+        return x, torch.stack(finals)
+
+    # ---- native kernels on the same parameters -------------------------------------
+    def _flat_weights(self) -> list[Tensor]:
+        return [p for layer in self.layers for p in
+                (layer.cell.weight_ih, layer.cell.weight_hh, layer.cell.bias_ih, layer.cell.bias_hh)]
+
+    def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
+        """torch.nn.RNN / nn.LSTM's own call (``_VF``), on this module's parameters."""
+        hx = state if not self.is_lstm else tuple(state)
+        args = (self._flat_weights(), True, self.num_layers, self.dropout, self.training, False)
+        if self.is_lstm:
+            fn = _VF.lstm
+        else:
+            fn = _VF.rnn_tanh if self.nonlinearity == "tanh" else _VF.rnn_relu
+        if lengths is None:
+            out, *final = fn(x, hx, *args, True)
+            return out, (tuple(final) if self.is_lstm else final[0])
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        order, unorder = packed.sorted_indices, packed.unsorted_indices
+        hx = tuple(s.index_select(1, order) for s in hx) if self.is_lstm else hx.index_select(1, order)
+        out, *final = fn(packed.data, packed.batch_sizes, hx, *args)
+        out, _ = pad_packed_sequence(
+            packed._replace(data=out), batch_first=True, total_length=x.shape[1]
+        )
+        final = [s.index_select(1, unorder) for s in final]
+        return out, (tuple(final) if self.is_lstm else final[0])
+
+    # ---- torch.nn.RNN / nn.LSTM state dicts -----------------------------------------
+    _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    def torch_state_dict(self) -> dict[str, Tensor]:
+        """Parameters under torch.nn.RNN / nn.LSTM names (``weight_ih_l0``, ...)."""
+        if self.peephole:
+            raise ValueError("a peephole LSTM has no torch.nn.LSTM equivalent")
+        return {f"{n}_l{l}": getattr(layer.cell, n).detach().clone()
+                for l, layer in enumerate(self.layers) for n in self._NAMES}
+
+    def load_torch_state_dict(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a torch.nn.RNN / nn.LSTM state dict (same cell, sizes and layers)."""
+        expected = {f"{n}_l{l}" for l in range(self.num_layers) for n in self._NAMES}
+        if set(state_dict) != expected:
+            raise ValueError(f"state dict keys {sorted(state_dict)} do not match {sorted(expected)}")
+        with torch.no_grad():
+            for l, layer in enumerate(self.layers):
+                for n in self._NAMES:
+                    getattr(layer.cell, n).copy_(state_dict[f"{n}_l{l}"])
