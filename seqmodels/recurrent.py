@@ -6,6 +6,8 @@ state ``h`` (num_layers, B, H) for the RNN and ``(h, c)`` for the LSTM.
 
 Implementations (``impl``), all on the very same parameters:
     autograd  the readable loop over ``cells.py``; autograd derives the backward pass
+    bptt      one ``torch.autograd.Function`` per layer with a hand-written backward through
+              time (``bptt.py``, derivations in docs/bptt.md); all cells, peepholes included
     native    torch's fused kernels (oneDNN on CPU, cuDNN on GPU); no peepholes
     auto      the fastest correct one for the options (see ``resolve_impl``)
 """
@@ -18,10 +20,11 @@ import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seqmodels import bptt
 from seqmodels.cells import NONLINEARITIES, LSTMCell, RNNCell
 
 CELLS = ("rnn", "lstm")
-IMPLS = ("auto", "autograd", "native")
+IMPLS = ("auto", "autograd", "bptt", "native")
 State = Union[Tensor, tuple[Tensor, Tensor]]  # h, or (h, c); each (num_layers, B, H)
 
 
@@ -44,14 +47,27 @@ def check_stack_args(
     if peephole and cell != "lstm":
         raise ValueError("peephole: true needs cell: lstm (the vanilla RNN has no cell state)")
     if impl == "native" and peephole:
-        raise ValueError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd or auto")
+        raise ValueError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd, bptt or auto")
 
 
-def resolve_impl(impl: str, peephole: bool) -> str:
-    """``auto`` -> native kernels when the math is identical, else the autograd loop."""
+def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str = "cpu") -> str:
+    """The implementation ``auto`` stands for; any other ``impl`` is returned as is.
+
+    ``auto`` picks the fastest correct implementation for the cell and the hardware, as
+    measured by ``benchmarks/cells.py`` (numbers in docs/bptt.md):
+        peephole LSTM      -> bptt    (native cannot; bptt trains faster than autograd)
+        RNN on CPU         -> bptt    (torch.nn.RNN's CPU path is not fused: the hand-written
+                                       backward trains faster than it)
+        LSTM on CPU        -> native  (oneDNN's fused LSTM kernel)
+        RNN / LSTM on GPU  -> native  (cuDNN)
+    """
     if impl != "auto":
         return impl
-    return "autograd" if peephole else "native"
+    if peephole:
+        return "bptt"
+    if cell == "rnn" and device_type == "cpu":
+        return "bptt"
+    return "native"
 
 
 class RecurrentLayer(nn.Module):
@@ -134,12 +150,14 @@ class RecurrentStack(nn.Module):
             raise ValueError(f"expected input of shape (B, T, F), got {tuple(x.shape)}")
         if state is None:
             state = self.initial_state(x.shape[0], x)
-        impl = resolve_impl(self.impl, self.peephole)
+        impl = resolve_impl(self.impl, self.peephole, self.cell_type, x.device.type)
         if impl == "native":
             return self._forward_native(x, state, lengths)
         mask = None
         if lengths is not None:
             mask = torch.arange(x.shape[1], device=x.device) < lengths.to(x.device).unsqueeze(1)
+        if impl == "bptt":
+            return self._forward_bptt(x, state, mask)
         finals = []
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
@@ -150,6 +168,25 @@ class RecurrentStack(nn.Module):
         if self.is_lstm:
             return x, (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
         return x, torch.stack(finals)
+
+    # ---- hand-written BPTT, one autograd.Function call per layer ---------------------
+    def _forward_bptt(self, x: Tensor, state: State, mask: Tensor | None) -> tuple[Tensor, State]:
+        """Time-major inside (per-step slices contiguous); dropout between layers stays here."""
+        x = x.transpose(0, 1).contiguous()
+        mask = mask.t().unsqueeze(-1).to(x.dtype) if mask is not None else None
+        finals = []
+        for l, layer in enumerate(self.layers):
+            if l > 0 and self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            if self.is_lstm:
+                x, h, c = bptt.lstm_layer(x, state[0][l], state[1][l], layer.cell, mask)
+                finals.append((h, c))
+            else:
+                x, h = bptt.rnn_layer(x, state[l], layer.cell, mask)
+                finals.append(h)
+        if self.is_lstm:
+            return x.transpose(0, 1), (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
+        return x.transpose(0, 1), torch.stack(finals)
 
     # ---- native kernels on the same parameters -------------------------------------
     def _flat_weights(self) -> list[Tensor]:

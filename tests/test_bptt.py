@@ -1,0 +1,275 @@
+"""The hand-written BPTT (seqmodels/bptt.py) against autograd, torch's own RNN/LSTM and a
+closed-form scalar example. CPU, tiny sizes, a few seconds in all."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.func import functional_call
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from seqmodels.cells import LSTMCell
+from seqmodels.recurrent import RecurrentStack, resolve_impl
+
+VARIANTS = {
+    "rnn_tanh": dict(cell="rnn", nonlinearity="tanh"),
+    "rnn_relu": dict(cell="rnn", nonlinearity="relu"),
+    "lstm": dict(cell="lstm"),
+    "lstm_peephole": dict(cell="lstm", peephole=True),
+}
+
+
+def make_stack(variant: str, input_size: int, hidden_size: int, num_layers: int = 2,
+               impl: str = "bptt", dtype=torch.float32, seed: int = 0) -> RecurrentStack:
+    """A stack with random weights; peephole vectors random too (they start at 0)."""
+    torch.manual_seed(seed)
+    stack = RecurrentStack(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
+                           impl=impl, **VARIANTS[variant]).to(dtype)
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            if "weight_c" in name:
+                p.uniform_(-0.5, 0.5)
+    return stack
+
+
+def random_state(stack: RecurrentStack, batch: int, dtype, gen: torch.Generator):
+    shape = (stack.num_layers, batch, stack.hidden_size)
+    h = torch.randn(shape, dtype=dtype, generator=gen) * 0.5
+    if stack.is_lstm:
+        return h, torch.randn(shape, dtype=dtype, generator=gen) * 0.5
+    return h
+
+
+def as_tuple(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+def loss_and_grads(stack: RecurrentStack, impl: str, x, state, lengths, weights):
+    """A loss that touches every output and the final state; gradients w.r.t. x, the initial
+    state and every parameter."""
+    stack.impl = impl
+    x = x.detach().requires_grad_()
+    state = tuple(s.detach().requires_grad_() for s in as_tuple(state))
+    out, final = stack(x, state if stack.is_lstm else state[0], lengths)
+    loss = (out * weights).sum() + sum((f ** 2).sum() for f in as_tuple(final))
+    inputs = [x, *state, *stack.parameters()]
+    return loss.detach(), torch.autograd.grad(loss, inputs)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---- the peephole LSTM -------------------------------------------------------------
+def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
+    torch.manual_seed(0)
+    plain, peep = LSTMCell(3, 4), LSTMCell(3, 4, peephole=True)
+    peep.load_state_dict({**plain.state_dict(), **{n: torch.zeros(4) for n in
+                                                  ("weight_ci", "weight_cf", "weight_co")}})
+    x, h, c = torch.randn(5, 3), torch.randn(5, 4), torch.randn(5, 4)
+    for a, b in zip(plain(x, (h, c)), peep(x, (h, c))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # and through the stack: bptt with zero peepholes equals torch.nn.LSTM's kernel
+    stack = make_stack("lstm_peephole", 3, 4, impl="bptt")
+    native = make_stack("lstm", 3, 4, impl="native")
+    with torch.no_grad():
+        for name, p in stack.named_parameters():
+            p.copy_(torch.zeros_like(p) if "weight_c" in name else native.get_parameter(name))
+    xs = torch.randn(2, 6, 3)
+    torch.testing.assert_close(stack(xs)[0], native(xs)[0], rtol=1e-5, atol=1e-6)
+    # non-zero peepholes do change the result (the test above could fail)
+    with torch.no_grad():
+        stack.layers[0].cell.weight_cf.fill_(0.5)
+    assert not torch.allclose(stack(xs)[0], native(xs)[0], atol=1e-4)
+
+
+# ---- gradcheck in float64 ------------------------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradcheck_bptt(variant):
+    """Masks (uneven lengths), a non-zero initial state (its gradient checked) and 2 layers."""
+    stack = make_stack(variant, input_size=2, hidden_size=3, num_layers=2, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    B, T = 3, 4
+    lengths = torch.tensor([4, 1, 3])
+    x = torch.randn(B, T, 2, dtype=torch.float64, generator=gen)
+    state = as_tuple(random_state(stack, B, torch.float64, gen))
+    names = [n for n, _ in stack.named_parameters()]
+    params = [p.detach().clone() for p in stack.parameters()]
+
+    def f(x, *rest):
+        st, ps = rest[: len(state)], rest[len(state):]
+        out, final = functional_call(stack, dict(zip(names, ps)),
+                                     (x, st if stack.is_lstm else st[0], lengths))
+        return (out, *as_tuple(final))
+
+    inputs = [t.requires_grad_() for t in (x, *state, *params)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# ---- float32: bptt vs autograd vs native -------------------------------------------
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("padded", [False, True])
+def test_impls_agree_float32(variant, padded):
+    stack = make_stack(variant, input_size=5, hidden_size=16, num_layers=2)
+    gen = torch.Generator().manual_seed(2)
+    B, T = 6, 20
+    x = torch.randn(B, T, 5, generator=gen)
+    state = random_state(stack, B, torch.float32, gen)
+    lengths = torch.tensor([20, 3, 17, 1, 20, 9]) if padded else None
+    weights = torch.randn(B, T, 16, generator=gen)
+    ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
+    impls = ["bptt"] + ([] if stack.peephole else ["native"])
+    for impl in impls:
+        loss, grads = loss_and_grads(stack, impl, x, state, lengths, weights)
+        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), impl
+        names = ["x"] + [f"state{i}" for i in range(len(as_tuple(state)))] + \
+            [n for n, _ in stack.named_parameters()]
+        for name, g, r in zip(names, grads, ref_grads):
+            assert rel_err(g, r) < 1e-5, (impl, name, rel_err(g, r))
+
+
+def graph_size(t: torch.Tensor) -> int:
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo.extend(f for f, _ in fn.next_functions)
+    return len(seen)
+
+
+@pytest.mark.parametrize("variant", ["rnn_tanh", "lstm_peephole"])
+def test_bptt_records_no_per_step_graph(variant):
+    """One Function node per layer: the graph does not grow with T (autograd's does)."""
+    sizes = {}
+    for impl in ("bptt", "autograd"):
+        stack = make_stack(variant, 3, 4, num_layers=2, impl=impl)
+        sizes[impl] = [graph_size(stack(torch.randn(2, T, 3))[0]) for T in (5, 50)]
+    assert sizes["bptt"][0] == sizes["bptt"][1] < 20
+    assert sizes["autograd"][1] > sizes["autograd"][0]
+
+
+# ---- padded batches vs torch on a PackedSequence ------------------------------------
+@pytest.mark.parametrize("variant", ["rnn_tanh", "rnn_relu", "lstm"])
+@pytest.mark.parametrize("impl", ["autograd", "bptt", "native", "auto"])
+def test_padded_batch_matches_packed_torch(variant, impl):
+    stack = make_stack(variant, input_size=4, hidden_size=8, num_layers=2, impl=impl)
+    kw = VARIANTS[variant]
+    if kw["cell"] == "lstm":
+        ref = torch.nn.LSTM(4, 8, num_layers=2, batch_first=True)
+    else:
+        ref = torch.nn.RNN(4, 8, num_layers=2, batch_first=True, nonlinearity=kw["nonlinearity"])
+    ref.load_state_dict(stack.torch_state_dict())
+    gen = torch.Generator().manual_seed(3)
+    B, T = 5, 9
+    lengths = torch.tensor([9, 2, 5, 1, 7])
+    x = torch.randn(B, T, 4, generator=gen)
+    state = random_state(stack, B, torch.float32, gen)
+    out, final = stack(x, state, lengths)
+    packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+    ref_out, ref_final = ref(packed, state)
+    ref_out, _ = pad_packed_sequence(ref_out, batch_first=True, total_length=T)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for b, n in enumerate(lengths.tolist()):
+        assert out[b, n:].abs().max().item() == 0.0 if n < T else True  # zeros past the end
+    for s, r in zip(as_tuple(final), as_tuple(ref_final)):
+        torch.testing.assert_close(s, r, rtol=1e-5, atol=1e-6)
+
+
+# ---- the scalar worked example ----------------------------------------------------
+def test_scalar_rnn_worked_example():
+    """5 steps of h_t = tanh(w_hh h_{t-1} + w_hx x_t + b_h), ŷ = w_yh h_5 + b_y,
+    L = ½(ŷ - y)²: the sum-over-paths gradients in plain floats equal autograd and bptt."""
+    w_hh, w_hx, w_yh, b_h, b_y = 0.8, -0.6, 1.3, 0.1, -0.2
+    xs, y, h0 = [0.5, -1.0, 0.25, 0.8, -0.3], 0.7, 0.4
+
+    hs = [h0]
+    for x in xs:
+        hs.append(math.tanh(w_hh * hs[-1] + w_hx * x + b_h))
+    y_hat = w_yh * hs[5] + b_y
+    e = y_hat - y
+
+    def through(k: int) -> float:
+        """∂h_5/∂z_k = (Π_{j=k+1..5} w_hh (1 - h_j²)) (1 - h_k²)."""
+        prod = 1.0 - hs[k] ** 2
+        for j in range(k + 1, 6):
+            prod *= w_hh * (1.0 - hs[j] ** 2)
+        return prod
+
+    closed = {
+        "w_hh": sum(e * w_yh * through(k) * hs[k - 1] for k in range(1, 6)),
+        "w_hx": sum(e * w_yh * through(k) * xs[k - 1] for k in range(1, 6)),
+        "b_h": sum(e * w_yh * through(k) for k in range(1, 6)),
+        "w_yh": e * hs[5],
+        "b_y": e,
+        "h0": e * w_yh * w_hh * through(1),  # ∂h_5/∂h_0 = Π_{j=1..5} w_hh (1 - h_j²)
+    }
+    loss = 0.5 * e * e
+
+    # autograd on scalar tensors
+    p = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in
+         dict(w_hh=w_hh, w_hx=w_hx, w_yh=w_yh, b_h=b_h, b_y=b_y, h0=h0).items()}
+    h = p["h0"]
+    for x in xs:
+        h = torch.tanh(p["w_hh"] * h + p["w_hx"] * x + p["b_h"])
+    l_ag = 0.5 * (p["w_yh"] * h + p["b_y"] - y) ** 2
+    l_ag.backward()
+    assert l_ag.item() == pytest.approx(loss, rel=1e-12)
+    for k, v in closed.items():
+        assert p[k].grad.item() == pytest.approx(v, rel=1e-10, abs=1e-12), k
+
+    # the bptt impl through a 1-unit RNN stack
+    stack = RecurrentStack("rnn", 1, 1, impl="bptt").double()
+    cell = stack.layers[0].cell
+    with torch.no_grad():
+        cell.weight_hh.fill_(w_hh), cell.weight_ih.fill_(w_hx)
+        cell.bias_ih.fill_(b_h), cell.bias_hh.zero_()
+    w_yh_t = torch.tensor(w_yh, dtype=torch.float64, requires_grad=True)
+    b_y_t = torch.tensor(b_y, dtype=torch.float64, requires_grad=True)
+    h0_t = torch.full((1, 1, 1), h0, dtype=torch.float64, requires_grad=True)
+    out, h5 = stack(torch.tensor(xs, dtype=torch.float64).view(1, 5, 1), h0_t)
+    l_bptt = 0.5 * (w_yh_t * out[0, -1, 0] + b_y_t - y) ** 2
+    l_bptt.backward()
+    assert h5.item() == pytest.approx(hs[5], rel=1e-12)
+    got = {"w_hh": cell.weight_hh.grad.item(), "w_hx": cell.weight_ih.grad.item(),
+           "b_h": cell.bias_ih.grad.item(), "w_yh": w_yh_t.grad.item(), "b_y": b_y_t.grad.item(),
+           "h0": h0_t.grad.item()}
+    for k, v in closed.items():
+        assert got[k] == pytest.approx(v, rel=1e-10, abs=1e-12), k
+
+
+# ---- autocast ---------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["rnn_tanh", "lstm_peephole"])
+def test_bptt_under_bf16_autocast_runs_in_float32(variant):
+    stack = make_stack(variant, input_size=4, hidden_size=8, num_layers=2)
+    x = torch.randn(3, 6, 4).bfloat16().requires_grad_()
+    lengths = torch.tensor([6, 2, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = stack(x, None, lengths)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    # the same as a float32 run on the bf16-rounded input: nothing ran in bf16 inside
+    grads = [p.grad.clone() for p in stack.parameters()]
+    stack.zero_grad()
+    x32 = x.detach().float().requires_grad_()
+    out32, _ = stack(x32, None, lengths)
+    out32.sum().backward()
+    torch.testing.assert_close(out, out32, rtol=1e-6, atol=1e-6)
+    for g, p in zip(grads, stack.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x32.grad.bfloat16())
+
+
+# ---- choice of implementation ------------------------------------------------------
+def test_resolve_impl_and_native_peephole_error():
+    assert resolve_impl("auto", False, "rnn", "cpu") == "bptt"
+    assert resolve_impl("auto", False, "lstm", "cpu") == "native"
+    assert resolve_impl("auto", True, "lstm", "cpu") == "bptt"
+    assert resolve_impl("auto", True, "lstm", "cuda") == "bptt"
+    assert resolve_impl("auto", False, "rnn", "cuda") == "native"
+    assert resolve_impl("bptt", False, "lstm", "cpu") == "bptt"
+    with pytest.raises(ValueError, match="native"):
+        RecurrentStack("lstm", 2, 3, peephole=True, impl="native")
+    RecurrentStack("lstm", 2, 3, peephole=True, impl="bptt")  # fine
