@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seqmodels import bptt
 from seqmodels.cells import NONLINEARITIES, LSTMCell, RNNCell
+from seqmodels.errors import ConfigError
 
 CELLS = ("rnn", "lstm")
 IMPLS = ("auto", "autograd", "bptt", "native")
@@ -32,22 +33,22 @@ def check_stack_args(
     cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
     nonlinearity: str = "tanh", peephole: bool = False, impl: str = "auto",
 ) -> None:
-    """Raise a one-line ValueError naming the parameter and its allowed values."""
+    """Raise a one-line ConfigError naming the parameter and its allowed values."""
     if cell not in CELLS:
-        raise ValueError(f"cell must be one of {list(CELLS)}, got {cell!r}")
+        raise ConfigError(f"cell must be one of {list(CELLS)}, got {cell!r}")
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
     if nonlinearity not in NONLINEARITIES:
-        raise ValueError(f"nonlinearity must be one of {list(NONLINEARITIES)}, got {nonlinearity!r}")
+        raise ConfigError(f"nonlinearity must be one of {list(NONLINEARITIES)}, got {nonlinearity!r}")
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+        raise ConfigError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     if peephole and cell != "lstm":
-        raise ValueError("peephole: true needs cell: lstm (the vanilla RNN has no cell state)")
+        raise ConfigError("peephole: true needs cell: lstm (the vanilla RNN has no cell state)")
     if impl == "native" and peephole:
-        raise ValueError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd, bptt or auto")
+        raise ConfigError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd, bptt or auto")
 
 
 def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str = "cpu") -> str:

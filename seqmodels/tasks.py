@@ -1,0 +1,113 @@
+"""LightningModules: one shared base (stack, optimizer default, metric logging) and one
+small class per task. A task knows nothing of how a cell is computed.
+
+Metric names: ``{split}/loss`` for train/val/test, then task metrics such as ``val/mse``.
+"""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+
+from seqmodels.errors import ConfigError
+from seqmodels.recurrent import RecurrentStack, State
+
+
+class SequenceModel(LightningModule):
+    """Base for every task: owns ``self.stack`` (a RecurrentStack) and the shared plumbing.
+
+    Args:
+        cell: ``rnn`` or ``lstm``.
+        input_size: features per time step (set by the data for most tasks).
+        hidden_size, num_layers: stack size.
+        dropout: between stacked layers, in [0, 1).
+        impl: ``auto``, ``autograd``, ``native`` (see ``seqmodels.recurrent``).
+        nonlinearity: ``tanh`` or ``relu`` (vanilla RNN only).
+        forget_bias: initial forget-gate bias (LSTM only).
+        peephole: LSTM with peephole connections.
+
+    The optimizer and LR scheduler come from the CLI (``optimizer:`` / ``lr_scheduler:``
+    in the config); ``configure_optimizers`` here is only the fallback (Adam, lr 1e-3)
+    for use without the CLI.
+    """
+
+    def __init__(
+        self,
+        cell: str = "lstm",
+        input_size: int = 1,
+        hidden_size: int = 64,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        impl: str = "auto",
+        nonlinearity: str = "tanh",
+        forget_bias: float = 1.0,
+        peephole: bool = False,
+    ) -> None:
+        super().__init__()
+        try:
+            self.stack = RecurrentStack(cell, input_size, hidden_size, num_layers, dropout,
+                                        nonlinearity, forget_bias, peephole, impl)
+        except ConfigError as err:
+            raise ConfigError(f"model.{err}") from None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+class SumsRegressor(SequenceModel):
+    """Many-to-one regression: ŷ = W_y h_T + b_y, loss = mean (ŷ − y)².
+
+    Logs ``{split}/loss``, ``{split}/mse``, ``{split}/mae``; at test time one set per test
+    length, ``test/mse_len_{T}`` and ``test/mae_len_{T}``, T read from the batch itself.
+    """
+
+    def __init__(self, cell: str = "lstm", input_size: int = 1, hidden_size: int = 64,
+                 num_layers: int = 1, dropout: float = 0.0, impl: str = "auto",
+                 nonlinearity: str = "tanh", forget_bias: float = 1.0, peephole: bool = False,
+                 output_size: int = 1) -> None:
+        super().__init__(cell, input_size, hidden_size, num_layers, dropout, impl,
+                         nonlinearity, forget_bias, peephole)
+        self.save_hyperparameters(logger=False)
+        self.head = nn.Linear(hidden_size, output_size)
+        metrics = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()})
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = nn.ModuleDict()  # one MetricCollection per test length
+
+    def forward(self, x: Tensor, state: State | None = None) -> Tensor:
+        """x (B, T, I) -> ŷ (B, output_size), read from the last time step."""
+        output, _ = self.stack(x, state)
+        return self.head(output[:, -1])
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        y_hat = self(x)
+        loss = nn.functional.mse_loss(y_hat, y)
+        self.train_metrics.update(y_hat.detach(), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        y_hat = self(x)
+        self.val_metrics.update(y_hat, y)
+        self.log("val/loss", nn.functional.mse_loss(y_hat, y), prog_bar=True)
+        self.log_dict(self.val_metrics)
+
+    def _length_metrics(self, T: int) -> nn.ModuleDict:
+        """The test metrics of length T, made on first use (lengths come from the batches)."""
+        if str(T) not in self.test_metrics:
+            self.test_metrics[str(T)] = nn.ModuleDict(
+                {"mse": MeanSquaredError(), "mae": MeanAbsoluteError()}).to(self.device)
+        return self.test_metrics[str(T)]
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        T = x.shape[1]
+        y_hat = self(x)
+        for name, metric in self._length_metrics(T).items():
+            metric.update(y_hat, y)
+            self.log(f"test/{name}_len_{T}", metric, metric_attribute=f"test_metrics.{T}.{name}",
+                     add_dataloader_idx=False)

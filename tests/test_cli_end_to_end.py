@@ -1,0 +1,60 @@
+"""The CLI as a user runs it: fit twice in one folder, then test from the checkpoint."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import ROOT
+
+TINY = ["--trainer.max_epochs=2", "--data.init_args.train_size=256", "--data.init_args.val_size=64",
+        "--data.init_args.test_size=32", "--data.init_args.test_lengths=[5, 40]",
+        "--model.init_args.hidden_size=8", "--trainer.enable_progress_bar=false"]
+
+
+def run_cli(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_fit_twice_then_test_with_wandb_offline_and_no_key(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), PYTHONPATH=str(ROOT))
+    config = str(ROOT / "configs" / "sums_rnn.yaml")
+
+    runs = [run_cli("fit", "--config", config, *TINY, cwd=tmp_path, env=env) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+        notices = [l for l in run.stderr.splitlines() if l.startswith("W&B: no API key configured")]
+        assert len(notices) == 1 and "wandb sync" in notices[0]
+
+    offline_runs = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2
+    run_dirs = sorted(p for p in (tmp_path / "runs" / "seqmodels").iterdir())
+    assert len(run_dirs) == 2, "each run gets its own directory"
+    for run_dir in run_dirs:
+        assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+        assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
+        saved = yaml.safe_load((run_dir / "cli_config.yaml").read_text())
+        assert saved["model"]["init_args"]["hidden_size"] == 8 and saved["seed_everything"] == 1234
+
+    best = next((run_dirs[0] / "checkpoints").glob("best-*.ckpt"))
+    tested = run_cli("test", "--config", config, *TINY, f"--ckpt_path={best}", cwd=tmp_path, env=env)
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    for name in ("test/mse_len_5", "test/mse_len_40", "test/mae_len_5", "test/mae_len_40"):
+        assert name in tested.stdout, tested.stdout[-3000:]
+
+
+def test_print_config_shows_the_resolved_config(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = run_cli("fit", "--config", str(ROOT / "configs" / "sums_lstm.yaml"), "--print_config",
+                  cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = yaml.safe_load(out.stdout)
+    assert config["model"]["class_path"] == "seqmodels.tasks.SumsRegressor"
+    assert config["trainer"]["gradient_clip_val"] == 1.0
+    assert config["trainer"]["gradient_clip_algorithm"] == "norm"
+    assert config["optimizer"]["class_path"] == "torch.optim.Adam"
+    assert not (tmp_path / "runs").exists()
