@@ -1,0 +1,181 @@
+"""Speed and memory of the recurrent implementations against torch.nn.RNN / torch.nn.LSTM.
+
+    python benchmarks/cells.py                      # full sizes, RNN and LSTM, table
+    python benchmarks/cells.py --sizes small --repeats 5 --cells lstm
+    python benchmarks/cells.py --json               # last line: {"results": [...]}
+
+For every cell and size (B, T, I, H), one fresh subprocess times, in interleaved rounds (the
+order rotates every round), each implementation of ``RecurrentStack`` (1 layer) and the real
+torch module on identical weights and inputs:
+    training   forward + backward over the whole sequence, loss = output.sum(), x without grad
+    inference  forward under torch.no_grad()
+tokens/s = B*T / seconds, the median over the rounds (after warm-up); ratio_vs_native = the
+median over rounds of (torch module's time / this implementation's time) in the same round,
+so > 1 means faster than torch.nn.RNN / nn.LSTM. The torch module itself is the row
+``impl = "torch"`` (ratio 1 by definition); ``native`` is our stack calling the same kernels.
+
+Peak memory (``peak_mem_mb``): in another fresh subprocess per (cell, size, impl), the increase
+of the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) during one
+training step, over the peak after building the model and the input and running one
+inference pass. It counts everything the step touches (saved activations, gradients, scratch
+buffers, allocator slack), measured by the OS, not by torch.
+
+Keep torch's default thread count; run one benchmark at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SIZES = {
+    "full": [(32, 100, 64, 256), (64, 256, 64, 512), (16, 64, 88, 128)],
+    "small": [(16, 64, 88, 128)],
+    "tiny": [(4, 16, 8, 16)],
+}
+IMPLS = ("autograd", "bptt", "native")
+REFERENCE = "torch"
+
+
+def build(cell: str, impl: str, B: int, T: int, I: int, H: int):
+    """The model for ``impl`` (or the torch module), on weights from one fixed seed, and x."""
+    import torch
+
+    from seqmodels.recurrent import RecurrentStack
+
+    torch.manual_seed(0)
+    stack = RecurrentStack(cell, I, H, num_layers=1, impl="native" if impl == REFERENCE else impl)
+    x = torch.randn(B, T, I)
+    if impl != REFERENCE:
+        return stack, x
+    ref = torch.nn.LSTM(I, H, batch_first=True) if cell == "lstm" else torch.nn.RNN(I, H, batch_first=True)
+    ref.load_state_dict(stack.torch_state_dict())
+    return ref, x
+
+
+def train_step(model, x) -> None:
+    for p in model.parameters():
+        p.grad = None
+    out, _ = model(x)
+    out.sum().backward()
+
+
+def infer_step(model, x) -> None:
+    import torch
+
+    with torch.no_grad():
+        model(x)
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def time_config(cell: str, B: int, T: int, I: int, H: int, repeats: int, warmup: int) -> dict:
+    """Interleaved rounds over the torch module and every impl; medians of times and ratios."""
+    names = (REFERENCE, *IMPLS)
+    models = {n: build(cell, n, B, T, I, H) for n in names}
+    for n in names:
+        for _ in range(warmup):
+            train_step(*models[n])
+            infer_step(*models[n])
+    train = {n: [] for n in names}
+    infer = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for n in order:
+            train[n].append(timed(train_step, *models[n]))
+            infer[n].append(timed(infer_step, *models[n]))
+    rows = []
+    for n in names:
+        rows.append({
+            "cell": cell, "impl": n, "B": B, "T": T, "I": I, "H": H,
+            "train_tokens_per_s": B * T / statistics.median(train[n]),
+            "train_ratio_vs_native": statistics.median(
+                a / b for a, b in zip(train[REFERENCE], train[n])),
+            "infer_tokens_per_s": B * T / statistics.median(infer[n]),
+            "infer_ratio_vs_native": statistics.median(
+                a / b for a, b in zip(infer[REFERENCE], infer[n])),
+            "train_ms": 1000 * statistics.median(train[n]),
+            "infer_ms": 1000 * statistics.median(infer[n]),
+        })
+    return {"rows": rows}
+
+
+def peak_memory(cell: str, impl: str, B: int, T: int, I: int, H: int) -> float:
+    """Peak-RSS increase (MB) of one training step in this (fresh) process; see module doc."""
+    model, x = build(cell, impl, B, T, I, H)
+    infer_step(model, x)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    train_step(model, x)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (after - before) / 1024.0  # ru_maxrss is in KiB on Linux
+
+
+def run_worker(args) -> None:
+    B, T, I, H = args.size
+    if args.worker == "time":
+        result = time_config(args.cells, B, T, I, H, args.repeats, args.warmup)
+    else:
+        result = {"peak_mem_mb": peak_memory(args.cells, args.worker_impl, B, T, I, H)}
+    print(json.dumps(result))
+
+
+def subprocess_json(argv: list[str]) -> dict:
+    out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="full", choices=sorted(SIZES))
+    parser.add_argument("--cells", default="rnn,lstm")
+    parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median of them)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker-impl", help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return run_worker(args)
+
+    results = []
+    header = (f"{'cell':5} {'impl':9} {'B':>3} {'T':>4} {'I':>3} {'H':>4} | {'train tok/s':>11} "
+              f"{'x torch':>7} | {'infer tok/s':>11} {'x torch':>7} | {'peak MB':>7}")
+    print(header, flush=True)
+    print("-" * len(header), flush=True)
+    for cell in args.cells.split(","):
+        for size in SIZES[args.sizes]:
+            common = ["--cells", cell, "--size", *map(str, size)]
+            rows = subprocess_json(["--worker", "time", "--repeats", str(args.repeats),
+                                    "--warmup", str(args.warmup), *common])["rows"]
+            for row in rows:
+                row["peak_mem_mb"] = None if args.no_memory else subprocess_json(
+                    ["--worker", "memory", "--worker-impl", row["impl"], *common])["peak_mem_mb"]
+                mem = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:7.0f}"
+                print(f"{cell:5} {row['impl']:9} {row['B']:3} {row['T']:4} {row['I']:3} {row['H']:4} | "
+                      f"{row['train_tokens_per_s']:11.0f} {row['train_ratio_vs_native']:7.2f} | "
+                      f"{row['infer_tokens_per_s']:11.0f} {row['infer_ratio_vs_native']:7.2f} | {mem:>7}",
+                      flush=True)
+                results.append(row)
+    if args.json:
+        print(json.dumps({"results": results}))
+
+
+if __name__ == "__main__":
+    main()
