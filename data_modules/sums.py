@@ -73,7 +73,7 @@ class SumsDataModule(LightningDataModule):
             raise ConfigError(f"data.low must be < data.high, got low={low}, high={high}")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the CLI logs the whole config once
         self.seq_len, self.test_lengths = seq_len, list(test_lengths)
         self.batch_size, self.num_workers = batch_size, num_workers
 

@@ -58,3 +58,19 @@ def test_print_config_shows_the_resolved_config(tmp_path):
     assert config["trainer"]["gradient_clip_algorithm"] == "norm"
     assert config["optimizer"]["class_path"] == "torch.optim.Adam"
     assert not (tmp_path / "runs").exists()
+
+
+def test_config_is_logged_once_not_as_flat_hyperparameters(in_tmp_dir):
+    """With a CSVLogger, hparams.yaml holds exactly one entry: the resolved CLI config."""
+    from seqmodels.cli import main
+
+    main(["fit", "--config", str(ROOT / "configs" / "sums_lstm.yaml"), *TINY,
+          "--trainer.max_epochs=1", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+          "--trainer.logger.save_dir=runs"])
+    hparams_files = list((in_tmp_dir / "runs").rglob("hparams.yaml"))
+    assert len(hparams_files) == 1
+    logged = yaml.safe_load(hparams_files[0].read_text())
+    assert list(logged) == ["cli_config"]
+    assert logged["cli_config"]["model"]["init_args"]["hidden_size"] == 8
+    run_dir = hparams_files[0].parent
+    assert (run_dir / "cli_config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
