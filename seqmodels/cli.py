@@ -16,7 +16,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from seqmodels.errors import find_config_error
+from seqmodels.errors import ConfigError, find_config_error
 from seqmodels.tasks import SequenceModel
 
 # The optimizer and scheduler of the config replace the module's fallback: expected, not news.
@@ -73,6 +73,73 @@ class LoggedConfigCallback(SaveConfigCallback):
             logger.log_hyperparams({"cli_config": yaml.safe_load(text)})
 
 
+class SeqTrainer(Trainer):
+    """Lightning's Trainer plus the ``sample`` subcommand."""
+
+    def sample(
+        self,
+        model: LightningModule,
+        datamodule: LightningDataModule | None = None,
+        ckpt_path: str | None = None,
+        prime: str | None = None,
+        prime_frames: int = 0,
+        length: int = 500,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        seed: int = 1,
+        output: str | None = None,
+    ) -> str:
+        """Generate from a trained model and print the result.
+
+        Args:
+            ckpt_path: the checkpoint to generate from (required).
+            prime: text to start from (text models), e.g. "ROMEO:".
+            prime_frames: start from the first k frames of a test sequence (music models).
+            length: characters or frames to generate.
+            temperature: > 0; below 1 sharper, above 1 more random.
+            top_k: sample among the k most likely only (0: all).
+            seed: the sampling seed; the same seed gives the same sample.
+            output: where to write files (music: MIDI and PNG); default next to the checkpoint.
+        """
+        if not ckpt_path:
+            raise ConfigError("sample needs --ckpt_path <checkpoint> (a .ckpt written by fit)")
+        if not os.path.isfile(ckpt_path):
+            raise ConfigError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt written by fit")
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        if length < 1:
+            raise ConfigError(f"length must be >= 1, got {length}")
+        if top_k < 0:
+            raise ConfigError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+        load_weights(model, ckpt_path)
+        result = model.sample(datamodule, prime=prime, prime_frames=prime_frames, length=length,
+                              temperature=temperature, top_k=top_k, seed=seed,
+                              output=output or os.path.dirname(os.path.abspath(ckpt_path)))
+        print(result)
+        return result
+
+
+def load_weights(model: LightningModule, ckpt_path: str) -> None:
+    """Load a checkpoint's weights (and what ``on_load_checkpoint`` restores, such as a
+    vocabulary) with ``weights_only=True``: a checkpoint cannot run code."""
+    import torch
+
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or not a checkpoint at all
+        raise ConfigError(f"cannot read checkpoint {ckpt_path} ({type(err).__name__}); "
+                          "pass a .ckpt written by fit") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    model.on_load_checkpoint(checkpoint)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise ConfigError(f"checkpoint {ckpt_path} does not fit this model/config: "
+                          f"{' '.join(first[:2])[:300]}") from None
+
+
 class SeqCLI(LightningCLI):
     """LightningCLI over every SequenceModel and LightningDataModule, by ``class_path``."""
 
@@ -83,6 +150,8 @@ class SeqCLI(LightningCLI):
                          subclass_mode_data=True, args=args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
+        if self.subcommand == "sample":  # sampling logs nothing
+            return
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         logger = config.get("trainer", {}).get("logger")
         loggers = logger if isinstance(logger, list) else [logger]
@@ -90,16 +159,19 @@ class SeqCLI(LightningCLI):
             if "WandbLogger" in str(getattr(lg, "class_path", "")):
                 use_wandb_offline_without_key(lg.init_args.get("save_dir") or ".")
 
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except Exception as err:
-            config_error = find_config_error(err)
-            if config_error is None:
-                raise
-            print(f"error: {config_error}", file=sys.stderr)
-            raise SystemExit(2) from None
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate, test, predict, and ``sample`` (see ``SeqTrainer.sample``)."""
+        return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
 
 
 def main(args: list[str] | None = None) -> SeqCLI:
-    return SeqCLI(args=args)
+    """Run the CLI; a ConfigError anywhere becomes one line on stderr and exit code 2."""
+    try:
+        return SeqCLI(args=args, trainer_class=SeqTrainer)
+    except Exception as err:
+        config_error = find_config_error(err)
+        if config_error is None:
+            raise
+        print(f"error: {config_error}", file=sys.stderr)
+        raise SystemExit(2) from None

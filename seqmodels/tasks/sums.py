@@ -1,58 +1,11 @@
-"""LightningModules: one shared base (stack, optimizer default, metric logging) and one
-small class per task. A task knows nothing of how a cell is computed.
-
-Metric names: ``{split}/loss`` for train/val/test, then task metrics such as ``val/mse``.
-"""
+"""Many-to-one regression on the sums task."""
 from __future__ import annotations
 
-import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
-from seqmodels.errors import ConfigError
-from seqmodels.recurrent import RecurrentStack, State
-
-
-class SequenceModel(LightningModule):
-    """Base for every task: owns ``self.stack`` (a RecurrentStack) and the shared plumbing.
-
-    Args:
-        cell: ``rnn`` or ``lstm``.
-        input_size: features per time step (set by the data for most tasks).
-        hidden_size, num_layers: stack size.
-        dropout: between stacked layers, in [0, 1).
-        impl: ``auto``, ``autograd``, ``native`` (see ``seqmodels.recurrent``).
-        nonlinearity: ``tanh`` or ``relu`` (vanilla RNN only).
-        forget_bias: initial forget-gate bias (LSTM only).
-        peephole: LSTM with peephole connections.
-
-    The optimizer and LR scheduler come from the CLI (``optimizer:`` / ``lr_scheduler:``
-    in the config); ``configure_optimizers`` here is only the fallback (Adam, lr 1e-3)
-    for use without the CLI.
-    """
-
-    def __init__(
-        self,
-        cell: str = "lstm",
-        input_size: int = 1,
-        hidden_size: int = 64,
-        num_layers: int = 1,
-        dropout: float = 0.0,
-        impl: str = "auto",
-        nonlinearity: str = "tanh",
-        forget_bias: float = 1.0,
-        peephole: bool = False,
-    ) -> None:
-        super().__init__()
-        try:
-            self.stack = RecurrentStack(cell, input_size, hidden_size, num_layers, dropout,
-                                        nonlinearity, forget_bias, peephole, impl)
-        except ConfigError as err:
-            raise ConfigError(f"model.{err}") from None
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
+from seqmodels.recurrent import State
+from seqmodels.tasks.base import SequenceModel
 
 
 class SumsRegressor(SequenceModel):
