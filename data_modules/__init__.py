@@ -1,4 +1,5 @@
 """LightningDataModules for seqmodels' tasks. They know nothing of models."""
 from data_modules.sums import SumsDataModule
+from data_modules.text import CharTextDataModule
 
-__all__ = ["SumsDataModule"]
+__all__ = ["SumsDataModule", "CharTextDataModule"]

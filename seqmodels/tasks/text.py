@@ -1,0 +1,157 @@
+"""Character-level language modeling: embedding -> recurrent stack -> linear over the vocabulary.
+
+    p(c_{t+1} | c_{≤t}) = softmax(W_y h_t + b_y),   h_t = stack(E[c_t], h_{t-1})
+    loss = −(1/N) Σ_t log p(c_{t+1} | c_{≤t})  in nats/char;  bpc = loss / ln 2;  ppl = e^loss
+
+Stateful truncated BPTT lives here and in the data: batches come as ``(x, y, reset)``; the
+model carries its final state (detached) from one batch of a split to the next and starts
+from zeros when ``reset`` is set (the first batch of every epoch, or every batch of random
+windows). Optimization stays automatic, so Trainer gradient clipping and accumulation work.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.text import Perplexity
+
+from seqmodels.errors import ConfigError
+from seqmodels.recurrent import State
+from seqmodels.tasks.base import SequenceModel
+
+UNK = "<unk>"
+
+
+def detach_state(state: State) -> State:
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def describe_vocab_mismatch(saved: list[str], current: list[str]) -> str:
+    """Which characters one vocabulary has and the other lacks, for the error message."""
+    only_saved, only_current = sorted(set(saved) - set(current)), sorted(set(current) - set(saved))
+    parts = [f"the checkpoint's vocabulary has {len(saved)} symbols, the data's {len(current)}"]
+    if only_saved:
+        parts.append(f"only in the checkpoint: {''.join(only_saved)[:40]!r}")
+    if only_current:
+        parts.append(f"only in the data: {''.join(only_current)[:40]!r}")
+    if not only_saved and not only_current:
+        parts.append("same symbols in another order")
+    return "; ".join(parts)
+
+
+class CharLanguageModel(SequenceModel):
+    """Character LM. ``vocab`` (``<unk>`` first) comes from the data: the CLI links
+    ``data.vocab`` into it, and it is saved in every checkpoint.
+
+    Args:
+        vocab: the symbols, id = position; id 0 is ``<unk>``.
+        embedding_dim: size of the character embedding (the stack's input size).
+        dropout: on the embedding output, between stacked layers, and before the head.
+        cell, hidden_size, num_layers, impl, nonlinearity, forget_bias, peephole: the stack.
+    """
+
+    def __init__(self, vocab: list[str] | None = None, embedding_dim: int = 64, cell: str = "lstm",
+                 hidden_size: int = 256, num_layers: int = 2, dropout: float = 0.0,
+                 impl: str = "auto", nonlinearity: str = "tanh", forget_bias: float = 1.0,
+                 peephole: bool = False) -> None:
+        if not vocab or vocab[0] != UNK:
+            raise ConfigError("model.vocab must list the symbols with '<unk>' first; it comes from the "
+                              "data (the CLI links data.vocab), so run through `python cli.py`")
+        if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+            raise ConfigError(f"model.embedding_dim must be an integer >= 1, got {embedding_dim!r}")
+        super().__init__(cell, embedding_dim, hidden_size, num_layers, dropout, impl,
+                         nonlinearity, forget_bias, peephole)
+        self.save_hyperparameters(logger=False)  # the vocabulary goes into every checkpoint
+        self.vocab = list(vocab)
+        self.char_to_id = {c: i for i, c in enumerate(self.vocab)}
+        self.embedding = nn.Embedding(len(vocab), embedding_dim)
+        self.drop = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, len(vocab))
+        self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
+        self._carried: dict[str, State | None] = {}
+
+    def forward(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """x (B, T) ids -> logits (B, T, V), final state."""
+        output, state = self.stack(self.drop(self.embedding(x)), state)
+        return self.head(self.drop(output)), state
+
+    def _step(self, batch: tuple[Tensor, Tensor, bool], split: str) -> tuple[Tensor, Tensor]:
+        x, y, reset = batch
+        state = None if reset else self._carried.get(split)
+        if state is not None and (state[0] if isinstance(state, tuple) else state).shape[1] != x.shape[0]:
+            state = None  # a different number of streams: start afresh
+        logits, state = self(x, state)
+        self._carried[split] = detach_state(state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        n = y.numel()
+        self.log(f"{split}/loss", loss, batch_size=n, prog_bar=split != "test")
+        self.log(f"{split}/bpc", loss / math.log(2), batch_size=n)
+        return logits, loss
+
+    def on_train_epoch_start(self) -> None:
+        self._carried.pop("train", None)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        _, loss = self._step(batch, "train")
+        self.log("train/ppl", loss.detach().exp(), batch_size=batch[1].numel())
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        logits, _ = self._step(batch, "val")
+        self.val_ppl.update(logits, batch[1])
+        self.log("val/ppl", self.val_ppl)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        logits, _ = self._step(batch, "test")
+        self.test_ppl.update(logits, batch[1])
+        self.log("test/ppl", self.test_ppl)
+
+    def on_validation_epoch_start(self) -> None:
+        self._carried.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._carried.pop("test", None)
+
+    # -- checkpoints carry the vocabulary --
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("vocab")
+        if saved is None:
+            raise ConfigError("the checkpoint has no vocabulary: it was not written by a CharLanguageModel")
+        if list(saved) != self.vocab:
+            raise ConfigError(f"vocabulary mismatch: {describe_vocab_mismatch(list(saved), self.vocab)}; "
+                              "use the same data (data.path, data.fractions) as the training run")
+
+    # -- generation --
+    def encode(self, text: str) -> list[int]:
+        return [self.char_to_id.get(c, 0) for c in text]
+
+    @torch.no_grad()
+    def generate(self, prime: str = "\n", length: int = 500, temperature: float = 1.0,
+                 top_k: int = 0, seed: int = 1) -> str:
+        """Sample ``length`` characters after ``prime``: c ~ softmax(logits / temperature),
+        restricted to the ``top_k`` most likely (0: all); ``<unk>`` is never sampled."""
+        if not temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        was_training = self.training
+        self.eval()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        ids = self.encode(prime or "\n")
+        x = torch.tensor([ids], device=self.device)
+        logits, state = self(x)
+        out = []
+        for _ in range(length):
+            step = logits[0, -1].float().cpu() / temperature
+            step[0] = -math.inf
+            if 0 < top_k < step.numel():
+                threshold = torch.topk(step, top_k).values[-1]
+                step[step < threshold] = -math.inf
+            next_id = int(torch.multinomial(torch.softmax(step, -1), 1, generator=generator))
+            out.append(next_id)
+            logits, state = self(torch.tensor([[next_id]], device=self.device), state)
+        self.train(was_training)
+        return prime + "".join(self.vocab[i] for i in out)
+
+    def sample(self, datamodule, *, prime, prime_frames, length, temperature, top_k, seed, output) -> str:
+        return self.generate(prime if prime is not None else "\n", length, temperature, top_k, seed)
