@@ -170,10 +170,11 @@ class SeqCLI(LightningCLI):
         return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
 
 
-def main(args: list[str] | None = None) -> SeqCLI:
-    """Run the CLI; a ConfigError anywhere becomes one line on stderr and exit code 2."""
+def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
+    """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``); a ConfigError
+    anywhere becomes one line on stderr and exit code 2."""
     try:
-        return SeqCLI(args=args, trainer_class=SeqTrainer)
+        return SeqCLI(args=args, trainer_class=SeqTrainer, **kwargs)
     except Exception as err:
         config_error = find_config_error(err)
         if config_error is None:
