@@ -154,11 +154,11 @@ class RecurrentStack(nn.Module):
         impl = resolve_impl(self.impl, self.peephole, self.cell_type, x.device.type)
         if impl == "native":
             return self._forward_native(x, state, lengths)
+        if impl == "bptt":
+            return self._forward_bptt(x, state, lengths)
         mask = None
         if lengths is not None:
             mask = torch.arange(x.shape[1], device=x.device) < lengths.to(x.device).unsqueeze(1)
-        if impl == "bptt":
-            return self._forward_bptt(x, state, mask)
         finals = []
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
@@ -171,19 +171,20 @@ class RecurrentStack(nn.Module):
         return x, torch.stack(finals)
 
     # ---- hand-written BPTT, one autograd.Function call per layer ---------------------
-    def _forward_bptt(self, x: Tensor, state: State, mask: Tensor | None) -> tuple[Tensor, State]:
+    def _forward_bptt(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
         """Time-major inside (per-step slices contiguous); dropout between layers stays here."""
+        if lengths is not None:
+            lengths = lengths.to(x.device, torch.long).clamp(0, x.shape[1])
         x = x.transpose(0, 1).contiguous()
-        mask = mask.t().unsqueeze(-1).to(x.dtype) if mask is not None else None
         finals = []
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
             if self.is_lstm:
-                x, h, c = bptt.lstm_layer(x, state[0][l], state[1][l], layer.cell, mask)
+                x, h, c = bptt.lstm_layer(x, state[0][l], state[1][l], layer.cell, lengths)
                 finals.append((h, c))
             else:
-                x, h = bptt.rnn_layer(x, state[l], layer.cell, mask)
+                x, h = bptt.rnn_layer(x, state[l], layer.cell, lengths)
                 finals.append(h)
         if self.is_lstm:
             return x.transpose(0, 1), (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))

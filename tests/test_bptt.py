@@ -53,8 +53,15 @@ def loss_and_grads(stack: RecurrentStack, impl: str, x, state, lengths, weights)
     state = tuple(s.detach().requires_grad_() for s in as_tuple(state))
     out, final = stack(x, state if stack.is_lstm else state[0], lengths)
     loss = (out * weights).sum() + sum((f ** 2).sum() for f in as_tuple(final))
+    scale = (out * weights).abs().sum() + sum((f ** 2).sum() for f in as_tuple(final))
     inputs = [x, *state, *stack.parameters()]
-    return loss.detach(), torch.autograd.grad(loss, inputs)
+    return (loss.detach(), scale.detach()), torch.autograd.grad(loss, inputs)
+
+
+def assert_same_loss(loss, ref, tol=1e-5):
+    """Equal up to float32 rounding: tolerance relative to the sum of the terms' magnitudes."""
+    (value, _), (ref_value, scale) = loss, ref
+    assert abs(value.item() - ref_value.item()) <= tol * scale.item(), (value, ref_value)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -122,11 +129,48 @@ def test_impls_agree_float32(variant, padded):
     impls = ["bptt"] + ([] if stack.peephole else ["native"])
     for impl in impls:
         loss, grads = loss_and_grads(stack, impl, x, state, lengths, weights)
-        assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item()), impl
+        assert_same_loss(loss, ref_loss)
         names = ["x"] + [f"state{i}" for i in range(len(as_tuple(state)))] + \
             [n for n, _ in stack.named_parameters()]
         for name, g, r in zip(names, grads, ref_grads):
             assert rel_err(g, r) < 1e-5, (impl, name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("variant,hidden", [("rnn_tanh", 300), ("lstm", 160), ("lstm_peephole", 160)])
+def test_impls_agree_float32_large_weights(variant, hidden):
+    """Weights above 2^16 entries take the oneDNN pre-packed GEMM path in float32 on CPU."""
+    stack = make_stack(variant, input_size=7, hidden_size=hidden, num_layers=1)
+    gen = torch.Generator().manual_seed(4)
+    B, T = 3, 12
+    x = torch.randn(B, T, 7, generator=gen)
+    state = random_state(stack, B, torch.float32, gen)
+    lengths = torch.tensor([12, 5, 9])
+    weights = torch.randn(B, T, hidden, generator=gen)
+    ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
+    loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
+    assert_same_loss(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["rnn_relu", "lstm_peephole"])
+def test_zero_length_sequence_keeps_initial_state(variant):
+    """A sequence of length 0 (torch's packing refuses it): state and gradient pass through."""
+    stack = make_stack(variant, input_size=3, hidden_size=5, num_layers=2)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 6, 3, generator=gen)
+    state = random_state(stack, 3, torch.float32, gen)
+    lengths = torch.tensor([6, 0, 2])
+    weights = torch.randn(3, 6, 5, generator=gen)
+    ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
+    loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
+    assert_same_loss(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5
+    out, final = stack(x, state, lengths)
+    assert out[1].abs().max().item() == 0.0
+    for f, s0 in zip(as_tuple(final), as_tuple(state)):
+        torch.testing.assert_close(f[:, 1], s0[:, 1], rtol=0, atol=0)
 
 
 def graph_size(t: torch.Tensor) -> int:
