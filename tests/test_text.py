@@ -256,6 +256,9 @@ def test_cli_fit_then_sample_and_vocab_mismatch(text_file, tmp_path):
     assert "--- samples at epoch 0" in fit.stdout
     (run_dir,) = (tmp_path / "runs" / "seqmodels").iterdir()
     assert (run_dir / "samples.txt").read_text().count("--- samples at epoch 0") == 1
+    (table,) = (tmp_path / "runs" / "wandb").glob("offline-run-*/files/media/table/samples_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == ["epoch", "step", "prime", "sample"] and len(logged["data"]) == 2
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert saved["hyper_parameters"]["vocab"][0] == "<unk>"

@@ -49,6 +49,10 @@ class SumsRegressor(SequenceModel):
         self.log("val/loss", nn.functional.mse_loss(y_hat, y), prog_bar=True)
         self.log_dict(self.val_metrics)
 
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """``python cli.py predict``: ŷ for every test sequence."""
+        return self(batch[0])
+
     def _length_metrics(self, T: int) -> nn.ModuleDict:
         """The test metrics of length T, made on first use (lengths come from the batches)."""
         if str(T) not in self.test_metrics:
