@@ -1,0 +1,223 @@
+"""Piano rolls: the published frame-level metrics, the two reference baselines, MIDI (music21)
+and PNG (matplotlib, Agg) writers, and ``PianoRollSamples``, a callback that draws a
+generated piano roll at each validation and logs it.
+
+A piano roll is a (T, 88) 0/1 array, column i = MIDI note 21 + i, one row per time step.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from torchmetrics import Metric
+
+LOWEST_NOTE = 21
+N_PITCHES = 88
+
+
+# ---- metrics -------------------------------------------------------------------------------
+class FrameNLL(Metric):
+    """The published frame-level NLL: Σ over sequences and predicted frames of the BCE summed
+    over the 88 pitches, divided by the number of predicted frames Σ (T_i − 1).
+
+    Two sum states (float64), so the value does not depend on batch size or padding.
+    """
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("frames", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor, mask: Tensor) -> None:
+        """logits, target (B, T, P); mask (B, T) True on predicted (non-padded) frames."""
+        bce = F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="none")
+        self.total += (bce.sum(-1) * mask).sum()
+        self.frames += mask.sum()
+
+    def compute(self) -> Tensor:
+        return (self.total / self.frames.clamp(min=1)).float()
+
+
+class FrameAccuracy(Metric):
+    """Frame-level accuracy of Bay et al. (2009): TP / (TP + FP + FN), counts summed over all
+    predicted frames and pitches, a pitch predicted on when its probability is > 0.5."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor, mask: Tensor) -> None:
+        pred = (logits > 0) & mask.unsqueeze(-1)
+        true = (target > 0.5) & mask.unsqueeze(-1)
+        self.tp += (pred & true).sum()
+        self.fp += (pred & ~true).sum()
+        self.fn += (~pred & true).sum()
+
+    def compute(self) -> Tensor:
+        return (self.tp / (self.tp + self.fp + self.fn).clamp(min=1)).float()
+
+
+# ---- baselines (numpy, for benchmarks/chorales.py) -------------------------------------------
+def frame_nll(probs_per_sequence: Sequence[np.ndarray], rolls: Sequence[np.ndarray]) -> float:
+    """Frame-level NLL of probabilities (T_i − 1, 88) for frames 2..T_i of each roll."""
+    total, frames = 0.0, 0
+    for p, roll in zip(probs_per_sequence, rolls):
+        y = roll[1:].astype(np.float64)
+        total += -(y * np.log(p) + (1 - y) * np.log1p(-p)).sum()
+        frames += len(y)
+    return total / frames
+
+
+def frequency_baseline(train: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
+    """Each pitch on with its frequency over all training frames, Laplace-smoothed
+    ((count + 1) / (frames + 2)), independently of everything else."""
+    frames = np.concatenate(train).astype(np.float64)
+    p = (frames.sum(0) + 1) / (len(frames) + 2)
+    return frame_nll([np.broadcast_to(p, (len(r) - 1, len(p))) for r in test], test)
+
+
+def previous_frame_baseline(train: Sequence[np.ndarray], test: Sequence[np.ndarray]) -> float:
+    """Each pitch a two-state Markov chain: P(on at t+1 | on or off at t), estimated per pitch
+    on the training transitions, Laplace-smoothed."""
+    x = np.concatenate([r[:-1] for r in train]).astype(np.float64)
+    y = np.concatenate([r[1:] for r in train]).astype(np.float64)
+    p_on = ((x * y).sum(0) + 1) / (x.sum(0) + 2)
+    p_off = (((1 - x) * y).sum(0) + 1) / ((1 - x).sum(0) + 2)
+    return frame_nll([np.where(r[:-1] > 0, p_on, p_off) for r in test], test)
+
+
+# ---- writers ----------------------------------------------------------------------------------
+def roll_to_notes(roll: np.ndarray) -> list[tuple[int, int, int]]:
+    """(midi, first step, number of steps) for every run of consecutive on-steps of a pitch:
+    a piano roll cannot tell a held note from a repeated one, so runs become held notes."""
+    roll = np.asarray(roll) > 0
+    notes = []
+    for i in np.flatnonzero(roll.any(0)):
+        col = np.concatenate([[False], roll[:, i], [False]]).astype(np.int8)
+        starts = np.flatnonzero(np.diff(col) == 1)
+        ends = np.flatnonzero(np.diff(col) == -1)
+        notes += [(LOWEST_NOTE + int(i), int(s), int(e - s)) for s, e in zip(starts, ends)]
+    return sorted(notes, key=lambda n: (n[1], n[0]))
+
+
+def roll_to_stream(roll: np.ndarray, steps_per_quarter: float = 1.0, bpm: float = 80.0):
+    """A music21 Stream with one note per run of a pitch (see ``roll_to_notes``)."""
+    from music21 import note, stream, tempo
+
+    step = 1.0 / steps_per_quarter
+    s = stream.Stream()
+    s.insert(0, tempo.MetronomeMark(number=bpm))
+    for midi, first, length in roll_to_notes(roll):
+        n = note.Note(midi)
+        n.quarterLength = length * step
+        s.insert(first * step, n)
+    return s
+
+
+def write_midi(roll: np.ndarray, path: str | Path, steps_per_quarter: float = 1.0,
+               bpm: float = 80.0) -> Path:
+    """Write a piano roll as a MIDI file with music21."""
+    from music21 import midi
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = roll_to_stream(roll, steps_per_quarter, bpm)
+    mf = midi.translate.streamToMidiFile(stream)
+    mf.open(str(path), "wb")
+    try:
+        mf.write()
+    finally:
+        mf.close()
+    return path
+
+
+def read_midi_roll(path: str | Path, steps_per_quarter: float = 1.0) -> np.ndarray:
+    """A MIDI file back to a piano roll (notes sampled at the start of each step)."""
+    from music21 import converter
+
+    from data_modules.chorales import score_to_roll
+
+    score = converter.parse(str(path))
+    parts = list(score.parts) if hasattr(score, "parts") and len(score.parts) else [score]
+    return score_to_roll(parts, steps_per_quarter)
+
+
+def plot_roll(roll: np.ndarray, path: str | Path, title: str = "", prime_frames: int = 0) -> Path:
+    """Save a piano roll as a PNG (time to the right, pitch up; primed frames marked)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    roll = np.asarray(roll)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    on = np.flatnonzero(roll.any(0)) if roll.size else np.array([], dtype=int)
+    lo, hi = (max(0, on.min() - 3), min(N_PITCHES - 1, on.max() + 3)) if on.size else (27, 60)
+    fig = Figure(figsize=(min(16, 3 + len(roll) / 12), 4), dpi=100)
+    FigureCanvasAgg(fig)  # the Agg renderer, whatever pyplot's backend is
+    ax = fig.add_subplot()
+    ax.imshow(roll[:, lo:hi + 1].T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
+              extent=(-0.5, len(roll) - 0.5, LOWEST_NOTE + lo - 0.5, LOWEST_NOTE + hi + 0.5), vmin=0, vmax=1)
+    if prime_frames:
+        ax.axvline(prime_frames - 0.5, color="tab:red", linewidth=1, label="end of prime")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_xlabel("time step")
+    ax.set_ylabel("MIDI note")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return path
+
+
+# ---- the callback -------------------------------------------------------------------------------
+class PianoRollSamples(Callback):
+    """At the end of each validation (every ``every_n_epochs``), generate a piano roll from
+    scratch with the model's ``generate`` and a fixed seed, write it as a PNG into the run's
+    directory (``<run>/samples/epochNNN.png``) and log it to W&B when the logger is a
+    WandbLogger (key ``samples/piano_roll``). The global random state is left untouched.
+
+    Args:
+        length: frames to generate.
+        temperature: sigmoid(logits / temperature).
+        seed: the sampling seed (the same every epoch, so epochs compare).
+        every_n_epochs: how often.
+    """
+
+    def __init__(self, length: int = 64, temperature: float = 1.0, seed: int = 0,
+                 every_n_epochs: int = 1) -> None:
+        super().__init__()
+        self.length, self.temperature, self.seed = length, temperature, seed
+        self.every_n_epochs = max(1, every_n_epochs)
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not hasattr(pl_module, "generate"):
+            return
+        if trainer.current_epoch % self.every_n_epochs or not trainer.is_global_zero:
+            return
+        from seqmodels.cli import run_dir
+
+        roll = pl_module.generate(self.length, temperature=self.temperature, seed=self.seed)
+        epoch = trainer.current_epoch
+        path = Path(run_dir(trainer)) / "samples" / f"epoch{epoch:03d}.png"
+        plot_roll(roll, path, title=f"epoch {epoch}, seed {self.seed}, temperature {self.temperature:g}")
+        self.last_path = path
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples/piano_roll", images=[str(path)], step=trainer.global_step,
+                                 caption=[f"epoch {epoch}"])

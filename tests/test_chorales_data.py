@@ -1,0 +1,278 @@
+"""ChoralesDataModule: canonical files in both formats, the embedded corpus and its cache,
+downloads, and a one-line error for every kind of bad input."""
+from __future__ import annotations
+
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+
+from data_modules.chorales import (ChoralesDataModule, load_corpus, load_file, score_to_roll,
+                                   split_counts)
+from seqmodels.errors import ConfigError
+
+SHARED_JSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "JSB_Chorales.mat"
+
+# Three splits of note lists; the empty tuple is a silent step.
+SONGS = {
+    "train": [[(60, 64, 67), (60, 64, 67), (62, 65), (), (21, 108)],
+              [(48,), (50, 53), (52,)],
+              [(55, 59, 62, 67), (57, 60, 64, 69)]],
+    "valid": [[(60,), (62,), (64,), (65,)]],
+    "test": [[(67, 71), (69, 72), (71, 74), (72, 76), (74, 77), (76, 79)],
+             [(40,), (41,)]],
+}
+
+
+def songs_to_rolls(songs: dict) -> dict:
+    rolls = {}
+    for split, seqs in songs.items():
+        rolls[split] = []
+        for seq in seqs:
+            roll = np.zeros((len(seq), 88), dtype=np.uint8)
+            for t, step in enumerate(seq):
+                for note in step:
+                    roll[t, note - 21] = 1
+            rolls[split].append(roll)
+    return rolls
+
+
+def write_pickle(path: Path, songs: dict = SONGS, protocol: int = 2) -> Path:
+    with open(path, "wb") as f:
+        pickle.dump(songs, f, protocol=protocol)
+    return path
+
+
+def cell_array(rolls: list[np.ndarray]) -> np.ndarray:
+    cells = np.empty((1, len(rolls)), dtype=object)
+    for i, r in enumerate(rolls):
+        cells[0, i] = r
+    return cells
+
+
+def write_mat(path: Path, songs: dict = SONGS, **override) -> Path:
+    rolls = songs_to_rolls(songs)
+    data = {"traindata": cell_array(rolls["train"]), "validdata": cell_array(rolls["valid"]),
+            "testdata": cell_array(rolls["test"])}
+    data.update(override)
+    scipy.io.savemat(str(path), data)
+    return path
+
+
+def test_pickle_and_mat_give_the_same_piano_rolls(tmp_path):
+    expected = songs_to_rolls(SONGS)
+    for path in (write_pickle(tmp_path / "songs.pickle"), write_pickle(tmp_path / "p0.pkl", protocol=0),
+                 write_mat(tmp_path / "songs.mat")):
+        rolls = load_file(path)
+        for split in ("train", "valid", "test"):
+            assert len(rolls[split]) == len(expected[split])
+            for got, want in zip(rolls[split], expected[split]):
+                assert got.dtype == np.uint8 and got.shape == want.shape
+                np.testing.assert_array_equal(got, want)
+    roll = load_file(tmp_path / "songs.mat")["train"][0]
+    assert roll[0, 60 - 21] == roll[0, 64 - 21] == roll[0, 67 - 21] == 1 and roll[0].sum() == 3
+    assert roll[3].sum() == 0 and roll[4, 0] == roll[4, 87] == 1  # silence; A0 and C8
+
+
+def test_format_is_detected_from_content_not_the_name(tmp_path):
+    mat_named_pickle = write_mat(tmp_path / "x.pickle")
+    pickle_named_mat = write_pickle(tmp_path / "y.mat")
+    assert len(load_file(mat_named_pickle)["test"]) == 2
+    assert len(load_file(pickle_named_mat)["test"]) == 2
+
+
+def test_datamodule_batches_are_padded_with_lengths(tmp_path):
+    dm = ChoralesDataModule(path=str(write_mat(tmp_path / "songs.mat")), batch_size=3)
+    dm.setup("fit")
+    x, lengths = next(iter(dm.val_dataloader()))
+    assert x.shape == (1, 4, 88) and lengths.tolist() == [4]
+    batches = list(dm.test_dataloader())
+    x, lengths = batches[0]
+    assert x.shape == (2, 6, 88) and lengths.tolist() == [6, 2] and x.dtype == torch.float32
+    assert x[1, 2:].sum() == 0  # padding is silent
+    assert dm.input_size == 88
+
+
+@pytest.mark.skipif(not SHARED_JSB.is_file(), reason="shared/data/JSB_Chorales.mat not beside the repo")
+def test_canonical_jsb_file_counts_and_baselines():
+    from seqmodels.music import frequency_baseline, previous_frame_baseline
+
+    rolls = load_file(SHARED_JSB)
+    assert [len(rolls[s]) for s in ("train", "valid", "test")] == [229, 76, 77]
+    lengths = [len(r) for s in rolls for r in rolls[s]]
+    assert min(lengths) == 25 and max(lengths) == 160
+    assert round(frequency_baseline(rolls["train"], rolls["test"]), 2) == 11.09
+    assert round(previous_frame_baseline(rolls["train"], rolls["test"]), 2) == 10.49
+
+
+# ---- the embedded corpus -----------------------------------------------------------------
+def test_embedded_corpus_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
+    import data_modules.chorales as chorales
+
+    rolls, names = load_corpus(max_chorales=5, cache_dir=tmp_path, progress=False)
+    assert [len(rolls[s]) for s in ("train", "valid", "test")] == list(split_counts(5)) == [3, 1, 1]
+    assert sorted(n for s in names for n in names[s]) == sorted(set(n for s in names for n in names[s]))
+    for split in rolls:
+        for roll in rolls[split]:
+            assert roll.shape[1] == 88 and len(roll) > 8
+            assert roll.sum(1).max() <= 4  # four voices
+            assert roll.sum(1).mean() > 3
+    assert any(p.name.startswith("bach-chorales") for p in tmp_path.iterdir())
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again instead of using the cache")
+
+    monkeypatch.setattr(chorales, "convert_corpus", no_conversion)
+    start = time.perf_counter()
+    dm = ChoralesDataModule(max_chorales=5, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert time.perf_counter() - start < 5
+    again = dm.load()
+    for split in rolls:
+        for a, b in zip(rolls[split], again[split]):
+            np.testing.assert_array_equal(a, b)
+    assert dm.names == names
+
+
+def test_split_counts_are_60_20_20():
+    assert split_counts(408) == (244, 82, 82)
+    assert split_counts(10) == (6, 2, 2)
+    assert sum(split_counts(101)) == 101
+
+
+def test_held_and_tied_notes_sound_in_every_step_they_cover():
+    from music21 import note, stream, tie
+
+    part = stream.Part()
+    part.insert(0, note.Note(60, quarterLength=2))          # half note: steps 0, 1
+    a, b = note.Note(64, quarterLength=1), note.Note(64, quarterLength=1)
+    a.tie, b.tie = tie.Tie("start"), tie.Tie("stop")
+    part.insert(0, a)
+    part.insert(1, b)                                        # tied quarters: steps 0, 1
+    part.insert(2, note.Note(67, quarterLength=0.5))         # eighth on the beat: step 2
+    part.insert(2.5, note.Note(69, quarterLength=0.5))       # off-beat eighth: between samples
+    part.insert(3, note.Note(72, quarterLength=1.5))         # dotted quarter: step 3 only ... and 4?
+    roll = score_to_roll([part], steps_per_quarter=1)
+    on = {t: sorted(np.flatnonzero(roll[t]) + 21) for t in range(len(roll))}
+    assert on[0] == [60, 64] and on[1] == [60, 64] and on[2] == [67]
+    assert on[3] == [72] and on[4] == [72]  # sounds at time 4 (ends at 4.5)
+    roll2 = score_to_roll([part], steps_per_quarter=2)
+    assert roll2[5, 69 - 21] == 1 and roll2.shape == (9, 88)
+
+
+def test_url_is_downloaded_once_into_the_cache(tmp_path):
+    source = write_mat(tmp_path / "remote.mat")
+    cache = tmp_path / "cache"
+    dm = ChoralesDataModule(url=source.as_uri(), cache_dir=str(cache))
+    dm.setup("fit")
+    assert len(dm.load()["train"]) == 3
+    downloaded = list((cache / "downloads").iterdir())
+    assert len(downloaded) == 1 and downloaded[0].name.endswith("remote.mat")
+    source.unlink()  # a second start reads the cached copy
+    assert len(ChoralesDataModule(url=source.as_uri(), cache_dir=str(cache)).load()["test"]) == 2
+
+
+def test_url_offline_fails_with_a_clear_message(tmp_path):
+    dm = ChoralesDataModule(url="http://127.0.0.1:9/JSB_Chorales.pickle", cache_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match=r"download failed .*pass data.path"):
+        dm.load()
+
+
+# ---- bad input: one line each --------------------------------------------------------------
+def one_line_error(fn, *args, **kwargs) -> str:
+    with pytest.raises(ConfigError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_missing_file(tmp_path):
+    message = one_line_error(ChoralesDataModule, path=str(tmp_path / "nope.mat"))
+    assert "nope.mat does not exist" in message
+    assert "does not exist" in one_line_error(load_file, tmp_path / "nope.pickle")
+
+
+def test_pickle_with_wrong_keys_or_shapes(tmp_path):
+    bad = write_pickle(tmp_path / "keys.pickle", {"train": [], "validation": [], "test": []})
+    assert "expected a dict with keys 'train', 'valid', 'test'" in one_line_error(load_file, bad)
+    not_dict = write_pickle(tmp_path / "list.pickle", [[(60,)]])
+    assert "found list" in one_line_error(load_file, not_dict)
+    steps_are_ints = write_pickle(tmp_path / "ints.pickle", dict(SONGS, valid=[[60, 62, 64]]))
+    message = one_line_error(load_file, steps_are_ints)
+    assert "split 'valid' sequence 0 step 0" in message and "tuple or list of MIDI note numbers" in message
+    not_numbers = write_pickle(tmp_path / "str.pickle", dict(SONGS, test=[[("C4",), ("D4",)]]))
+    assert "'C4' is not a MIDI note number" in one_line_error(load_file, not_numbers)
+
+
+def test_mat_with_wrong_keys_or_shapes(tmp_path):
+    rolls = songs_to_rolls(SONGS)
+    wrong_keys = tmp_path / "keys.mat"
+    scipy.io.savemat(str(wrong_keys), {"train": cell_array(rolls["train"])})
+    message = one_line_error(load_file, wrong_keys)
+    assert "'traindata', 'validdata', 'testdata'" in message and "found keys ['train']" in message
+    narrow = write_mat(tmp_path / "narrow.mat",
+                       validdata=cell_array([np.zeros((5, 87), dtype=np.uint8)]))
+    message = one_line_error(load_file, narrow)
+    assert "'validdata' sequence 0 has shape (5, 87)" in message and "(T, 88)" in message
+    numeric = write_mat(tmp_path / "numeric.mat", testdata=np.zeros((4, 88), dtype=np.uint8))
+    assert "not a cell array" in one_line_error(load_file, numeric)
+    counts = write_mat(tmp_path / "counts.mat", traindata=cell_array([np.full((3, 88), 2, np.uint8)]))
+    assert "values other than 0 and 1" in one_line_error(load_file, counts)
+
+
+def test_note_outside_the_piano_range_names_sequence_and_step(tmp_path):
+    songs = dict(SONGS, test=[SONGS["test"][0], [(40,), (41, 110)]])
+    message = one_line_error(load_file, write_pickle(tmp_path / "high.pickle", songs))
+    assert message.endswith("split 'test' sequence 1 step 1: note 110 is outside the piano range 21..108")
+    low = write_pickle(tmp_path / "low.pickle", dict(SONGS, train=[[(60,), (20,)]]))
+    assert "split 'train' sequence 0 step 1: note 20" in one_line_error(load_file, low)
+
+
+def test_empty_split(tmp_path):
+    message = one_line_error(load_file, write_pickle(tmp_path / "e.pickle", dict(SONGS, valid=[])))
+    assert "split 'valid'" in message and "is empty" in message
+    mat = write_mat(tmp_path / "e.mat", testdata=np.empty((1, 0), dtype=object))
+    assert "split 'test'" in one_line_error(load_file, mat)
+    short = write_pickle(tmp_path / "s.pickle", dict(SONGS, valid=[[(60,)]]))
+    assert "needs >= 2" in one_line_error(load_file, short)
+
+
+class Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_pickles_that_would_construct_objects_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pickle"
+    with open(path, "wb") as f:
+        pickle.dump({"train": [[(60,), (62,)]], "valid": Exploit(), "test": []}, f, protocol=2)
+    message = one_line_error(load_file, path)
+    assert "refused to unpickle posix.system" in message or "refused to unpickle os.system" in message
+    assert "only plain data" in message
+    assert not (tmp_path / "pwned").exists()
+    # numpy arrays and numpy integers are plain data: allowed
+    arrays = {s: [[np.array(step, dtype=np.int64) for step in seq] if i % 2 else
+                  [tuple(np.int64(n) for n in step) for step in seq] for i, seq in enumerate(seqs)]
+              for s, seqs in SONGS.items()}
+    write_pickle(tmp_path / "np.pickle", arrays)
+    assert len(load_file(tmp_path / "np.pickle")["train"]) == 3
+
+
+def test_a_file_in_neither_format(tmp_path):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("C4 E4 G4\n")
+    assert "neither a Boulanger-Lewandowski pickle nor a MATLAB .mat" in one_line_error(load_file, junk)
+
+
+def test_bad_settings():
+    assert "data.batch_size" in one_line_error(ChoralesDataModule, batch_size=0)
+    assert "data.steps_per_quarter" in one_line_error(ChoralesDataModule, steps_per_quarter=0)
+    assert "data.max_chorales" in one_line_error(ChoralesDataModule, max_chorales=2)

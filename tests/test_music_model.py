@@ -1,0 +1,235 @@
+"""PolyphonicMusicModel: the published NLL whatever the batching, accuracy, generation,
+MIDI/PNG writing, the piano-roll callback, and the CLI end to end (fit, then sample)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_modules.chorales import ChoralesDataModule, RollDataset, pad_rolls
+from seqmodels.errors import ConfigError
+from seqmodels.music import (FrameAccuracy, FrameNLL, plot_roll, read_midi_roll, roll_to_notes,
+                             write_midi)
+from seqmodels.tasks import PolyphonicMusicModel
+from tests.conftest import ROOT
+from tests.test_chorales_data import write_mat, write_pickle
+
+
+def random_rolls(n: int, seed: int = 0, low: int = 2, high: int = 30) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [(rng.random((int(rng.integers(low, high)), 88)) < 0.05).astype(np.uint8) for _ in range(n)]
+
+
+def metrics_over(model, rolls, batch_size, pack=False):
+    model.eval()
+    model.pack = pack
+    nll, acc = FrameNLL(), FrameAccuracy()
+    loader = torch.utils.data.DataLoader(RollDataset(rolls), batch_size=batch_size, collate_fn=pad_rolls)
+    with torch.no_grad():
+        for batch in loader:
+            _, logits, targets, mask = model._step(batch)
+            nll.update(logits, targets, mask)
+            acc.update(logits, targets, mask)
+    return float(nll.compute()), float(acc.compute())
+
+
+@pytest.mark.parametrize("cell,impl", [("lstm", "native"), ("lstm", "autograd"), ("rnn", "bptt")])
+def test_nll_is_the_published_definition_whatever_the_batching(cell, impl):
+    torch.manual_seed(0)
+    model = PolyphonicMusicModel(cell=cell, hidden_size=16, impl=impl)
+    rolls = random_rolls(13)
+    # by hand: Σ over sequences of the summed BCE of frames 2..T, over Σ (T_i - 1)
+    total, frames = 0.0, 0
+    with torch.no_grad():
+        for r in rolls:
+            x = torch.from_numpy(r).float().unsqueeze(0)
+            logits, _ = model(x[:, :-1])
+            total += F.binary_cross_entropy_with_logits(logits.double(), x[:, 1:].double(),
+                                                        reduction="sum").item()
+            frames += len(r) - 1
+    expected = total / frames
+    results = [metrics_over(model, rolls, bs, pack) for bs in (1, 4, 13) for pack in (False, True)]
+    for nll, acc in results:
+        assert nll == pytest.approx(expected, rel=1e-5)
+        assert acc == pytest.approx(results[0][1], abs=1e-7)
+
+
+def test_nll_is_not_a_mean_of_per_sequence_means():
+    torch.manual_seed(0)
+    model = PolyphonicMusicModel(hidden_size=8)
+    rolls = [random_rolls(1, seed=1, low=40, high=41)[0], random_rolls(1, seed=2, low=2, high=3)[0]]
+    nll, _ = metrics_over(model, rolls, batch_size=2)
+    per_seq = [metrics_over(model, [r], batch_size=1)[0] for r in rolls]
+    frames = [len(r) - 1 for r in rolls]
+    assert nll == pytest.approx(np.average(per_seq, weights=frames), rel=1e-5)
+    assert abs(nll - np.mean(per_seq)) > 1e-3
+
+
+def test_frame_accuracy_counts_tp_fp_fn_over_all_frames():
+    acc = FrameAccuracy()
+    target = torch.zeros(1, 2, 88)
+    target[0, 0, [0, 1]] = 1
+    target[0, 1, [2]] = 1
+    logits = torch.full((1, 2, 88), -5.0)
+    logits[0, 0, [0, 5]] = 5   # TP 1, FP 1, FN 1 (pitch 1)
+    logits[0, 1, [2]] = 5      # TP 1
+    acc.update(logits, target, torch.ones(1, 2, dtype=torch.bool))
+    padded = torch.ones(1, 1, 88) * 5  # masked out: counts nothing
+    acc.update(padded, torch.zeros(1, 1, 88), torch.zeros(1, 1, dtype=torch.bool))
+    assert float(acc.compute()) == pytest.approx(2 / 4)
+
+
+def test_training_loss_is_the_nll_of_the_batch_and_masks_padding():
+    torch.manual_seed(0)
+    model = PolyphonicMusicModel(hidden_size=8)
+    rolls = random_rolls(3, seed=5)
+    batch = pad_rolls([torch.from_numpy(r).float() for r in rolls])
+    model.eval()
+    loss, *_ = model._step(batch)
+    assert loss.item() == pytest.approx(metrics_over(model, rolls, 3)[0], rel=1e-5)
+    x, lengths = batch
+    noisy = x.clone()
+    for i, n in enumerate(lengths):
+        noisy[i, n:] = 1.0  # garbage in the padding changes nothing
+    assert model._step((noisy, lengths))[0].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_bad_model_settings():
+    with pytest.raises(ConfigError, match="model.input_dropout must be in"):
+        PolyphonicMusicModel(input_dropout=1.0)
+    with pytest.raises(ConfigError, match="model.hidden_size"):
+        PolyphonicMusicModel(hidden_size=0)
+
+
+# ---- generation ---------------------------------------------------------------------------
+def test_generate_is_seeded_primed_and_respects_top_k():
+    torch.manual_seed(0)
+    model = PolyphonicMusicModel(hidden_size=8)
+    torch.nn.init.constant_(model.head.bias, 0.0)  # p = 0.5 everywhere: plenty of notes
+    a = model.generate(20, seed=7)
+    b = model.generate(20, seed=7)
+    c = model.generate(20, seed=8)
+    assert a.shape == (20, 88) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    prime = random_rolls(1, seed=3, low=6, high=7)[0]
+    primed = model.generate(10, prime, seed=1)
+    assert primed.shape == (16, 88)
+    np.testing.assert_array_equal(primed[:6], prime)
+    top = model.generate(30, seed=2, top_k=3)
+    assert top[1:].sum(1).max() <= 3
+    with torch.no_grad():
+        model.head.weight.mul_(0.01)
+        model.head.bias.fill_(-0.5)
+        model.head.bias[[39, 43, 46]] = 0.5
+    for seed in (1, 2):  # temperature -> 0: each pitch on iff p > 0.5
+        cold = model.generate(30, prime[:1], seed=seed, temperature=1e-3)
+        assert (cold[1:].sum(0) > 0).nonzero()[0].tolist() == [39, 43, 46] and cold[1:].sum() == 30 * 3
+    hot = model.generate(30, prime[:1], seed=1, temperature=100.0)
+    assert 0.3 < hot[1:].mean() < 0.7  # temperature -> inf: every pitch a fair coin
+    state = torch.get_rng_state()
+    model.generate(5, seed=1)
+    assert torch.equal(state, torch.get_rng_state()), "generation must not touch the global RNG"
+
+
+def test_openings_seen_in_training_start_generation_from_scratch():
+    model = PolyphonicMusicModel(hidden_size=8)
+    chord = torch.zeros(2, 88)
+    chord[:, [39, 43, 46]] = 1  # C major
+    model._remember_openings(chord)
+    assert int(model.n_openings) == 2
+    roll = model.generate(5, seed=0)
+    assert sorted(np.flatnonzero(roll[0])) == [39, 43, 46]
+    restored = PolyphonicMusicModel(hidden_size=8)
+    restored.load_state_dict(model.state_dict())
+    assert int(restored.n_openings) == 2
+
+
+def test_midi_round_trip_and_png(tmp_path):
+    roll = np.zeros((8, 88), dtype=np.uint8)
+    roll[0:4, 60 - 21] = 1          # C4 held 4 steps
+    roll[0:2, 64 - 21] = 1
+    roll[2:4, 65 - 21] = 1
+    roll[5, [48 - 21, 55 - 21]] = 1  # after a silent step
+    roll[6:8, 48 - 21] = 1
+    assert (60, 0, 4) in roll_to_notes(roll) and (48, 5, 3) in roll_to_notes(roll)
+    midi = write_midi(roll, tmp_path / "x.mid")
+    assert midi.read_bytes()[:4] == b"MThd"
+    back = read_midi_roll(midi)
+    np.testing.assert_array_equal(back[:8], roll)
+    back2 = read_midi_roll(write_midi(roll, tmp_path / "y.mid", steps_per_quarter=2), steps_per_quarter=2)
+    np.testing.assert_array_equal(back2[:8], roll)
+    png = plot_roll(roll, tmp_path / "x.png", title="test", prime_frames=2)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_writes_midi_and_png_and_reports(tmp_path):
+    torch.manual_seed(0)
+    model = PolyphonicMusicModel(hidden_size=8)
+    dm = ChoralesDataModule(path=str(write_mat(tmp_path / "songs.mat")))
+    text = model.sample(dm, prime=None, prime_frames=3, length=12, temperature=1.0, top_k=0, seed=4,
+                        output=str(tmp_path / "out"))
+    assert "15 frames (3 primed + 12 generated)" in text and "test sequence" in text
+    assert (tmp_path / "out" / "sample-seed4-prime3.mid").is_file()
+    assert (tmp_path / "out" / "sample-seed4-prime3.png").is_file()
+    with pytest.raises(ConfigError, match="longer than every test sequence"):
+        model.sample(dm, prime=None, prime_frames=50, length=5, temperature=1.0, top_k=0, seed=0,
+                     output=str(tmp_path))
+    with pytest.raises(ConfigError, match="prime_frames"):
+        model.sample(dm, prime="ROMEO:", prime_frames=0, length=5, temperature=1.0, top_k=0, seed=0,
+                     output=str(tmp_path))
+
+
+# ---- the CLI end to end ----------------------------------------------------------------------
+TINY = ["--model.init_args.hidden_size=8", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+        "--trainer.max_time=null", "--data.init_args.batch_size=2",
+        "--trainer.callbacks+=seqmodels.music.PianoRollSamples",
+        "--trainer.callbacks.length=12", "--trainer.callbacks.every_n_epochs=1"]
+
+
+def test_cli_fit_then_sample_on_a_tiny_file(in_tmp_dir, capsys):
+    from seqmodels.cli import main
+
+    songs = {s: [[tuple(60 + (t + k) % 5 for k in range(3)) for t in range(6 + i)] for i in range(n)]
+             for s, n in (("train", 4), ("valid", 2), ("test", 2))}
+    data = write_pickle(in_tmp_dir / "tiny.pickle", songs)
+    config = str(ROOT / "configs" / "jsb_lstm.yaml")
+    cli = main(["fit", "--config", config, f"--data.path={data}", *TINY])
+    metrics = cli.trainer.callback_metrics
+    for name in ("train/loss", "val/loss", "val/nll", "val/acc"):
+        assert name in metrics and math.isfinite(float(metrics[name]))
+    run = Path(cli.trainer.checkpoint_callback.best_model_path).parents[1]
+    assert sorted(p.name for p in (run / "samples").iterdir())[-1] == "epoch001.png"
+    media = list((in_tmp_dir / "runs" / "wandb").rglob("media/images/samples/piano_roll*.png"))
+    assert media, "the piano roll is logged to W&B"
+
+    import wandb
+
+    wandb.finish()
+    capsys.readouterr()
+    main(["sample", "--config", config, f"--data.path={data}", "--model.init_args.hidden_size=8",
+          f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--prime_frames=2", "--length=10",
+          "--seed=5", "--output=out"])
+    printed = capsys.readouterr().out
+    assert "12 frames (2 primed + 10 generated)" in printed and "MIDI: out/sample-seed5-prime2.mid" in printed
+    assert (in_tmp_dir / "out" / "sample-seed5-prime2.mid").is_file()
+    assert (in_tmp_dir / "out" / "sample-seed5-prime2.png").is_file()
+
+    cli = main(["test", "--config", config, f"--data.path={data}", "--model.init_args.hidden_size=8",
+                "--trainer.enable_progress_bar=false",
+                f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
+    assert "test/nll" in cli.trainer.callback_metrics and "test/acc" in cli.trainer.callback_metrics
+
+
+def test_cli_bad_data_path_is_one_line(in_tmp_dir, capsys):
+    from seqmodels.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(ROOT / "configs" / "jsb_lstm.yaml"), "--data.path=missing.mat"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.path missing.mat does not exist")
