@@ -158,6 +158,9 @@ class SeqCLI(LightningCLI):
         for lg in loggers:
             if "WandbLogger" in str(getattr(lg, "class_path", "")):
                 use_wandb_offline_without_key(lg.init_args.get("save_dir") or ".")
+                if lg.init_args.get("log_model") and os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
+                    lg.init_args["log_model"] = False  # W&B refuses artifacts offline; checkpoints stay on disk
+                    print("W&B: log_model needs W&B online; checkpoints are kept on disk only", file=sys.stderr)
 
     def add_arguments_to_parser(self, parser) -> None:
         # Sizes that only the data knows go into the model; models without them ignore it.

@@ -12,6 +12,21 @@ from seqmodels.errors import ConfigError
 from seqmodels.recurrent import RecurrentStack
 
 
+RECURRENT_INITS = ("default", "identity", "orthogonal")
+
+
+@torch.no_grad()
+def init_recurrent_weights(stack: RecurrentStack, kind: str, gain: float) -> None:
+    """W_hh = gain · I (identity) or gain · Q with Q orthogonal, per (H, H) gate block."""
+    for layer in stack.layers:
+        w = layer.cell.weight_hh
+        for block in w.split(w.shape[1]):
+            if kind == "identity":
+                block.copy_(torch.eye(w.shape[1]) * gain)
+            else:
+                torch.nn.init.orthogonal_(block, gain=gain)
+
+
 class SequenceModel(LightningModule):
     """Base for every task: owns ``self.stack`` (a RecurrentStack) and the shared plumbing.
 
@@ -24,6 +39,8 @@ class SequenceModel(LightningModule):
         nonlinearity: ``tanh`` or ``relu`` (vanilla RNN only).
         forget_bias: initial forget-gate bias (LSTM only).
         peephole: LSTM with peephole connections.
+        recurrent_init: ``default`` (torch's uniform), ``identity`` (IRNN, Le et al. 2015) or
+            ``orthogonal``, for every W_hh (each gate block for the LSTM), times ``recurrent_gain``.
 
     The optimizer and LR scheduler come from the CLI (``optimizer:`` / ``lr_scheduler:``
     in the config); ``configure_optimizers`` here is only the fallback (Adam, lr 1e-3)
@@ -41,6 +58,8 @@ class SequenceModel(LightningModule):
         nonlinearity: str = "tanh",
         forget_bias: float = 1.0,
         peephole: bool = False,
+        recurrent_init: str = "default",
+        recurrent_gain: float = 1.0,
     ) -> None:
         super().__init__()
         try:
@@ -48,6 +67,10 @@ class SequenceModel(LightningModule):
                                         nonlinearity, forget_bias, peephole, impl)
         except ConfigError as err:
             raise ConfigError(f"model.{err}") from None
+        if recurrent_init not in RECURRENT_INITS:
+            raise ConfigError(f"model.recurrent_init must be one of {list(RECURRENT_INITS)}, got {recurrent_init!r}")
+        if recurrent_init != "default":
+            init_recurrent_weights(self.stack, recurrent_init, recurrent_gain)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)

@@ -18,9 +18,10 @@ class SumsRegressor(SequenceModel):
     def __init__(self, cell: str = "lstm", input_size: int = 1, hidden_size: int = 64,
                  num_layers: int = 1, dropout: float = 0.0, impl: str = "auto",
                  nonlinearity: str = "tanh", forget_bias: float = 1.0, peephole: bool = False,
+                 recurrent_init: str = "default", recurrent_gain: float = 1.0,
                  output_size: int = 1) -> None:
         super().__init__(cell, input_size, hidden_size, num_layers, dropout, impl,
-                         nonlinearity, forget_bias, peephole)
+                         nonlinearity, forget_bias, peephole, recurrent_init, recurrent_gain)
         self.save_hyperparameters(logger=False)
         self.head = nn.Linear(hidden_size, output_size)
         metrics = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()})
@@ -32,6 +33,11 @@ class SumsRegressor(SequenceModel):
         """x (B, T, I) -> ŷ (B, output_size), read from the last time step."""
         output, _ = self.stack(x, state)
         return self.head(output[:, -1])
+
+    def probe_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The loss the diagnostics differentiate: the last step's squared error."""
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch

@@ -55,14 +55,14 @@ class CharLanguageModel(SequenceModel):
     def __init__(self, vocab: list[str] | None = None, embedding_dim: int = 64, cell: str = "lstm",
                  hidden_size: int = 256, num_layers: int = 2, dropout: float = 0.0,
                  impl: str = "auto", nonlinearity: str = "tanh", forget_bias: float = 1.0,
-                 peephole: bool = False) -> None:
+                 peephole: bool = False, recurrent_init: str = "default", recurrent_gain: float = 1.0) -> None:
         if not vocab or vocab[0] != UNK:
             raise ConfigError("model.vocab must list the symbols with '<unk>' first; it comes from the "
                               "data (the CLI links data.vocab), so run through `python cli.py`")
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ConfigError(f"model.embedding_dim must be an integer >= 1, got {embedding_dim!r}")
         super().__init__(cell, embedding_dim, hidden_size, num_layers, dropout, impl,
-                         nonlinearity, forget_bias, peephole)
+                         nonlinearity, forget_bias, peephole, recurrent_init, recurrent_gain)
         self.save_hyperparameters(logger=False)  # the vocabulary goes into every checkpoint
         self.vocab = list(vocab)
         self.char_to_id = {c: i for i, c in enumerate(self.vocab)}
@@ -89,6 +89,12 @@ class CharLanguageModel(SequenceModel):
         self.log(f"{split}/loss", loss, batch_size=n, prog_bar=split != "test")
         self.log(f"{split}/bpc", loss / math.log(2), batch_size=n)
         return logits, loss
+
+    def probe_loss(self, batch) -> Tensor:
+        """The loss the diagnostics differentiate: cross-entropy summed over time, mean over streams."""
+        x, y, _ = batch
+        logits, _ = self(x)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum") / x.shape[0]
 
     def on_train_epoch_start(self) -> None:
         self._carried.pop("train", None)
