@@ -104,6 +104,19 @@ class _RecurrentMatmul:
         return torch.addmm(add, h, self.weight_t)
 
 
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weightᵀ + bias`` for the big, once-per-call GEMMs (input projection, dX, dW).
+
+    On CPU in float32 this calls oneDNN's GEMM: torch's own float32 GEMM is MKL, which on
+    this machine's AMD CPU takes a non-AVX-512 path and runs at half of oneDNN's speed (for
+    the weight gradients, 1.4-1.85x slower even counting the transposed copy of dZ that
+    oneDNN needs). Elsewhere ``torch.nn.functional.linear``.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and _HAS_MKLDNN_LINEAR:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.nn.functional.linear(x, weight, bias)
+
+
 def _has_mkldnn_linear() -> bool:
     try:
         return (torch.backends.mkldnn.is_available()
@@ -125,8 +138,8 @@ class RNNFunction(torch.autograd.Function):
     Forward, for t = 1..T (z_t the pre-activation, f = tanh or relu, s_0 = h0):
         z_t = W_ih x_t + b_ih + b_hh + W_hh s_{t-1}
         h̃_t = f(z_t),   s_t = m_t h̃_t + (1 - m_t) s_{t-1},   y_t = m_t h̃_t
-    The x-part of every z_t is one GEMM, X (T·B, I) @ W_ihᵀ, written straight into the state
-    buffer ``hs`` (T+1, B, H); each step adds W_hh s_{t-1} (one GEMM with the addition fused,
+    The x-part of every z_t is one GEMM, X (T·B, I) @ W_ihᵀ, before the loop; each step adds
+    W_hh s_{t-1} (one GEMM with the addition fused,
     see ``_RecurrentMatmul``) and applies f. torch's tanh kernel is ~5x slower than its
     sigmoid on CPU, so tanh(z) = 1 - 2σ(-2z), the factor -2 folded into the weights once:
     three kernels per step.
@@ -156,13 +169,12 @@ class RNNFunction(torch.autograd.Function):
         hs = x.new_empty(T + 1, B, H)  # hs[0] = s_0, hs[t] = s_t
         hs[0] = h0
         x2 = x.reshape(T * B, I)
-        # k·(W_ih x_t + b) for all T steps, both biases folded in: one GEMM, into hs[1:]
-        torch.addmm(bias_ih + bias_hh, x2, weight_ih.t(), beta=k, alpha=k,
-                    out=hs[1:].view(T * B, H))
+        # k·(W_ih x_t + b) for all T steps, both biases folded in: one GEMM
+        xz = _linear(x2, weight_ih * k, (bias_ih + bias_hh) * k).view(T, B, H).unbind(0)
         recurrent = _RecurrentMatmul(weight_hh * k, B)
         states = hs.unbind(0)
         for t in range(1, T + 1):
-            z = recurrent(states[t - 1], states[t])  # k z_t (a new tensor)
+            z = recurrent(states[t - 1], xz[t - 1])  # k z_t (a new tensor)
             if tanh:  # h̃_t = tanh(z_t) = 1 - 2σ(-2z_t)
                 torch.add(one, torch.sigmoid(z, out=states[t]), alpha=-2, out=states[t])
             else:
@@ -194,12 +206,13 @@ class RNNFunction(torch.autograd.Function):
                 _aten.threshold_backward.grad_input(ds, states[t], 0, grad_input=DZ[t - 1])
             ds = recurrent(DZ[t - 1], DY[t - 1])  # δs_{t-1} = δz_t W_hh + ∂L/∂y_{t-1}
         dz = dz.view(T * B, H)
+        dz_t = dz.t().contiguous()  # (H, T·B): the layout oneDNN's GEMM wants for dZᵀ·
         need = ctx.needs_input_grad
-        d_x = (dz @ weight_ih).view(T, B, -1) if need[0] else None
+        d_x = _linear(dz, weight_ih.t()).view(T, B, -1) if need[0] else None
         d_h0 = ds if need[1] else None
-        d_w_ih = dz.t() @ x2 if need[2] else None
-        d_w_hh = dz.t() @ hs[:-1].view(T * B, H) if need[3] else None
-        d_b = dz.sum(0) if (need[4] or need[5]) else None
+        d_w_ih = _linear(dz_t, x2.t()) if need[2] else None  # dZᵀ X
+        d_w_hh = _linear(dz_t, hs[:-1].view(T * B, H).t()) if need[3] else None  # dZᵀ S_prev
+        d_b = dz_t.sum(1) if (need[4] or need[5]) else None
         return d_x, d_h0, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(), None, None, None
 
 
@@ -234,9 +247,9 @@ class LSTMFunction(torch.autograd.Function):
         (h_t, c_t) = m_t (h̃_t, c̃_t) + (1 - m_t)(h_{t-1}, c_{t-1}),   y_t = m_t h̃_t
     Inside, the gates are ordered (o, i, f, g), and tanh is computed with sigmoids (torch's
     CPU tanh is ~5x slower than its sigmoid): the g rows of the weights are doubled once, so
-    one sigmoid covers all four gates, g̃ = σ(2z^g) = (g + 1)/2, c̃ = f c + 2 i g̃ - i; and
-    with v = σ(-2c̃), tanh(c̃) = 1 - 2v and h̃ = o - 2 o v. A step is the recurrent GEMM plus
-    seven small elementwise kernels (no Python scalars: they cost a tensor copy each).
+    one sigmoid covers all four gates, g = 2σ(2z^g) - 1, and tanh(c̃) = 1 - 2σ(-2c̃). A step
+    is the recurrent GEMM plus seven small elementwise kernels (no Python scalars: they cost a
+    tensor copy each), and, when a backward will follow, six more for the factors below.
 
     Backward. With δh_t, δc_t the gradients reaching h_t, c_t (from step t+1, the output y_t
     and, at t = n_b, the final state), the chain rule through one step is
@@ -248,7 +261,7 @@ class LSTMFunction(torch.autograd.Function):
         δc_{t-1} = δc̃_t ⊙ f + p_i ⊙ δz^i + p_f ⊙ δz^f
         δh_{t-1} = δz_t W_hh + ∂L/∂y_{t-1}
     Every factor that multiplies δh_t or δc̃_t depends on the forward only, so the forward
-    computes them for all steps at once after its loop (a few big elementwise ops):
+    computes them at each step, while the step's activations are still in cache:
         K^o = tanh(c̃) ⊙ o(1 - o),     K^c = o ⊙ (1 - tanh²(c̃)) + p_o ⊙ K^o,
         Q   = [g ⊙ i(1 - i),  c_{t-1} ⊙ f(1 - f),  i ⊙ (1 - g²)],   Q^c = f + p_i ⊙ Q^i + p_f ⊙ Q^f
     and a backward step is five kernels, peepholes or not:
@@ -269,64 +282,65 @@ class LSTMFunction(torch.autograd.Function):
         H = weight_hh.shape[1]
         peephole = weight_ci is not None
         lens = _Lengths(lengths, T, x)
-        # (o, i, f, g) order, g rows doubled: σ of the doubled pre-activation gives (g + 1)/2
+        # (o, i, f, g) order, g rows doubled: σ of the doubled pre-activation is (g + 1)/2
         k = x.new_ones(4 * H, 1)
         k[3 * H:] = 2.0
         x2 = x.reshape(T * B, I)
-        acts = torch.addmm(_to_ofig(bias_ih + bias_hh) * k[:, 0], x2,
-                           (_to_ofig(weight_ih) * k).t()).view(T, B, 4 * H)
+        acts = _linear(x2, _to_ofig(weight_ih) * k, _to_ofig(bias_ih + bias_hh) * k[:, 0]
+                       ).view(T, B, 4 * H)
         recurrent = _RecurrentMatmul(_to_ofig(weight_hh) * k, B)
         hs, cs = x.new_empty(T + 1, B, H), x.new_empty(T + 1, B, H)
-        vs = x.new_empty(T, B, H)  # σ(-2c̃_t), turned into tanh(c̃_t) = 1 - 2σ(-2c̃_t) after the loop
-        minus_two = x.new_full((), -2.0)
         hs[0], cs[0] = h0, c0
+        tc = x.new_empty(B, H)  # tanh(c̃_t), scratch
+        one, minus_one, minus_two = x.new_full((), 1.0), x.new_full((), -1.0), x.new_full((), -2.0)
         # per-step views, made once (slicing inside the loop costs Python time)
-        A, V, Hs, Cs = acts.unbind(0), vs.unbind(0), hs.unbind(0), cs.unbind(0)
+        A, Hs, Cs = acts.unbind(0), hs.unbind(0), cs.unbind(0)
         O, I_, F, G = (acts[..., j * H:(j + 1) * H].unbind(0) for j in range(4))
+        if save:  # the backward's factors, per step: K^o, K^c, Q^c | Q^i, Q^f, Q^g
+            kq = x.new_empty(T, B, 6 * H)
+            K_o, K_c, Q_c, Q_i, Q_f, Q_g = (kq[..., j * H:(j + 1) * H].unbind(0) for j in range(6))
         if peephole:
             p_if = torch.stack((weight_ci, weight_cf))  # (2, H)
         for t in range(1, T + 1):
             s, c_prev, c = t - 1, Cs[t - 1], Cs[t]
-            z = recurrent(Hs[t - 1], A[s])  # pre-activations (a new tensor); A[s] held the x-part
+            z = recurrent(Hs[s], A[s])  # pre-activations (a new tensor); A[s] held the x-part
             if peephole:
                 z[:, H:3 * H].unflatten(1, (2, H)).addcmul_(p_if, c_prev.unsqueeze(1))
-            torch.sigmoid(z, out=A[s])  # o, i, f, g̃ = (g + 1)/2: one kernel
-            torch.mul(F[s], c_prev, out=c).addcmul_(I_[s], G[s], value=2).sub_(I_[s])  # c̃
+            torch.sigmoid(z, out=A[s])  # o, i, f and (g + 1)/2: one kernel
+            torch.add(minus_one, G[s], alpha=2, out=G[s])  # g
+            torch.mul(F[s], c_prev, out=c).addcmul_(I_[s], G[s])  # c̃ = f c + i g
             if peephole:
                 torch.sigmoid(z[:, :H].addcmul_(weight_co, c), out=O[s])
-            torch.mul(c, minus_two, out=V[s]).sigmoid_()  # v = σ(-2c̃)
-            torch.addcmul(O[s], O[s], V[s], value=-2, out=Hs[t])  # h̃ = o (1 - 2v) = o tanh(c̃)
+            torch.mul(c, minus_two, out=tc).sigmoid_()
+            torch.add(one, tc, alpha=-2, out=tc)  # tanh(c̃) = 1 - 2σ(-2c̃)
+            torch.mul(O[s], tc, out=Hs[t])  # h̃ = o tanh(c̃)
+            if save:
+                _sigmoid_backward.grad_input(tc, O[s], grad_input=K_o[s])  # tanh(c̃) o(1 - o)
+                _tanh_backward.grad_input(O[s], tc, grad_input=K_c[s])  # o (1 - tanh²(c̃))
+                _sigmoid_backward.grad_input(G[s], I_[s], grad_input=Q_i[s])  # g i(1 - i)
+                _sigmoid_backward.grad_input(c_prev, F[s], grad_input=Q_f[s])  # c f(1 - f)
+                _tanh_backward.grad_input(I_[s], G[s], grad_input=Q_g[s])  # i (1 - g²)
+                if peephole:
+                    K_c[s].addcmul_(K_o[s], weight_co)
+                    torch.addcmul(F[s], Q_i[s], weight_ci, out=Q_c[s]).addcmul_(Q_f[s], weight_cf)
+                else:
+                    Q_c[s].copy_(F[s])
             if t > lens.first_partial:
                 m = lens.mask[s]
                 torch.where(m, c, c_prev, out=c)
                 torch.where(m, Hs[t], Hs[t - 1], out=Hs[t])
         if save:
-            o, i, f, g = (acts[..., j * H:(j + 1) * H] for j in range(4))
-            g.mul_(2).sub_(1)  # g̃ -> g
-            tc = vs.mul_(-2).add_(1)  # tanh(c̃)
-            k_o = _sigmoid_backward(tc, o)  # tanh(c̃) o(1 - o)
-            k_c = _tanh_backward(o, tc)  # o (1 - tanh²(c̃))
-            q = acts.new_empty(T, B, 3 * H)
-            q_i, q_f, q_g = (q[..., j * H:(j + 1) * H] for j in range(3))
-            _sigmoid_backward.grad_input(g, i, grad_input=q_i)  # g i(1 - i)
-            _sigmoid_backward.grad_input(cs[:-1], f, grad_input=q_f)  # c_{t-1} f(1 - f)
-            _tanh_backward.grad_input(i, g, grad_input=q_g)  # i (1 - g²)
-            q_c = f.clone()
-            if peephole:
-                k_c.addcmul_(k_o, weight_co)
-                q_c.addcmul_(q_i, weight_ci).addcmul_(q_f, weight_cf)
-            ctx.save_for_backward(x2, hs, cs if peephole else None, k_o, k_c, q, q_c,
-                                  weight_ih, weight_hh)
+            ctx.save_for_backward(x2, hs, cs if peephole else None, kq, weight_ih, weight_hh)
             ctx.lens, ctx.peephole = lens, peephole
         return lens.masked_output(hs), hs[T].clone(), cs[T].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hT: Tensor, d_cT: Tensor):
-        x2, hs, cs, k_o, k_c, q, q_c, weight_ih, weight_hh = ctx.saved_tensors
+        x2, hs, cs, kq, weight_ih, weight_hh = ctx.saved_tensors
         lens = ctx.lens
-        T, B, H3 = q.shape
-        H = H3 // 3
+        T, B, H6 = kq.shape
+        H = H6 // 6
         # dy[t]: ∂L/∂y_t (+ ∂L/∂h_T at t = n_b); dy[0] is 0 (or ∂L/∂h_T where n_b = 0)
         dy = hs.new_empty(T + 1, B, H)
         lens.grad_in_slots(d_out, d_hT, dy)
@@ -340,8 +354,8 @@ class LSTMFunction(torch.autograd.Function):
         recurrent = _RecurrentMatmul(_to_ofig(weight_hh).t(), B)  # δz -> δz W_hh
         DZ, DZ_o = dz.unbind(0), dz[..., :H].unbind(0)
         DZ_ifg = dz[..., H:].unflatten(-1, (3, H)).unbind(0)
-        Q, Q_c = q.unflatten(-1, (3, H)).unbind(0), q_c.unbind(0)
-        K_o, K_c, DY = k_o.unbind(0), k_c.unbind(0), dy.unbind(0)
+        K_o, K_c, Q_c = (kq[..., j * H:(j + 1) * H].unbind(0) for j in range(3))
+        Q, DY = kq[..., 3 * H:].unflatten(-1, (3, H)).unbind(0), dy.unbind(0)
         dh = DY[T]  # δh_T
         for t in range(T, 0, -1):
             s = t - 1
@@ -353,13 +367,14 @@ class LSTMFunction(torch.autograd.Function):
             if dc_final is not None and s in lens.ends:
                 dc.add_(dc_final[s])
         dz2 = dz.view(T * B, 4 * H)
+        dz_t = dz2.t().contiguous()  # (4H, T·B): the layout oneDNN's GEMM wants for dZᵀ·
         need = ctx.needs_input_grad
-        d_x = (dz2 @ _to_ofig(weight_ih)).view(T, B, -1) if need[0] else None
+        d_x = _linear(dz2, _to_ofig(weight_ih).t()).view(T, B, -1) if need[0] else None
         d_h0 = dh if need[1] else None
         d_c0 = dc if need[2] else None
-        d_w_ih = _from_ofig(dz2.t() @ x2) if need[3] else None
-        d_w_hh = _from_ofig(dz2.t() @ hs[:-1].view(T * B, H)) if need[4] else None
-        d_b = _from_ofig(dz2.sum(0)) if (need[5] or need[6]) else None
+        d_w_ih = _from_ofig(_linear(dz_t, x2.t())) if need[3] else None  # dZᵀ X
+        d_w_hh = _from_ofig(_linear(dz_t, hs[:-1].view(T * B, H).t())) if need[4] else None
+        d_b = _from_ofig(dz_t.sum(1)) if (need[5] or need[6]) else None
         d_ci = d_cf = d_co = None
         if ctx.peephole:
             d_ci = (dz[..., H:2 * H] * cs[:-1]).sum((0, 1))
