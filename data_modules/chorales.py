@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from seqmodels.errors import ConfigError
 
@@ -302,6 +302,16 @@ def convert_corpus(steps_per_quarter: float, max_chorales: int | None, progress:
     return datasets.Dataset.from_dict({"name": names, "notes": steps}, features=features)
 
 
+def _corpus_roll(steps: list[list[int]]) -> np.ndarray:
+    """Notes per step (already checked at conversion) -> roll, vectorised."""
+    roll = np.zeros((len(steps), N_PITCHES), dtype=np.uint8)
+    counts = [len(step) for step in steps]
+    if sum(counts):
+        rows = np.repeat(np.arange(len(steps)), counts)
+        roll[rows, np.concatenate([step for step in steps if step]) - LOWEST_NOTE] = 1
+    return roll
+
+
 def split_counts(n: int) -> tuple[int, int, int]:
     """60/20/20 with at least one chorale in valid and test."""
     n_valid = max(1, round(0.2 * n))
@@ -332,16 +342,16 @@ def load_corpus(steps_per_quarter: float = 1.0, max_chorales: int | None = None,
         shutil.rmtree(where, ignore_errors=True)
         os.replace(tmp, where)
         ds = datasets.load_from_disk(str(where))
-    names = list(ds["name"])
-    all_notes = list(ds["notes"])
+    table = ds.with_format("arrow")[:]  # plain Python lists straight from Arrow: fast
+    names = table.column("name").to_pylist()
+    all_notes = table.column("notes").to_pylist()
     if len(names) < 3:
         raise ConfigError(f"data.max_chorales must be >= 3 (one chorale per split at least), got {max_chorales}")
     order = np.random.default_rng(SPLIT_SEED).permutation(len(names))
     n_train, n_valid, _ = split_counts(len(names))
     parts = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid],
              "test": order[n_train + n_valid:]}
-    rolls = {s: [notes_to_roll(all_notes[i], s, int(i), "music21 corpus") for i in sorted(idx)]
-             for s, idx in parts.items()}
+    rolls = {s: [_corpus_roll(all_notes[i]) for i in sorted(idx)] for s, idx in parts.items()}
     chorale_names = {s: [names[i] for i in sorted(idx)] for s, idx in parts.items()}
     check_rolls(rolls, "the music21 corpus")
     return rolls, chorale_names
@@ -370,6 +380,31 @@ def pad_rolls(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return x, lengths
 
 
+class LengthBucketSampler(Sampler):
+    """Training batches of similar lengths (less padding, so faster epochs): each epoch
+    shuffles the sequences, cuts them into chunks of ``bucket`` batches, sorts each chunk by
+    length, cuts it into batches, and shuffles the batches. Random draws come from torch's
+    global generator (seeded by ``seed_everything``)."""
+
+    def __init__(self, lengths: list[int], batch_size: int, bucket: int) -> None:
+        self.lengths, self.batch_size, self.bucket = list(lengths), batch_size, bucket
+
+    def __iter__(self):
+        order = torch.randperm(len(self.lengths)).tolist()
+        chunk = self.batch_size * self.bucket
+        batches = []
+        for start in range(0, len(order), chunk):
+            part = sorted(order[start:start + chunk], key=lambda i: self.lengths[i])
+            batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
+        for i in torch.randperm(len(batches)).tolist():
+            yield batches[i]
+
+    def __len__(self) -> int:
+        chunk = self.batch_size * self.bucket
+        full, rest = divmod(len(self.lengths), chunk)
+        return full * self.bucket + math.ceil(rest / self.batch_size)
+
+
 class ChoralesDataModule(LightningDataModule):
     """Piano rolls of polyphonic music; batches are ``(x, lengths)``, x (B, T, 88) zero-padded.
 
@@ -382,6 +417,8 @@ class ChoralesDataModule(LightningDataModule):
         max_chorales: convert only the first N chorales of the corpus (quick tests).
         cache_dir: where the converted corpus and downloads go (default ~/.cache/seqmodels).
         batch_size, num_workers: the DataLoaders'.
+        length_buckets: > 1 batches training sequences of similar lengths together (see
+            ``LengthBucketSampler``; chunks of this many batches); 1 plain shuffling.
         progress: show a progress bar while converting the corpus.
     """
 
@@ -396,6 +433,7 @@ class ChoralesDataModule(LightningDataModule):
         cache_dir: str | None = None,
         batch_size: int = 16,
         num_workers: int = 0,
+        length_buckets: int = 1,
         progress: bool = True,
     ) -> None:
         super().__init__()
@@ -408,6 +446,9 @@ class ChoralesDataModule(LightningDataModule):
             raise ConfigError(f"data.max_chorales must be an integer >= 3 or null (all), got {max_chorales!r}")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        if isinstance(length_buckets, bool) or not isinstance(length_buckets, int) or length_buckets < 1:
+            raise ConfigError(f"data.length_buckets must be an integer >= 1 (1 = plain shuffling), "
+                              f"got {length_buckets!r}")
         if path is not None and not Path(path).expanduser().is_file():
             raise ConfigError(f"data.path {path} does not exist; pass a JSB_Chorales.pickle/.mat file "
                               "(or leave data.path unset for the embedded music21 Bach chorales)")
@@ -455,6 +496,11 @@ class ChoralesDataModule(LightningDataModule):
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.length_buckets > 1:
+            sampler = LengthBucketSampler([len(r) for r in self.train_set.rolls], self.batch_size,
+                                          self.hparams.length_buckets)
+            return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=pad_rolls,
+                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -98,6 +98,21 @@ def test_datamodule_batches_are_padded_with_lengths(tmp_path):
     assert dm.input_size == 88
 
 
+def test_length_buckets_cover_every_sequence_once_with_similar_lengths():
+    from data_modules.chorales import LengthBucketSampler
+
+    lengths = list(np.random.default_rng(0).integers(2, 200, size=103))
+    torch.manual_seed(0)
+    sampler = LengthBucketSampler(lengths, batch_size=8, bucket=4)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 13
+    assert sorted(i for b in batches for i in b) == list(range(103))
+    spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
+    assert spread < 60  # random batches of 8 spread over ~150
+    torch.manual_seed(0)
+    assert list(sampler) == batches  # seeded by torch's global generator
+
+
 @pytest.mark.skipif(not SHARED_JSB.is_file(), reason="shared/data/JSB_Chorales.mat not beside the repo")
 def test_canonical_jsb_file_counts_and_baselines():
     from seqmodels.music import frequency_baseline, previous_frame_baseline
@@ -276,3 +291,4 @@ def test_bad_settings():
     assert "data.batch_size" in one_line_error(ChoralesDataModule, batch_size=0)
     assert "data.steps_per_quarter" in one_line_error(ChoralesDataModule, steps_per_quarter=0)
     assert "data.max_chorales" in one_line_error(ChoralesDataModule, max_chorales=2)
+    assert "data.length_buckets" in one_line_error(ChoralesDataModule, length_buckets=0)
