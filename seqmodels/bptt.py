@@ -82,18 +82,19 @@ class _Lengths:
 class _RecurrentMatmul:
     """``h -> h @ Wᵀ + add`` for a weight W (N, K) that stays fixed for the whole sequence.
 
-    On CPU in float32, for weights of more than 2^16 entries, W is reordered ONCE per call into
+    On CPU in float32, for weights of at least 2^16 entries, W is reordered ONCE per call into
     oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and each step runs
     oneDNN's JIT GEMM with the addition fused (``_linear_pointwise.binary(..., "add")``):
-    measured on a 2-core AVX-512 CPU, 2x-2.6x faster than MKL's ``addmm`` for (B, H) @ (H, 4H)
-    at H = 256 / 512, equal at H = 128, and slower for small weights (plus ~0.1-0.7 ms per
-    reorder), which keep ``addmm``, as does every other device and dtype (float64 in gradcheck).
+    measured on this 2-core AMD CPU (AVX-512), 2x-2.6x faster than MKL's ``addmm`` for
+    (B, H) @ (H, 4H) at H = 256 / 512, ~10% faster at H = 128 and for (32, 256) @ (256, 256),
+    but 2x slower for a 128 x 128 weight (plus ~0.1 ms per reorder): smaller weights keep
+    ``addmm``, as does every other device and dtype (float64 in gradcheck).
     """
 
     def __init__(self, weight: Tensor, batch_size: int) -> None:
         self.packed = None
         if (weight.device.type == "cpu" and weight.dtype == torch.float32
-                and weight.numel() > 1 << 16 and _HAS_MKLDNN_LINEAR):
+                and weight.numel() >= 1 << 16 and _HAS_MKLDNN_LINEAR):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_size)
         else:
             self.weight_t = weight.t()
