@@ -135,6 +135,7 @@ class GradientDistribution(Callback):
         for ax in list(axes.flat)[len(names):]:
             ax.axis("off")
         fig.suptitle(title)
+        fig.subplots_adjust(hspace=0.5)
         return save_figure(fig, trainer, name)
 
 
@@ -206,8 +207,9 @@ def temporal_gradient_norms(pl_module: LightningModule, batch) -> np.ndarray:
 
 
 class TemporalGradients(Callback):
-    """At each epoch end, ‖∂L/∂h_t‖ against t on a fixed probe batch (the first validation
-    batch, else the first training batch), one curve per epoch, log scale, per layer.
+    """At the start of training and at each epoch end, ‖∂L/∂h_t‖ against t on a fixed probe
+    batch (the first validation batch, else the first training batch), one curve per epoch,
+    log scale, per layer.
 
     The vanishing/exploding gradient picture: how much the loss at the end still depends on
     the state t steps earlier. Saved as ``plots/temporal_gradients.png`` and logged.
@@ -227,6 +229,11 @@ class TemporalGradients(Callback):
         return pl_module.transfer_batch_to_device(self.probe, pl_module.device, 0)
 
     @rank_zero_only
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if hasattr(pl_module, "probe_loss") and not self.history:
+            self.history.append(("init", temporal_gradient_norms(pl_module, self._probe(trainer, pl_module))))
+
+    @rank_zero_only
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not hasattr(pl_module, "probe_loss"):
             return
@@ -243,13 +250,14 @@ class TemporalGradients(Callback):
         colors = plt.cm.viridis(np.linspace(0, 1, max(len(self.history), 2)))
         for l, ax in enumerate(axes[0]):
             for (epoch, norms), color in zip(self.history, colors):
-                ax.semilogy(np.arange(1, norms.shape[1] + 1), np.maximum(norms[l], 1e-30), color=color,
-                            label=f"epoch {epoch}")
+                ax.semilogy(np.arange(1, norms.shape[1] + 1), np.maximum(norms[l], 1e-30),
+                            color="k" if epoch == "init" else color, ls="--" if epoch == "init" else "-",
+                            label="at init" if epoch == "init" else f"epoch {epoch}")
             ax.set_xlabel("time step t")
             ax.set_ylabel("‖∂L/∂h_t‖")
             ax.set_title(f"layer {l}", fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.suptitle(f"gradient w.r.t. the hidden state over time — {title}")
         return save_figure(fig, trainer, "temporal_gradients")
 
