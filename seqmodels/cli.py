@@ -16,7 +16,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from seqmodels.errors import ConfigError, find_config_error
+from seqmodels.errors import ConfigError, find_user_error
 from seqmodels.tasks import SequenceModel
 
 # The optimizer and scheduler of the config replace the module's fallback: expected, not news.
@@ -174,13 +174,13 @@ class SeqCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
-    """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``); a ConfigError
-    anywhere becomes one line on stderr and exit code 2."""
+    """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``); a UserError
+    (ConfigError, TrainingDiverged) anywhere becomes one line on stderr and exit code 2."""
     try:
         return SeqCLI(args=args, trainer_class=SeqTrainer, **kwargs)
     except Exception as err:
-        config_error = find_config_error(err)
-        if config_error is None:
+        user_error = find_user_error(err)
+        if user_error is None:
             raise
-        print(f"error: {config_error}", file=sys.stderr)
+        print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import numpy as np
 import pytest
@@ -97,12 +98,20 @@ def read_csv_metrics(root) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_exploding_demo_without_clipping_gives_nan(in_tmp_dir):
-    main(["fit", "--config", EXPLODE, *SMALL, "--trainer.gradient_clip_val=null",
-          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
-    losses = [float(r["train/loss"]) for r in read_csv_metrics(in_tmp_dir) if r.get("train/loss")]
-    assert losses and not all(math.isfinite(v) for v in losses)
-    assert not math.isfinite(losses[-1])
+def test_exploding_demo_without_clipping_diverges_and_is_stopped(in_tmp_dir, capsys):
+    """Unclipped, the loss turns nan; DivergenceGuard stops the run with one line, and no
+    checkpoint holds non-finite weights."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", EXPLODE, *SMALL, "--trainer.gradient_clip_val=null",
+              "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged at step" in errors[0], errors
+    assert re.search(r"the (loss is (nan|inf|-inf)|gradient of \S+ is not finite)", errors[0]), errors[0]
+    assert "gradient_clip_val" in errors[0]
+    for ckpt in in_tmp_dir.rglob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
 
 
 def test_exploding_demo_with_clipping_trains_and_writes_plots(in_tmp_dir, capsys):

@@ -1,0 +1,40 @@
+"""Stop a diverging run before it costs anything: ``DivergenceGuard``."""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from seqmodels.errors import TrainingDiverged
+
+
+def last_good_checkpoint(trainer: Trainer) -> str:
+    callback = trainer.checkpoint_callback
+    path = callback and (callback.last_model_path or callback.best_model_path)
+    return f"last good checkpoint: {path}" if path else "no checkpoint was written yet"
+
+
+class DivergenceGuard(Callback):
+    """Raise ``TrainingDiverged`` as soon as the loss or a gradient is not finite.
+
+    The check runs before the backward pass (the loss) and before the optimizer step (the
+    gradients), so the weights never take a non-finite update and no checkpoint — ``best``
+    or ``last`` — is ever written from a diverged model. The CLI prints the one-line
+    message (step, likely cause, last good checkpoint) and exits with code 2.
+    """
+
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            self._stop(trainer, f"the loss is {float(loss.detach().float().reshape(-1)[0])}")
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        for name, p in pl_module.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                self._stop(trainer, f"the gradient of {name} is not finite")
+
+    @staticmethod
+    def _stop(trainer: Trainer, what: str) -> None:
+        clip = trainer.gradient_clip_val
+        hint = ("lower the learning rate (optimizer.init_args.lr)" +
+                ("" if clip else " or set trainer.gradient_clip_val (e.g. 1.0)"))
+        raise TrainingDiverged(f"training diverged at step {trainer.global_step}: {what}; likely cause: "
+                               f"exploding gradients, {hint}; {last_good_checkpoint(trainer)}")
