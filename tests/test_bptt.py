@@ -173,6 +173,40 @@ def test_zero_length_sequence_keeps_initial_state(variant):
         torch.testing.assert_close(f[:, 1], s0[:, 1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("variant", ["rnn_tanh", "lstm", "lstm_peephole"])
+def test_reused_buffers_never_leak_between_calls(variant, monkeypatch):
+    """Buffers go back to a pool and are handed out again: two graphs alive at once, an
+    inference pass in between and a backward with retain_graph must all stay exact."""
+    from seqmodels import bptt
+    monkeypatch.setattr(bptt._POOL, "min_bytes", 0)  # pool every buffer, however small
+    bptt.clear_buffer_pool()
+    stack = make_stack(variant, input_size=3, hidden_size=8, num_layers=2)
+    gen = torch.Generator().manual_seed(6)
+    xs = [torch.randn(4, 7, 3, generator=gen) for _ in range(3)]
+    lengths = torch.tensor([7, 3, 5, 7])
+    weights = torch.randn(4, 7, 8, generator=gen)
+
+    def grads_autograd(x):
+        stack.impl = "autograd"
+        stack.zero_grad()
+        (stack(x, None, lengths)[0] * weights).sum().backward()
+        return [p.grad.clone() for p in stack.parameters()]
+
+    expected = [grads_autograd(x) for x in xs[:2]]
+    stack.impl = "bptt"
+    losses = [(stack(x, None, lengths)[0] * weights).sum() for x in xs[:2]]  # two live graphs
+    with torch.no_grad():
+        stack(xs[2], None, lengths)  # takes buffers from the pool and gives them back
+    for loss, exp in zip(reversed(losses), reversed(expected)):
+        for _ in range(2):  # retain_graph: the saved buffers must still be intact
+            stack.zero_grad()
+            loss.backward(retain_graph=True)
+            for p, e in zip(stack.parameters(), exp):
+                assert rel_err(p.grad, e) < 1e-5
+            stack(xs[2], None, lengths)  # a forward with a graph, dropped at once
+    bptt.clear_buffer_pool()
+
+
 def graph_size(t: torch.Tensor) -> int:
     seen, todo = set(), [t.grad_fn]
     while todo:
