@@ -327,6 +327,14 @@ class CharTextDataModule(LightningDataModule):
                 pass
         self._vocab = json.loads((folder / "vocab.json").read_text())
         self._splits = {s: np.load(folder / f"{s}.npy", mmap_mode="r") for s in ("train", "val", "test")}
+        self.check_length(world_size=1)
+
+    def check_length(self, world_size: int) -> None:
+        """Every stream of every rank needs at least two characters."""
+        streams = self.batch_size * world_size
+        if len(self._splits["train"]) < streams * 2:
+            raise ConfigError(f"the training text ({len(self._splits['train'])} characters) is shorter than "
+                              f"one batch of {streams} streams; lower data.batch_size or give more text")
 
     @property
     def vocab(self) -> list[str]:
@@ -345,10 +353,7 @@ class CharTextDataModule(LightningDataModule):
     # -- loaders --
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
-        batch = self.batch_size * (self.trainer.world_size if self.trainer else 1)
-        if len(self._splits["train"]) < batch * 2:
-            raise ConfigError(f"the training text ({len(self._splits['train'])} characters) is shorter than "
-                              f"one batch of {batch} streams; lower data.batch_size or give more text")
+        self.check_length(self._rank()[1])
 
     def _rank(self) -> tuple[int, int]:
         return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -6,9 +6,12 @@ and one-line errors for impossible settings.
 """
 from __future__ import annotations
 
+import argparse
 import netrc
 import os
+import re
 import sys
+import tempfile
 import warnings
 from urllib.parse import urlparse
 
@@ -103,8 +106,6 @@ class SeqTrainer(Trainer):
         """
         if not ckpt_path:
             raise ConfigError("sample needs --ckpt_path <checkpoint> (a .ckpt written by fit)")
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt written by fit")
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         if length < 1:
@@ -119,25 +120,54 @@ class SeqTrainer(Trainer):
         return result
 
 
-def load_weights(model: LightningModule, ckpt_path: str) -> None:
-    """Load a checkpoint's weights (and what ``on_load_checkpoint`` restores, such as a
-    vocabulary) with ``weights_only=True``: a checkpoint cannot run code."""
+def read_checkpoint(ckpt_path: str) -> dict:
+    """A Lightning checkpoint read with ``weights_only=True`` (a checkpoint cannot run code)."""
     import torch
 
+    if not os.path.isfile(ckpt_path):
+        raise ConfigError(f"ckpt_path {ckpt_path} does not exist; pass a .ckpt written by fit")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, corrupt, or not a checkpoint at all
-        raise ConfigError(f"cannot read checkpoint {ckpt_path} ({type(err).__name__}); "
-                          "pass a .ckpt written by fit") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(f"cannot read checkpoint {ckpt_path} ({type(err).__name__}: it is truncated, corrupt "
+                          "or not a checkpoint); pass a .ckpt written by fit") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ConfigError(f"{ckpt_path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def check_checkpoint_fits(model: LightningModule, checkpoint: dict, ckpt_path: str) -> None:
+    """The task's own checks first (e.g. the vocabulary), then the checkpoint's tensors must be
+    this model's, name for name and shape for shape."""
     model.on_load_checkpoint(checkpoint)
+    ours = model.state_dict()
+    theirs = checkpoint["state_dict"]
+    missing, unexpected = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing or unexpected:
+        raise ConfigError(f"checkpoint {ckpt_path} was written by another model or task ({type(model).__name__} "
+                          f"lacks {unexpected[:2]}, needs {missing[:2]}); use the config it was trained with")
+    for name, tensor in theirs.items():
+        if tuple(tensor.shape) != tuple(ours[name].shape):
+            raise ConfigError(f"checkpoint {ckpt_path} has {name} of shape {tuple(tensor.shape)}, this model "
+                              f"{tuple(ours[name].shape)}: it was trained with another cell or other sizes; use its config")
+
+
+def load_weights(model: LightningModule, ckpt_path: str) -> None:
+    """Load a checkpoint's weights after checking that they fit the model."""
+    checkpoint = read_checkpoint(ckpt_path)
+    check_checkpoint_fits(model, checkpoint, ckpt_path)
+    model.load_state_dict(checkpoint["state_dict"])
+
+
+def check_writable(directory: str) -> None:
+    """Fail early, in one line, when the run could not save its work."""
     try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise ConfigError(f"checkpoint {ckpt_path} does not fit this model/config: "
-                          f"{' '.join(first[:2])[:300]}") from None
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise ConfigError(f"cannot write to {directory} ({err.strerror}); choose another folder with "
+                          "--trainer.logger.init_args.save_dir or --trainer.default_root_dir") from None
 
 
 class SeqCLI(LightningCLI):
@@ -167,17 +197,65 @@ class SeqCLI(LightningCLI):
         parser.link_arguments("data", "model.init_args.vocab", apply_on="instantiate",
                               compute_fn=lambda data: getattr(data, "vocab", None))
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning would overwrite the model's config with a checkpoint's hyperparameters.
+        Here the config stays the source of truth, and a checkpoint that does not fit it is
+        refused in one line (``_check_before_run``)."""
+
+    def _check_before_run(self) -> None:
+        """Before fit/validate/test/predict: the checkpoint fits and the output is writable."""
+        config = self.config_init[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and not str(ckpt_path).startswith("registry:"):
+            check_checkpoint_fits(self.model, read_checkpoint(str(ckpt_path)), str(ckpt_path))
+        if self.subcommand == "fit":
+            for logger in self.trainer.loggers:
+                check_writable(logger.save_dir or self.trainer.default_root_dir)
+            check_writable(self.trainer.default_root_dir)
+
+    before_fit = before_validate = before_test = before_predict = _check_before_run
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """fit, validate, test, predict, and ``sample`` (see ``SeqTrainer.sample``)."""
         return {**LightningCLI.subcommands(), "sample": {"model", "datamodule"}}
 
 
+_NOISE = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "Expected a <class 'NoneType'>")
+
+
+def condense_parser_error(message: str) -> str:
+    """jsonargparse's nested, multi-line error -> one line: the dotted key and the reason."""
+    keys, reason, class_path = [], None, None
+    for raw in message.splitlines():
+        line = raw.strip().lstrip("-").strip()
+        if not line or line.startswith(_NOISE):
+            continue
+        match = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if match:
+            keys.append(match.group(1))
+            line = match.group(2)
+        match = re.match(r"Problem with given class_path '([^']+)':\s*(.*)", line)
+        if match:
+            class_path, line = match.group(1), match.group(2)
+        if line and reason is None:
+            reason = line
+    text = f"{'.'.join(keys)}: {reason or message.strip()}" if keys else (reason or message.strip())
+    if class_path:
+        text += f" (in {class_path}; see `--{keys[0] if keys else 'model'}.help {class_path}`)"
+    return text
+
+
 def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
-    """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``); a UserError
-    (ConfigError, TrainingDiverged) anywhere becomes one line on stderr and exit code 2."""
+    """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``). A UserError
+    (ConfigError, TrainingDiverged) anywhere, or a config the parser rejects (an unknown
+    key, a wrong type, a missing file), becomes one line on stderr and exit code 2."""
+    kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
     try:
         return SeqCLI(args=args, trainer_class=SeqTrainer, **kwargs)
+    except argparse.ArgumentError as err:
+        print(f"error: {condense_parser_error(str(err))}", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as err:
         user_error = find_user_error(err)
         if user_error is None:

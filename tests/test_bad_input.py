@@ -1,14 +1,21 @@
-"""Impossible settings fail at start-up with one line naming the parameter and the allowed values."""
+"""Bad input, through the CLI: one line on stderr that says what is wrong and how to fix it,
+exit code 2, nothing written, and no existing checkpoint altered."""
 from __future__ import annotations
+
+import hashlib
+import shutil
 
 import pytest
 
 from seqmodels.cli import main
 from tests.conftest import ROOT
 
-CONFIG = str(ROOT / "configs" / "sums_lstm.yaml")
+SUMS = str(ROOT / "configs" / "sums_lstm.yaml")
+TEXT = str(ROOT / "configs" / "shakespeare_rnn.yaml")
+TINY_SUMS = ["--data.init_args.train_size=64", "--data.init_args.val_size=32", "--data.init_args.test_size=16",
+             "--data.init_args.test_lengths=[5]", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]
 
-CASES = {
+HYPERPARAMETERS = {
     "--data.init_args.seq_len=0": "data.seq_len must be an integer >= 1, got 0",
     "--model.init_args.hidden_size=0": "model.hidden_size must be an integer >= 1, got 0",
     "--model.init_args.num_layers=0": "model.num_layers must be an integer >= 1, got 0",
@@ -17,14 +24,115 @@ CASES = {
     "--model.init_args.cell=gru": "model.cell must be one of ['rnn', 'lstm'], got 'gru'",
     "--data.init_args.test_lengths=[]": "data.test_lengths must list at least one length",
     "--model.init_args.nonlinearity=sigmoid": "model.nonlinearity must be one of ['tanh', 'relu']",
+    "--model.init_args.impl=fast": "model.impl must be one of",
+    "--model.init_args.recurrent_init=zeros": "model.recurrent_init must be one of",
+    "--model.init_args.hiden_size=3": "model: Option 'hiden_size' is not accepted",
+    "--model.init_args.hidden_size=abc": "model.hidden_size: Expected a <class 'int'>",
+    "--trainer.no_such_option=1": "unrecognized arguments: --trainer.no_such_option",
+    "--config=no_such_config.yaml": "config: File does not exist",
 }
 
 
-@pytest.mark.parametrize("arg", list(CASES))
-def test_impossible_values_give_one_line(arg, in_tmp_dir, capsys):
+def one_error_line(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+def run_failing(args, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", CONFIG, arg])
+        main(args)
     assert exit_info.value.code == 2
-    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(err) == 1 and CASES[arg] in err[0], err
+    return one_error_line(capsys)
+
+
+@pytest.mark.parametrize("arg", list(HYPERPARAMETERS))
+def test_impossible_or_unknown_settings(arg, in_tmp_dir, capsys):
+    assert HYPERPARAMETERS[arg] in run_failing(["fit", "--config", SUMS, arg], capsys)
     assert not list(in_tmp_dir.iterdir()), "nothing may be written before the error"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny sums run and its last checkpoint (made once for this module)."""
+    folder = tmp_path_factory.mktemp("trained")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        main(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+              "--trainer.logger.save_dir=runs"])
+    finally:
+        os.chdir(cwd)
+    (ckpt,) = folder.rglob("last.ckpt")
+    return ckpt
+
+
+def digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bad_checkpoints(trained, tmp_path):
+    (tmp_path / "random.ckpt").write_bytes(b"\x00\x01 not a checkpoint" * 100)
+    (tmp_path / "truncated.ckpt").write_bytes(trained.read_bytes()[:4000])
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    import torch
+
+    torch.save({"weights": torch.ones(2)}, tmp_path / "plain.ckpt")
+    return {
+        "random.ckpt": "cannot read checkpoint",
+        "truncated.ckpt": "is truncated, corrupt or not a checkpoint",
+        "empty.ckpt": "cannot read checkpoint",
+        "plain.ckpt": "is not a Lightning checkpoint (no state_dict)",
+        "missing.ckpt": "does not exist",
+    }
+
+
+@pytest.mark.parametrize("subcommand", ["test", "fit"])
+def test_corrupt_truncated_or_missing_checkpoints(subcommand, trained, in_tmp_dir, capsys):
+    before = digest(trained)
+    for name, message in bad_checkpoints(trained, in_tmp_dir).items():
+        line = run_failing([subcommand, "--config", SUMS, *TINY_SUMS, f"--ckpt_path={in_tmp_dir / name}"], capsys)
+        assert message in line and "pass a .ckpt written by fit" in line or "no state_dict" in line, line
+    assert not (in_tmp_dir / "runs").exists()
+    assert digest(trained) == before
+
+
+def test_checkpoint_of_another_size_cell_or_task(trained, in_tmp_dir, capsys):
+    before = digest(trained)
+    line = run_failing(["test", "--config", SUMS, *TINY_SUMS, "--model.init_args.hidden_size=7",
+                        f"--ckpt_path={trained}"], capsys)
+    assert "trained with another cell or other sizes" in line and "(128, 1)" in line
+    line = run_failing(["test", "--config", str(ROOT / "configs" / "sums_rnn.yaml"), *TINY_SUMS,
+                        f"--ckpt_path={trained}"], capsys)
+    assert "another cell or other sizes" in line
+    corpus = in_tmp_dir / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    line = run_failing(["sample", "--config", TEXT, f"--data.init_args.path={corpus}", f"--ckpt_path={trained}",
+                        f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}"], capsys)
+    assert "was written by another model or task" in line
+    assert digest(trained) == before
+
+
+def test_unwritable_output_folder(in_tmp_dir, capsys):
+    (in_tmp_dir / "a_file").write_text("in the way")
+    line = run_failing(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.logger.init_args.save_dir=a_file/runs"], capsys)
+    assert "cannot write to a_file/runs" in line and "save_dir" in line
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "does not exist"),
+    (b"", "is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" * 10, "looks binary"),
+    ("caf\xe9 cr\xe8me\n".encode("latin-1") * 50, "is not UTF-8"),
+    (b"To be.\n", "shorter than one batch"),
+])
+def test_bad_text_files(content, message, in_tmp_dir, capsys):
+    path = in_tmp_dir / "corpus.txt"
+    if content is not None:
+        path.write_bytes(content)
+    line = run_failing(["fit", "--config", TEXT, f"--data.init_args.path={path}",
+                        f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}"], capsys)
+    assert message in line
+    assert not (in_tmp_dir / "runs").exists()

@@ -124,7 +124,8 @@ class CharLanguageModel(SequenceModel):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("vocab")
         if saved is None:
-            raise ConfigError("the checkpoint has no vocabulary: it was not written by a CharLanguageModel")
+            raise ConfigError("the checkpoint was written by another model or task (it has no vocabulary); "
+                              "use the config it was trained with")
         if list(saved) != self.vocab:
             raise ConfigError(f"vocabulary mismatch: {describe_vocab_mismatch(list(saved), self.vocab)}; "
                               "use the same data (data.path, data.fractions) as the training run")
