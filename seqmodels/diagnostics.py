@@ -48,17 +48,18 @@ class GradientDistribution(Callback):
     To W&B: ``wandb.Histogram`` of each gradient (per iteration). On disk: per-epoch sums of
     the fixed-bin histograms, and the histograms of the iterations within the current epoch
     (at most ``max_iterations`` kept, by doubling the stride), so memory stays bounded
-    whatever the run's length. At each epoch end two ridge plots: every parameter's
-    distribution across epochs, and across the iterations of this epoch.
+    whatever the run's length. At the end of every ``plot_every_n_epochs``-th epoch (and the
+    last) two ridge plots: every parameter's distribution across epochs, and across the
+    iterations of that epoch.
     """
 
     def __init__(self, every_n_steps: int = 50, bins: int = 60, log10_range: tuple[float, float] = (-12.0, 2.0),
-                 max_iterations: int = 64, log_histograms: bool = True) -> None:
+                 max_iterations: int = 64, log_histograms: bool = True, plot_every_n_epochs: int = 1) -> None:
         if every_n_steps < 1 or bins < 2 or max_iterations < 2:
             raise ValueError("every_n_steps >= 1, bins >= 2 and max_iterations >= 2 are required")
         self.every_n_steps, self.bins, self.max_iterations = every_n_steps, bins, max_iterations
         self.edges = np.linspace(*log10_range, bins + 1)
-        self.log_histograms = log_histograms
+        self.log_histograms, self.plot_every_n_epochs = log_histograms, plot_every_n_epochs
         self.epoch_histograms: dict[str, list[np.ndarray]] = {}   # name -> one (bins,) per epoch
         self.iteration_histograms: dict[str, list[np.ndarray]] = {}  # name -> (bins,) per kept iteration
         self.iteration_steps: list[int] = []
@@ -109,6 +110,9 @@ class GradientDistribution(Callback):
         for name, hist in self._current.items():
             self.epoch_histograms.setdefault(name, []).append(hist)
         epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if (epoch + 1) % self.plot_every_n_epochs and not last:
+            return  # the summaries are kept; only the figures wait
         self.ridge_plot(self.epoch_histograms, [f"epoch {e}" for e in range(len(next(iter(self.epoch_histograms.values()))))],
                         trainer, "gradients_by_epoch", "gradient distribution per parameter across epochs")
         self.ridge_plot(self.iteration_histograms, [f"step {s}" for s in self.iteration_steps], trainer,

@@ -13,10 +13,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture
 def in_tmp_dir(tmp_path, monkeypatch):
-    """Run in an empty folder, and finish the W&B run afterwards (Lightning never does)."""
+    """Run in an empty folder; afterwards finish the W&B run (Lightning never does) and reset
+    wandb's process-wide state, so one test's mode (offline, disabled) never leaks into the next."""
     monkeypatch.chdir(tmp_path)
     yield tmp_path
     import wandb
 
     if wandb.run is not None:
         wandb.finish()
+    wandb.teardown()

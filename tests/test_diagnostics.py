@@ -151,3 +151,14 @@ def test_wandb_disabled_still_writes_plots(in_tmp_dir, monkeypatch):
     main(["fit", "--config", EXPLODE, *SMALL, "--trainer.max_epochs=1"])
     assert list(in_tmp_dir.rglob("plots/temporal_gradients.png"))
     assert list(in_tmp_dir.rglob("plots/gradients_by_epoch.png"))
+
+
+def test_temporal_norms_of_the_music_model_with_padding():
+    from seqmodels.tasks import PolyphonicMusicModel
+
+    torch.manual_seed(2)
+    model = PolyphonicMusicModel(cell="lstm", hidden_size=6, input_size=88)
+    x = (torch.rand(3, 10, 88) < 0.05).float()
+    lengths = torch.tensor([10, 6, 8])
+    norms = temporal_gradient_norms(model, (x, lengths))
+    assert norms.shape == (1, 9) and (norms[0, :5] > 0).all()

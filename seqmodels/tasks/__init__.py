@@ -4,4 +4,4 @@ from seqmodels.tasks.music import PolyphonicMusicModel
 from seqmodels.tasks.sums import SumsRegressor
 from seqmodels.tasks.text import CharLanguageModel
 
-__all__ = ["SequenceModel", "SumsRegressor", "CharLanguageModel"]
+__all__ = ["SequenceModel", "SumsRegressor", "CharLanguageModel", "PolyphonicMusicModel"]

@@ -85,6 +85,12 @@ class PolyphonicMusicModel(SequenceModel):
         loss = (bce * mask).sum() / frames.clamp(min=1)
         return loss, logits, targets, mask
 
+    def probe_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        """The loss the diagnostics differentiate: BCE summed over pitches and predicted frames,
+        mean over sequences."""
+        loss, _, _, mask = self._step(batch)
+        return loss * mask.sum() / mask.shape[0]
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         self._remember_openings(batch[0][:, 0])
         loss, _, _, mask = self._step(batch)
