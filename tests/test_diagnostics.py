@@ -162,3 +162,11 @@ def test_temporal_norms_of_the_music_model_with_padding():
     lengths = torch.tensor([10, 6, 8])
     norms = temporal_gradient_norms(model, (x, lengths))
     assert norms.shape == (1, 9) and (norms[0, :5] > 0).all()
+
+
+def test_tensorboard_logger_gets_plots_and_metrics(in_tmp_dir):
+    cli = main(["fit", "--config", EXPLODE, *SMALL, "--trainer.max_epochs=1",
+                "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir=runs"])
+    assert list(in_tmp_dir.rglob("plots/temporal_gradients.png"))
+    assert list(in_tmp_dir.rglob("events.out.tfevents.*"))
+    assert "train/clip_fraction" in cli.trainer.logged_metrics
