@@ -85,19 +85,23 @@ class _Lengths:
 class _RecurrentMatmul:
     """``h -> h @ Wᵀ + add`` for a weight W (N, K) that stays fixed for the whole sequence.
 
-    On CPU in float32, for weights of at least 2^16 entries, W is reordered ONCE per call into
+    On CPU in float32, for weights of at least ``PACKED_GEMM_MIN_NUMEL`` entries (2^16 with
+    AVX-512, 2^18 without), W is reordered ONCE per call into
     oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and each step runs
-    oneDNN's JIT GEMM with the addition fused (``_linear_pointwise.binary(..., "add")``):
-    measured on this 2-core AMD CPU (AVX-512), 2x-2.6x faster than MKL's ``addmm`` for
-    (B, H) @ (H, 4H) at H = 256 / 512, ~10% faster at H = 128 and for (32, 256) @ (256, 256),
-    but 2x slower for a 128 x 128 weight (plus ~0.1 ms per reorder): smaller weights keep
-    ``addmm``, as does every other device and dtype (float64 in gradcheck).
+    oneDNN's JIT GEMM with the addition fused (``_linear_pointwise.binary(..., "add")``).
+    What pays depends on the CPU. On an AVX-512 AMD host oneDNN was 2x-2.6x faster than MKL's
+    ``addmm`` for (B, H) @ (H, 4H) at H = 256 / 512. On this project's AVX2 AMD host it is
+    ~10% faster for (64, 512) @ (512, 2048), ~5% for (32, 256) @ (256, 1024), even for
+    (64, 512) @ (512, 512), and 1.7x-4x SLOWER for weights of 2^16 entries and fewer (plus
+    ~0.1 ms per reorder); with AVX-512 it was ~10% faster at 2^16 and 2x slower for a 128 x 128
+    weight. Smaller weights keep ``addmm``, as does every other device and dtype (float64 in
+    gradcheck).
     """
 
     def __init__(self, weight: Tensor, batch_size: int) -> None:
         self.packed = None
         if (weight.device.type == "cpu" and weight.dtype == torch.float32
-                and weight.numel() >= 1 << 16 and _HAS_MKLDNN_LINEAR):
+                and weight.numel() >= PACKED_GEMM_MIN_NUMEL and _HAS_MKLDNN_LINEAR):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_size)
         else:
             self.weight_t = weight.t()
@@ -174,15 +178,17 @@ def clear_buffer_pool() -> None:
 
 
 def _use_onednn(x: Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and _HAS_MKLDNN_LINEAR
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and _HAS_MKLDNN_LINEAR
+            and _AVX512)
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ weightᵀ + bias`` for the big, once-per-call GEMMs (input projection, dX).
 
-    On CPU in float32 this calls oneDNN's GEMM: torch's own float32 GEMM is MKL, which on
-    this machine's AMD CPU takes a non-AVX-512 path and runs at about half of oneDNN's speed.
-    Elsewhere ``torch.nn.functional.linear``.
+    On an AVX-512 CPU in float32 this calls oneDNN's GEMM: torch's own float32 GEMM is MKL,
+    which on an AVX-512 AMD CPU takes a non-AVX-512 path and ran at about half of oneDNN's
+    speed. On AVX2 the two were measured equal, and MKL 10-35% faster for ``_grad_weight``:
+    there, and elsewhere, ``torch.nn.functional.linear``.
     """
     if _use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -194,7 +200,8 @@ def _grad_weight(dz: Tensor, inputs: Tensor) -> Tensor:
 
     oneDNN wants the summed dimension contiguous in both operands: the smaller one, inputs,
     is transposed into (K, T·B) and dZ is passed as a transposed weight, which gives dWᵀ
-    (1.7-2x faster than MKL's ``dz.t() @ inputs`` on this CPU, copy included).
+    (1.7-2x faster than MKL's ``dz.t() @ inputs`` on an AVX-512 AMD CPU, copy included; on
+    AVX2 MKL is faster and is used, as on every other device).
     """
     if _use_onednn(dz):
         inputs_t = _POOL.empty(inputs.shape[::-1], inputs).copy_(inputs.t())
@@ -214,6 +221,10 @@ def _has_mkldnn_linear() -> bool:
 
 
 _HAS_MKLDNN_LINEAR = _has_mkldnn_linear()
+_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+# _RecurrentMatmul: oneDNN's packed GEMM from this weight size (measured per ISA, see there)
+PACKED_GEMM_MIN_NUMEL = 1 << 16 if _AVX512 else 1 << 18
+BATCHED_FACTORS_MAX_BH = 1 << 14  # LSTMFunction: up to this B·H, backward factors after the loop
 
 
 # ---------------------------------------------------------------------------------------
@@ -377,7 +388,11 @@ class LSTMFunction(torch.autograd.Function):
         recurrent = _RecurrentMatmul(_to_ofig(weight_hh) * k, B)
         hs, cs = x.new_empty(T + 1, B, H), _POOL.empty((T + 1, B, H), x)
         hs[0], cs[0] = h0, c0
-        tc = x.new_empty(B, H)  # tanh(c̃_t), scratch
+        # Small steps (B·H ≤ 2^14) are dominated by per-kernel overhead: their backward factors
+        # are computed after the loop, six kernels over all T steps instead of six per step.
+        batched = save and B * H <= BATCHED_FACTORS_MAX_BH
+        tcs = _POOL.empty((T, B, H), x) if batched else None  # tanh(c̃_t), all steps
+        TC = tcs.unbind(0) if batched else (x.new_empty(B, H),) * T  # or one scratch
         one, minus_one, minus_two = x.new_full((), 1.0), x.new_full((), -1.0), x.new_full((), -2.0)
         # per-step views, made once (slicing inside the loop costs Python time)
         A, Hs, Cs = acts.unbind(0), hs.unbind(0), cs.unbind(0)
@@ -397,10 +412,11 @@ class LSTMFunction(torch.autograd.Function):
             torch.mul(F[s], c_prev, out=c).addcmul_(I_[s], G[s])  # c̃ = f c + i g
             if peephole:
                 torch.sigmoid(z[:, :H].addcmul_(weight_co, c), out=O[s])
+            tc = TC[s]
             torch.mul(c, minus_two, out=tc).sigmoid_()
             torch.add(one, tc, alpha=-2, out=tc)  # tanh(c̃) = 1 - 2σ(-2c̃)
             torch.mul(O[s], tc, out=Hs[t])  # h̃ = o tanh(c̃)
-            if save:
+            if save and not batched:
                 _sigmoid_backward.grad_input(tc, O[s], grad_input=K_o[s])  # tanh(c̃) o(1 - o)
                 _tanh_backward.grad_input(O[s], tc, grad_input=K_c[s])  # o (1 - tanh²(c̃))
                 _sigmoid_backward.grad_input(G[s], I_[s], grad_input=Q_i[s])  # g i(1 - i)
@@ -415,6 +431,20 @@ class LSTMFunction(torch.autograd.Function):
                 m = lens.mask[s]
                 torch.where(m, c, c_prev, out=c)
                 torch.where(m, Hs[t], Hs[t - 1], out=Hs[t])
+        if batched:  # the same factors as in the loop, for all steps at once
+            gate = [acts[..., j * H:(j + 1) * H] for j in range(4)]  # o, i, f, g
+            k_o, k_c, q_c, q_i, q_f, q_g = (kq[..., j * H:(j + 1) * H] for j in range(6))
+            _sigmoid_backward.grad_input(tcs, gate[0], grad_input=k_o)
+            _tanh_backward.grad_input(gate[0], tcs, grad_input=k_c)
+            _sigmoid_backward.grad_input(gate[3], gate[1], grad_input=q_i)
+            _sigmoid_backward.grad_input(cs[:-1], gate[2], grad_input=q_f)
+            _tanh_backward.grad_input(gate[1], gate[3], grad_input=q_g)
+            if peephole:
+                k_c.addcmul_(k_o, weight_co)
+                torch.addcmul(gate[2], q_i, weight_ci, out=q_c).addcmul_(q_f, weight_cf)
+            else:
+                q_c.copy_(gate[2])
+            _POOL.release(tcs)
         c_T = cs[T].clone()
         if save:
             ctx.save_for_backward(x2, hs, cs if peephole else None, kq, weight_ih, weight_hh)

@@ -9,6 +9,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from seqmodels import bptt
 from seqmodels.cells import LSTMCell
 from seqmodels.recurrent import RecurrentStack, resolve_impl
 
@@ -74,9 +75,12 @@ def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
     plain, peep = LSTMCell(3, 4), LSTMCell(3, 4, peephole=True)
     peep.load_state_dict({**plain.state_dict(), **{n: torch.zeros(4) for n in
                                                   ("weight_ci", "weight_cf", "weight_co")}})
-    x, h, c = torch.randn(5, 3), torch.randn(5, 4), torch.randn(5, 4)
+    # float64, to a few ulps: bit-equality depends on which vectorized kernel path a
+    # (strided or contiguous) tensor takes, which differs between CPUs
+    plain, peep = plain.double(), peep.double()
+    x, h, c = (torch.randn(5, n, dtype=torch.float64) for n in (3, 4, 4))
     for a, b in zip(plain(x, (h, c)), peep(x, (h, c))):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
     # and through the stack: bptt with zero peepholes equals torch.nn.LSTM's kernel
     stack = make_stack("lstm_peephole", 3, 4, impl="bptt")
     native = make_stack("lstm", 3, 4, impl="native")
@@ -92,8 +96,16 @@ def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
 
 
 # ---- gradcheck in float64 ------------------------------------------------------------
+@pytest.fixture(params=["batched", "per_step"])
+def lstm_factors(request, monkeypatch):
+    """Both ways LSTMFunction computes its backward factors: after the loop or at each step."""
+    if request.param == "per_step":
+        monkeypatch.setattr(bptt, "BATCHED_FACTORS_MAX_BH", -1)
+    return request.param
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gradcheck_bptt(variant):
+def test_gradcheck_bptt(variant, lstm_factors):
     """Masks (uneven lengths), a non-zero initial state (its gradient checked) and 2 layers."""
     stack = make_stack(variant, input_size=2, hidden_size=3, num_layers=2, dtype=torch.float64)
     gen = torch.Generator().manual_seed(1)
@@ -117,7 +129,7 @@ def test_gradcheck_bptt(variant):
 # ---- float32: bptt vs autograd vs native -------------------------------------------
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("padded", [False, True])
-def test_impls_agree_float32(variant, padded):
+def test_impls_agree_float32(variant, padded, lstm_factors):
     stack = make_stack(variant, input_size=5, hidden_size=16, num_layers=2)
     gen = torch.Generator().manual_seed(2)
     B, T = 6, 20
@@ -136,9 +148,14 @@ def test_impls_agree_float32(variant, padded):
             assert rel_err(g, r) < 1e-5, (impl, name, rel_err(g, r))
 
 
-@pytest.mark.parametrize("variant,hidden", [("rnn_tanh", 300), ("lstm", 160), ("lstm_peephole", 160)])
-def test_impls_agree_float32_large_weights(variant, hidden):
-    """Weights above 2^16 entries take the oneDNN pre-packed GEMM path in float32 on CPU."""
+@pytest.mark.parametrize("variant,hidden", [("rnn_tanh", 512), ("lstm", 256), ("lstm_peephole", 256)])
+@pytest.mark.parametrize("avx512", [False, True])
+def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch):
+    """Big recurrent weights take the oneDNN pre-packed GEMM path in float32 on CPU; the big
+    GEMMs take oneDNN on AVX-512 CPUs and MKL otherwise (both paths run on any x86 CPU)."""
+    monkeypatch.setattr(bptt, "_AVX512", avx512)
+    gates = 1 if variant.startswith("rnn") else 4
+    assert gates * hidden * hidden >= bptt.PACKED_GEMM_MIN_NUMEL
     stack = make_stack(variant, input_size=7, hidden_size=hidden, num_layers=1)
     gen = torch.Generator().manual_seed(4)
     B, T = 3, 12
