@@ -196,7 +196,15 @@ class RecurrentStack(nn.Module):
                 (layer.cell.weight_ih, layer.cell.weight_hh, layer.cell.bias_ih, layer.cell.bias_hh)]
 
     def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """torch.nn.RNN / nn.LSTM's own call (``_VF``), on this module's parameters."""
+        """torch.nn.RNN / nn.LSTM's own call (``_VF``), on this module's parameters.
+
+        Under CPU autocast it runs in float32 with autocast off, as ``bptt`` does: autocast
+        would send the LSTM to oneDNN in bfloat16, which fails on CPUs without bf16 support
+        ("could not create a primitive descriptor"). GPUs keep cuDNN's autocast rules."""
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                state = tuple(s.float() for s in state) if self.is_lstm else state.float()
+                return self._forward_native(x.float(), state, lengths)
         hx = state if not self.is_lstm else tuple(state)
         args = (self._flat_weights(), True, self.num_layers, self.dropout, self.training, False)
         if self.is_lstm:
