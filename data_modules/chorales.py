@@ -27,11 +27,14 @@ import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world, shuffled_loader
 
 from seqmodels.errors import ConfigError
 
@@ -383,20 +386,23 @@ def pad_rolls(batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 class LengthBucketSampler(Sampler):
     """Training batches of similar lengths (less padding, so faster epochs): each epoch
     shuffles the sequences, cuts them into chunks of ``bucket`` batches, sorts each chunk by
-    length, cuts it into batches, and shuffles the batches. Random draws come from torch's
-    global generator (seeded by ``seed_everything``)."""
+    length, cuts it into batches, and shuffles the batches. The draws come from a generator
+    seeded by ``(seed, epoch())``, so a resumed run sees the same batches."""
 
-    def __init__(self, lengths: list[int], batch_size: int, bucket: int) -> None:
+    def __init__(self, lengths: list[int], batch_size: int, bucket: int, seed: int = 0,
+                 epoch: Callable[[], int] = lambda: 0) -> None:
         self.lengths, self.batch_size, self.bucket = list(lengths), batch_size, bucket
+        self.seed, self.epoch = seed, epoch
 
     def __iter__(self):
-        order = torch.randperm(len(self.lengths)).tolist()
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch())
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
         chunk = self.batch_size * self.bucket
         batches = []
         for start in range(0, len(order), chunk):
             part = sorted(order[start:start + chunk], key=lambda i: self.lengths[i])
             batches += [part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size)]
-        for i in torch.randperm(len(batches)).tolist():
+        for i in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[i]
 
     def __len__(self) -> int:
@@ -420,6 +426,10 @@ class ChoralesDataModule(LightningDataModule):
         length_buckets: > 1 batches training sequences of similar lengths together (see
             ``LengthBucketSampler``; chunks of this many batches); 1 plain shuffling.
         progress: show a progress bar while converting the corpus.
+        seed: the shuffling seed (each epoch's order is drawn from seed and epoch).
+
+    Under DDP each rank trains on its own share (torch's ``DistributedSampler``); length
+    buckets apply with one process only.
     """
 
     input_size = N_PITCHES
@@ -435,6 +445,7 @@ class ChoralesDataModule(LightningDataModule):
         num_workers: int = 0,
         length_buckets: int = 1,
         progress: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -495,13 +506,15 @@ class ChoralesDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=pad_rolls,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        if self.hparams.length_buckets > 1:
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled by (seed, epoch), resumable mid-epoch; under DDP this rank's share."""
+        if self.hparams.length_buckets > 1 and rank_and_world(self)[1] == 1:
             sampler = LengthBucketSampler([len(r) for r in self.train_set.rolls], self.batch_size,
-                                          self.hparams.length_buckets)
-            return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=pad_rolls,
-                              num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-        return self._loader(self.train_set, shuffle=True)
+                                          self.hparams.length_buckets, self.hparams.seed, epoch_of(self))
+            return ResumableLoader(self.train_set, batch_sampler=sampler, collate_fn=pad_rolls,
+                                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        return shuffled_loader(self.train_set, self, self.batch_size, self.hparams.seed,
+                               collate_fn=pad_rolls, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, TensorDataset
 
+from data_modules.resumable import ResumableLoader, shuffled_loader
+
 from seqmodels.errors import ConfigError
 
 DISTRIBUTIONS = ("uniform", "normal")
@@ -97,12 +99,14 @@ class SumsDataModule(LightningDataModule):
         if stage in (None, "test", "predict"):
             self.test_sets = [self._make(hp.test_size, t, "test") for t in self.test_lengths]
 
-    def _loader(self, dataset: TensorDataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+    def _loader(self, dataset: TensorDataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+    def train_dataloader(self) -> ResumableLoader:
+        """Shuffled by (seed, epoch), this rank's share under DDP, resumable mid-epoch."""
+        return shuffled_loader(self.train_set, self, self.batch_size, self.hparams.seed,
+                               num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set)

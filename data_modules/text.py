@@ -29,11 +29,14 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
+
+from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world
 
 from seqmodels.errors import ConfigError
 
@@ -179,7 +182,11 @@ def decode(ids, vocab: list[str]) -> str:
 # ---- batches ---------------------------------------------------------------------------
 class StreamBatches(IterableDataset):
     """Stateful TBPTT batches: ``ids`` cut into ``batch_size × world_size`` streams, this
-    rank's ``batch_size`` of them read ``bptt`` characters at a time."""
+    rank's ``batch_size`` of them read ``bptt`` characters at a time.
+
+    ``state_dict`` / ``load_state_dict`` (called by ``StatefulDataLoader``, saved by Lightning
+    in every checkpoint) hold the index of the next batch, so a resumed epoch goes on from it.
+    """
 
     def __init__(self, ids: np.ndarray, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1):
         n_streams = batch_size * world_size
@@ -190,37 +197,62 @@ class StreamBatches(IterableDataset):
         streams = np.asarray(ids[: n_streams * length]).reshape(n_streams, length)
         self.streams = streams[rank * batch_size : (rank + 1) * batch_size]
         self.bptt = bptt
+        self.next_batch, self._resume_at = 0, 0
 
     def __len__(self) -> int:
         return -(-(self.streams.shape[1] - 1) // self.bptt)
 
     def __iter__(self):
-        for k, start in enumerate(range(0, self.streams.shape[1] - 1, self.bptt)):
+        first, self._resume_at = self._resume_at, 0
+        for k in range(first, len(self)):
+            start = k * self.bptt
             window = torch.from_numpy(np.ascontiguousarray(self.streams[:, start : start + self.bptt + 1]))
             window = window.long()
+            self.next_batch = k + 1
             yield window[:, :-1], window[:, 1:], k == 0
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_at = self.next_batch = int(state["next_batch"])
 
 
 class RandomWindows(IterableDataset):
-    """``num_batches`` batches of ``batch_size`` random windows (seeded per epoch)."""
+    """``num_batches`` batches of ``batch_size`` random windows, drawn from (seed, epoch).
 
-    def __init__(self, ids: np.ndarray, batch_size: int, bptt: int, num_batches: int, seed: int):
+    ``epoch`` is a function giving the current epoch (the trainer's), so that a resumed run
+    draws what the uninterrupted one drew; the state is the index of the next batch.
+    """
+
+    def __init__(self, ids: np.ndarray, batch_size: int, bptt: int, num_batches: int, seed: int,
+                 epoch: Callable[[], int] = lambda: 0):
         if len(ids) < bptt + 2:
             raise ConfigError(f"text of {len(ids)} characters is shorter than one window of bptt {bptt}")
         self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
-        self.num_batches, self.seed, self.epoch = num_batches, seed, 0
+        self.num_batches, self.seed, self.epoch = num_batches, seed, epoch
+        self.next_batch, self._resume_at = 0, 0
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
-        self.epoch += 1
+        rng = np.random.default_rng([self.seed, self.epoch()])
+        first, self._resume_at = self._resume_at, 0
         offsets = np.arange(self.bptt + 1)
-        for _ in range(self.num_batches):
+        for k in range(self.num_batches):
             starts = rng.integers(0, len(self.ids) - self.bptt - 1, size=self.batch_size)
+            if k < first:
+                continue  # drawn and skipped: the generator stays in step
             window = torch.from_numpy(np.asarray(self.ids)[starts[:, None] + offsets]).long()
+            self.next_batch = k + 1
             yield window[:, :-1], window[:, 1:], True
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_at = self.next_batch = int(state["next_batch"])
 
 
 # ---- the DataModule --------------------------------------------------------------------
@@ -356,7 +388,7 @@ class CharTextDataModule(LightningDataModule):
         self.check_length(self._rank()[1])
 
     def _rank(self) -> tuple[int, int]:
-        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        return rank_and_world(self)
 
     def _eval_loader(self, split: str) -> DataLoader:
         ids = self.split_ids(split)
@@ -366,13 +398,15 @@ class CharTextDataModule(LightningDataModule):
         streams = max(1, min(self.eval_batch_size, len(ids) // (2 * world)))
         return DataLoader(StreamBatches(ids, streams, self.bptt, rank, world), batch_size=None)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
+        """This rank's streams (or random windows), resumable mid-epoch."""
         ids = self.split_ids("train")
         if self.hparams.batching == "random":
-            return DataLoader(RandomWindows(ids, self.batch_size, self.bptt,
-                                            self.hparams.random_batches_per_epoch,
-                                            self.hparams.seed + 1000 * self._rank()[0]), batch_size=None)
-        return DataLoader(StreamBatches(ids, self.batch_size, self.bptt, *self._rank()), batch_size=None)
+            batches = RandomWindows(ids, self.batch_size, self.bptt, self.hparams.random_batches_per_epoch,
+                                    self.hparams.seed + 1000 * self._rank()[0], epoch=epoch_of(self))
+        else:
+            batches = StreamBatches(ids, self.batch_size, self.bptt, *self._rank())
+        return ResumableLoader(batches, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

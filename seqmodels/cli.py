@@ -7,12 +7,14 @@ and one-line errors for impossible settings.
 from __future__ import annotations
 
 import argparse
+import glob
 import netrc
 import os
 import re
 import sys
 import tempfile
 import warnings
+from pathlib import Path
 from urllib.parse import urlparse
 
 import yaml
@@ -57,6 +59,34 @@ def use_wandb_offline_without_key(save_dir: str = ".") -> None:
     print(f"W&B: no API key configured, logging offline to {where}/ "
           f"(upload later with `wandb sync {where}/offline-run-*`, or `wandb login` first)",
           file=sys.stderr)
+
+
+_VERSION_ARG = {"WandbLogger": "id", "CSVLogger": "version", "TensorBoardLogger": "version"}
+
+
+def resolve_last_checkpoint(config, loggers: list, resume_run: bool) -> None:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of any run under the first logger's folder
+    (``save_dir/name/*/checkpoints``). For ``fit`` the run continues in that run's folder (the
+    logger gets its version, W&B its run id). Without one it stays ``last``: Lightning then
+    looks in the checkpoint callback's own folder and otherwise starts from scratch, so a
+    job script can always pass ``--ckpt_path last``."""
+    logger = loggers[0] if loggers else None
+    kind = str(getattr(logger, "class_path", "")).rsplit(".", 1)[-1]
+    if kind not in _VERSION_ARG:
+        return
+    args = logger.init_args
+    save_dir = args.get("save_dir") or "."
+    name = (args.get("project") if kind == "WandbLogger" else args.get("name")) or "lightning_logs"
+    found = glob.glob(os.path.join(save_dir, str(name), "*", "checkpoints", "last*.ckpt"))
+    if not found:
+        print(f"no last.ckpt under {os.path.join(save_dir, str(name))}/*/checkpoints: starting from scratch",
+              file=sys.stderr)
+        return
+    path = max(found, key=os.path.getmtime)
+    config["ckpt_path"] = path
+    if resume_run:
+        args[_VERSION_ARG[kind]] = Path(path).parent.parent.name
+        print(f"resuming from {path}", file=sys.stderr)
 
 
 class LoggedConfigCallback(SaveConfigCallback):
@@ -185,6 +215,8 @@ class SeqCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         logger = config.get("trainer", {}).get("logger")
         loggers = logger if isinstance(logger, list) else [logger]
+        if config.get("ckpt_path") == "last":
+            resolve_last_checkpoint(config, loggers, resume_run=self.subcommand == "fit")
         for lg in loggers:
             if "WandbLogger" in str(getattr(lg, "class_path", "")):
                 use_wandb_offline_without_key(lg.init_args.get("save_dir") or ".")

@@ -291,7 +291,7 @@ class ClippingStats(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.steps:
-            pl_module.log("train/clip_fraction", self.clipped / self.steps)
+            pl_module.log("train/clip_fraction", self.clipped / self.steps, sync_dist=True)  # equal on all ranks
 
 
 # ---- length generalization ----------------------------------------------------------------

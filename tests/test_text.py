@@ -141,7 +141,6 @@ def test_tbptt_carries_the_detached_state_between_batches():
     model.log = lambda *args, **kwargs: None  # no Trainer here
     ids = np.random.default_rng(0).integers(1, 8, size=400)
     batches = list(StreamBatches(ids, batch_size=3, bptt=12))
-    model.on_train_epoch_start()
     states = []
     for batch in batches[:3]:
         model.training_step(batch, 0)
@@ -156,17 +155,28 @@ def test_tbptt_carries_the_detached_state_between_batches():
     with torch.no_grad():
         _, whole = model(torch.cat([b[0] for b in batches[:3]], 1))
     torch.testing.assert_close(states[2][1], whole[1])
-    model.on_train_epoch_start()  # a new epoch starts from zeros
-    assert "train" not in model._carried
+    # a new epoch starts from zeros: its first batch carries reset=True
+    assert batches[0][2] and not any(reset for *_, reset in batches[1:])
+    model.training_step(batches[0], 0)
+    with torch.no_grad():
+        _, fresh = model(batches[0][0])
+    torch.testing.assert_close(model._carried["train"][0], fresh[0])
 
 
 def test_random_windows_are_seeded_per_epoch():
     ids = np.arange(5000) % 50
-    windows = RandomWindows(ids, batch_size=4, bptt=8, num_batches=3, seed=1)
-    first, second = list(windows), list(windows)
+    epoch = [0]
+    windows = RandomWindows(ids, batch_size=4, bptt=8, num_batches=3, seed=1, epoch=lambda: epoch[0])
+    first = list(windows)
+    epoch[0] = 1
+    second = list(windows)
     assert all(reset for *_, reset in first)
-    assert not torch.equal(first[0][0], second[0][0])
-    torch.testing.assert_close(list(RandomWindows(ids, 4, 8, 3, seed=1))[0][0], first[0][0])
+    assert not torch.equal(first[0][0], second[0][0])  # another epoch, other windows
+    torch.testing.assert_close(list(RandomWindows(ids, 4, 8, 3, seed=1))[0][0], first[0][0])  # (seed, 0) again
+    resumed = RandomWindows(ids, 4, 8, 3, seed=1, epoch=lambda: 1)
+    resumed.load_state_dict({"next_batch": 2})  # a resume inside epoch 1 goes on with its third batch
+    (third,) = list(resumed)
+    torch.testing.assert_close(third[0], second[2][0])
 
 
 def test_sampling_is_reproducible_with_a_seed():

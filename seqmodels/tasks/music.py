@@ -101,7 +101,7 @@ class PolyphonicMusicModel(SequenceModel):
         loss, logits, targets, mask = self._step(batch)
         self.val_nll.update(logits, targets, mask)
         self.val_acc.update(logits, targets, mask)
-        self.log("val/loss", loss, batch_size=int(mask.sum()))
+        self.log("val/loss", loss, batch_size=int(mask.sum()), sync_dist=True)
         self.log("val/nll", self.val_nll, prog_bar=True)
         self.log("val/acc", self.val_acc)
 
@@ -109,7 +109,7 @@ class PolyphonicMusicModel(SequenceModel):
         loss, logits, targets, mask = self._step(batch)
         self.test_nll.update(logits, targets, mask)
         self.test_acc.update(logits, targets, mask)
-        self.log("test/loss", loss, batch_size=int(mask.sum()))
+        self.log("test/loss", loss, batch_size=int(mask.sum()), sync_dist=True)
         self.log("test/nll", self.test_nll)
         self.log("test/acc", self.test_acc)
 

@@ -52,7 +52,7 @@ class SumsRegressor(SequenceModel):
         x, y = batch
         y_hat = self(x)
         self.val_metrics.update(y_hat, y)
-        self.log("val/loss", nn.functional.mse_loss(y_hat, y), prog_bar=True)
+        self.log("val/loss", nn.functional.mse_loss(y_hat, y), prog_bar=True, sync_dist=True)
         self.log_dict(self.val_metrics)
 
     def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:

@@ -7,6 +7,8 @@ Stateful truncated BPTT lives here and in the data: batches come as ``(x, y, res
 model carries its final state (detached) from one batch of a split to the next and starts
 from zeros when ``reset`` is set (the first batch of every epoch, or every batch of random
 windows). Optimization stays automatic, so Trainer gradient clipping and accumulation work.
+Checkpoints hold the carried training state (every rank's under DDP), and the data loader
+its position, so a run resumed mid-epoch goes on exactly where it stopped.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from seqmodels.recurrent import State
 from seqmodels.tasks.base import SequenceModel
 
 UNK = "<unk>"
+CARRIED_KEY = "tbptt_carried_state"  # the training stream's state, in every checkpoint
 
 
 def detach_state(state: State) -> State:
@@ -82,12 +85,14 @@ class CharLanguageModel(SequenceModel):
         state = None if reset else self._carried.get(split)
         if state is not None and (state[0] if isinstance(state, tuple) else state).shape[1] != x.shape[0]:
             state = None  # a different number of streams: start afresh
+        if state is not None:  # restored from a checkpoint: on the CPU
+            state = tuple(s.to(x.device) for s in state) if isinstance(state, tuple) else state.to(x.device)
         logits, state = self(x, state)
         self._carried[split] = detach_state(state)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         n = y.numel()
-        self.log(f"{split}/loss", loss, batch_size=n, prog_bar=split != "test")
-        self.log(f"{split}/bpc", loss / math.log(2), batch_size=n)
+        self.log(f"{split}/loss", loss, batch_size=n, prog_bar=split != "test", sync_dist=split != "train")
+        self.log(f"{split}/bpc", loss / math.log(2), batch_size=n, sync_dist=split != "train")
         return logits, loss
 
     def probe_loss(self, batch) -> Tensor:
@@ -95,9 +100,6 @@ class CharLanguageModel(SequenceModel):
         x, y, _ = batch
         logits, _ = self(x)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum") / x.shape[0]
-
-    def on_train_epoch_start(self) -> None:
-        self._carried.pop("train", None)
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         _, loss = self._step(batch, "train")
@@ -120,7 +122,20 @@ class CharLanguageModel(SequenceModel):
     def on_test_epoch_start(self) -> None:
         self._carried.pop("test", None)
 
-    # -- checkpoints carry the vocabulary --
+    # -- checkpoints carry the vocabulary and the training stream's state --
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Saves the carried training state; under DDP every rank calls this, and every rank's
+        state is gathered (world, layers, B, H)."""
+        state = self._carried.get("train")
+        if state is None:
+            return
+        tensors = list(state) if isinstance(state, tuple) else [state]
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            tensors = [self.all_gather(t) for t in tensors]
+        checkpoint[CARRIED_KEY] = {"tensors": [t.cpu() for t in tensors], "world_size": world,
+                                   "tuple": isinstance(state, tuple)}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("vocab")
         if saved is None:
@@ -129,6 +144,13 @@ class CharLanguageModel(SequenceModel):
         if list(saved) != self.vocab:
             raise ConfigError(f"vocabulary mismatch: {describe_vocab_mismatch(list(saved), self.vocab)}; "
                               "use the same data (data.path, data.fractions) as the training run")
+        self._carried.pop("train", None)
+        carried = checkpoint.get(CARRIED_KEY)
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
+        if carried is None or carried["world_size"] != world:
+            return  # nothing carried, or another number of processes: the next batch starts from zeros
+        tensors = [t[rank] if world > 1 else t for t in carried["tensors"]]
+        self._carried["train"] = tuple(tensors) if carried["tuple"] else tensors[0]
 
     # -- generation --
     def encode(self, text: str) -> list[int]:
