@@ -1,6 +1,8 @@
 """Stop a diverging run before it costs anything: ``DivergenceGuard``."""
 from __future__ import annotations
 
+import os
+
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -8,9 +10,10 @@ from seqmodels.errors import TrainingDiverged
 
 
 def last_good_checkpoint(trainer: Trainer) -> str:
-    callback = trainer.checkpoint_callback
-    path = callback and (callback.last_model_path or callback.best_model_path)
-    return f"last good checkpoint: {path}" if path else "no checkpoint was written yet"
+    """The newest checkpoint any checkpoint callback wrote (``last.ckpt`` or the best)."""
+    paths = [p for cb in trainer.checkpoint_callbacks for p in (cb.last_model_path, cb.best_model_path)
+             if p and os.path.isfile(p)]
+    return f"last good checkpoint: {max(paths, key=os.path.getmtime)}" if paths else "no checkpoint was written yet"
 
 
 class DivergenceGuard(Callback):

@@ -170,3 +170,21 @@ def test_tensorboard_logger_gets_plots_and_metrics(in_tmp_dir):
     assert list(in_tmp_dir.rglob("plots/temporal_gradients.png"))
     assert list(in_tmp_dir.rglob("events.out.tfevents.*"))
     assert "train/clip_fraction" in cli.trainer.logged_metrics
+
+
+def test_divergence_message_names_the_newest_checkpoint(tmp_path):
+    """The best-model callback and LastCheckpoint both write; the message names the newer file."""
+    import os
+    from types import SimpleNamespace
+
+    from seqmodels.guards import last_good_checkpoint
+
+    best, last = tmp_path / "best-epoch00.ckpt", tmp_path / "last.ckpt"
+    best.write_bytes(b"x"), last.write_bytes(b"x")
+    os.utime(best, (1, 1))
+    callbacks = [SimpleNamespace(last_model_path="", best_model_path=str(best)),
+                 SimpleNamespace(last_model_path=str(last), best_model_path="")]
+    assert last_good_checkpoint(SimpleNamespace(checkpoint_callbacks=callbacks)) == f"last good checkpoint: {last}"
+    os.utime(last, (0, 0))
+    assert last_good_checkpoint(SimpleNamespace(checkpoint_callbacks=callbacks)) == f"last good checkpoint: {best}"
+    assert last_good_checkpoint(SimpleNamespace(checkpoint_callbacks=[])) == "no checkpoint was written yet"
