@@ -34,7 +34,7 @@ PAPER = {"RNN": 8.91, "LSTM": 8.45, "GRU": 8.43, "TCN": 8.10}
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
 RNN_OVERRIDES = ["--model.init_args.cell=rnn", "--model.init_args.nonlinearity=tanh",
-                 "--optimizer.init_args.lr=0.002"]
+                 "--optimizer.init_args.lr=0.002", "--lr_scheduler=null"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
