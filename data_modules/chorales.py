@@ -502,8 +502,8 @@ class ChoralesDataModule(LightningDataModule):
         self.val_set = RollDataset(rolls["valid"])
         self.test_set = RollDataset(rolls["test"])
 
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, collate_fn=pad_rolls,
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, collate_fn=pad_rolls,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> ResumableLoader:
@@ -512,7 +512,7 @@ class ChoralesDataModule(LightningDataModule):
             sampler = LengthBucketSampler([len(r) for r in self.train_set.rolls], self.batch_size,
                                           self.hparams.length_buckets, self.hparams.seed, epoch_of(self))
             return ResumableLoader(self.train_set, batch_sampler=sampler, collate_fn=pad_rolls,
-                                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
         return shuffled_loader(self.train_set, self, self.batch_size, self.hparams.seed,
                                collate_fn=pad_rolls, num_workers=self.num_workers)
 

@@ -16,9 +16,9 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 class ResumableLoader(StatefulDataLoader):
     """A ``StatefulDataLoader`` whose state, once the epoch's last batch is out, is that of a
-    fresh loader: a checkpoint taken at the last batch of an epoch resumes at the first batch
-    of the next one (Lightning moves to the next epoch; the plain state would make the resumed
-    loader yield an empty epoch first and shift every later epoch by one)."""
+    fresh loader: a checkpoint taken at or after an epoch's last batch (``LastCheckpoint``'s
+    end-of-epoch save) resumes at the first batch of the next epoch (Lightning moves to the
+    next epoch; the plain state would make the resumed loader yield an empty epoch first)."""
 
     def state_dict(self) -> dict:
         state = super().state_dict()

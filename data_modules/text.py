@@ -180,15 +180,33 @@ def decode(ids, vocab: list[str]) -> str:
 
 
 # ---- batches ---------------------------------------------------------------------------
-class StreamBatches(IterableDataset):
+class ResumableBatches(IterableDataset):
+    """Batches whose state is the index of the next batch: ``state_dict`` / ``load_state_dict``
+    (called by ``StatefulDataLoader``, saved by Lightning in every checkpoint), so that a
+    resumed epoch goes on from it."""
+
+    def __init__(self) -> None:
+        self.next_batch, self._resume_at = 0, 0
+
+    def _first_batch(self) -> int:
+        """Where this pass starts: the restored position once, then 0."""
+        first, self._resume_at = self._resume_at, 0
+        return first
+
+    def state_dict(self) -> dict:
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_at = self.next_batch = int(state["next_batch"])
+
+
+class StreamBatches(ResumableBatches):
     """Stateful TBPTT batches: ``ids`` cut into ``batch_size × world_size`` streams, this
     rank's ``batch_size`` of them read ``bptt`` characters at a time.
-
-    ``state_dict`` / ``load_state_dict`` (called by ``StatefulDataLoader``, saved by Lightning
-    in every checkpoint) hold the index of the next batch, so a resumed epoch goes on from it.
     """
 
     def __init__(self, ids: np.ndarray, batch_size: int, bptt: int, rank: int = 0, world_size: int = 1):
+        super().__init__()
         n_streams = batch_size * world_size
         length = len(ids) // n_streams
         if length < 2:
@@ -197,28 +215,20 @@ class StreamBatches(IterableDataset):
         streams = np.asarray(ids[: n_streams * length]).reshape(n_streams, length)
         self.streams = streams[rank * batch_size : (rank + 1) * batch_size]
         self.bptt = bptt
-        self.next_batch, self._resume_at = 0, 0
 
     def __len__(self) -> int:
         return -(-(self.streams.shape[1] - 1) // self.bptt)
 
     def __iter__(self):
-        first, self._resume_at = self._resume_at, 0
-        for k in range(first, len(self)):
+        for k in range(self._first_batch(), len(self)):
             start = k * self.bptt
             window = torch.from_numpy(np.ascontiguousarray(self.streams[:, start : start + self.bptt + 1]))
             window = window.long()
             self.next_batch = k + 1
             yield window[:, :-1], window[:, 1:], k == 0
 
-    def state_dict(self) -> dict:
-        return {"next_batch": self.next_batch}
 
-    def load_state_dict(self, state: dict) -> None:
-        self._resume_at = self.next_batch = int(state["next_batch"])
-
-
-class RandomWindows(IterableDataset):
+class RandomWindows(ResumableBatches):
     """``num_batches`` batches of ``batch_size`` random windows, drawn from (seed, epoch).
 
     ``epoch`` is a function giving the current epoch (the trainer's), so that a resumed run
@@ -227,18 +237,18 @@ class RandomWindows(IterableDataset):
 
     def __init__(self, ids: np.ndarray, batch_size: int, bptt: int, num_batches: int, seed: int,
                  epoch: Callable[[], int] = lambda: 0):
+        super().__init__()
         if len(ids) < bptt + 2:
             raise ConfigError(f"text of {len(ids)} characters is shorter than one window of bptt {bptt}")
         self.ids, self.batch_size, self.bptt = ids, batch_size, bptt
         self.num_batches, self.seed, self.epoch = num_batches, seed, epoch
-        self.next_batch, self._resume_at = 0, 0
 
     def __len__(self) -> int:
         return self.num_batches
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch()])
-        first, self._resume_at = self._resume_at, 0
+        first = self._first_batch()
         offsets = np.arange(self.bptt + 1)
         for k in range(self.num_batches):
             starts = rng.integers(0, len(self.ids) - self.bptt - 1, size=self.batch_size)
@@ -247,12 +257,6 @@ class RandomWindows(IterableDataset):
             window = torch.from_numpy(np.asarray(self.ids)[starts[:, None] + offsets]).long()
             self.next_batch = k + 1
             yield window[:, :-1], window[:, 1:], True
-
-    def state_dict(self) -> dict:
-        return {"next_batch": self.next_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._resume_at = self.next_batch = int(state["next_batch"])
 
 
 # ---- the DataModule --------------------------------------------------------------------
@@ -385,16 +389,13 @@ class CharTextDataModule(LightningDataModule):
     # -- loaders --
     def setup(self, stage: str | None = None) -> None:
         self.prepare()
-        self.check_length(self._rank()[1])
-
-    def _rank(self) -> tuple[int, int]:
-        return rank_and_world(self)
+        self.check_length(rank_and_world(self)[1])
 
     def _eval_loader(self, split: str) -> DataLoader:
         ids = self.split_ids(split)
         if len(ids) < 2:
             raise ConfigError(f"the {split} split is empty; raise its share in data.fractions")
-        rank, world = self._rank()
+        rank, world = rank_and_world(self)
         streams = max(1, min(self.eval_batch_size, len(ids) // (2 * world)))
         return DataLoader(StreamBatches(ids, streams, self.bptt, rank, world), batch_size=None)
 
@@ -403,9 +404,9 @@ class CharTextDataModule(LightningDataModule):
         ids = self.split_ids("train")
         if self.hparams.batching == "random":
             batches = RandomWindows(ids, self.batch_size, self.bptt, self.hparams.random_batches_per_epoch,
-                                    self.hparams.seed + 1000 * self._rank()[0], epoch=epoch_of(self))
+                                    self.hparams.seed + 1000 * rank_and_world(self)[0], epoch=epoch_of(self))
         else:
-            batches = StreamBatches(ids, self.batch_size, self.bptt, *self._rank())
+            batches = StreamBatches(ids, self.batch_size, self.bptt, *rank_and_world(self))
         return ResumableLoader(batches, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:

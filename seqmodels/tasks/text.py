@@ -85,7 +85,7 @@ class CharLanguageModel(SequenceModel):
         state = None if reset else self._carried.get(split)
         if state is not None and (state[0] if isinstance(state, tuple) else state).shape[1] != x.shape[0]:
             state = None  # a different number of streams: start afresh
-        if state is not None:  # restored from a checkpoint: on the CPU
+        if state is not None:  # a state restored from a checkpoint is on the CPU (else a no-op)
             state = tuple(s.to(x.device) for s in state) if isinstance(state, tuple) else state.to(x.device)
         logits, state = self(x, state)
         self._carried[split] = detach_state(state)
