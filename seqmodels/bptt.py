@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqmodels import fused
+
 _aten = torch.ops.aten
 _sigmoid_backward = _aten.sigmoid_backward  # (grad, y) -> grad ⊙ y(1 - y)
 _tanh_backward = _aten.tanh_backward  # (grad, y) -> grad ⊙ (1 - y²)
@@ -220,6 +222,13 @@ def _has_mkldnn_linear() -> bool:
         return False
 
 
+def _fused_kernels(x: Tensor):
+    """The C++ time loops (``fused.py``) for a CPU float32/float64 x, else None (Python loops)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return fused.kernels()
+
+
 _HAS_MKLDNN_LINEAR = _has_mkldnn_linear()
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # _RecurrentMatmul: oneDNN's packed GEMM from this weight size (measured per ISA, see there)
@@ -261,26 +270,31 @@ class RNNFunction(torch.autograd.Function):
         H = weight_hh.shape[0]
         lens = _Lengths(lengths, T, x)
         tanh = nonlinearity == "tanh"
-        k = -2.0 if tanh else 1.0  # tanh(z) = 1 - 2σ(-2z): compute -2z directly
-        one = x.new_ones(())
         hs = x.new_empty(T + 1, B, H)  # hs[0] = s_0, hs[t] = s_t
         hs[0] = h0
         x2 = x.reshape(T * B, I)
-        # k·(W_ih x_t + b) for all T steps, both biases folded in: one GEMM
-        xz = _linear(x2, weight_ih * k, (bias_ih + bias_hh) * k).view(T, B, H).unbind(0)
-        recurrent = _RecurrentMatmul(weight_hh * k, B)
-        states = hs.unbind(0)
-        for t in range(1, T + 1):
-            z = recurrent(states[t - 1], xz[t - 1])  # k z_t (a new tensor)
-            if tanh:  # h̃_t = tanh(z_t) = 1 - 2σ(-2z_t)
-                torch.add(one, torch.sigmoid(z, out=states[t]), alpha=-2, out=states[t])
-            else:
-                torch.clamp_min(z, 0, out=states[t])  # h̃_t = relu(z_t)
-            if t > lens.first_partial:
-                torch.where(lens.mask[t - 1], states[t], states[t - 1], out=states[t])
+        kernels = _fused_kernels(x)
+        if kernels is not None:  # this loop in C++, one fused kernel per step (fused_bptt.cpp)
+            xz = _linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
+            kernels.rnn_forward(xz, hs, weight_hh.t(), lengths, tanh)
+        else:
+            k = -2.0 if tanh else 1.0  # tanh(z) = 1 - 2σ(-2z): compute -2z directly
+            one = x.new_ones(())
+            # k·(W_ih x_t + b) for all T steps, both biases folded in: one GEMM
+            xz = _linear(x2, weight_ih * k, (bias_ih + bias_hh) * k).view(T, B, H).unbind(0)
+            recurrent = _RecurrentMatmul(weight_hh * k, B)
+            states = hs.unbind(0)
+            for t in range(1, T + 1):
+                z = recurrent(states[t - 1], xz[t - 1])  # k z_t (a new tensor)
+                if tanh:  # h̃_t = tanh(z_t) = 1 - 2σ(-2z_t)
+                    torch.add(one, torch.sigmoid(z, out=states[t]), alpha=-2, out=states[t])
+                else:
+                    torch.clamp_min(z, 0, out=states[t])  # h̃_t = relu(z_t)
+                if t > lens.first_partial:
+                    torch.where(lens.mask[t - 1], states[t], states[t - 1], out=states[t])
         if save:
             ctx.save_for_backward(x2, hs, weight_ih, weight_hh)
-            ctx.tanh, ctx.lens = tanh, lens
+            ctx.tanh, ctx.lens, ctx.kernels = tanh, lens, kernels
         return lens.masked_output(hs), hs[T].clone()
 
     @staticmethod
@@ -293,15 +307,18 @@ class RNNFunction(torch.autograd.Function):
         dy = _POOL.empty((T + 1, B, H), hs)
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, H), hs)
-        recurrent = _RecurrentMatmul(weight_hh.t(), B)  # δz -> δz W_hh
-        DY, DZ, states = dy.unbind(0), dz.unbind(0), hs.unbind(0)
-        ds = DY[T]  # δs_T
-        for t in range(T, 0, -1):
-            if ctx.tanh:
-                _tanh_backward.grad_input(ds, states[t], grad_input=DZ[t - 1])  # δz_t
-            else:
-                _aten.threshold_backward.grad_input(ds, states[t], 0, grad_input=DZ[t - 1])
-            ds = recurrent(DZ[t - 1], DY[t - 1])  # δs_{t-1} = δz_t W_hh + ∂L/∂y_{t-1}
+        if ctx.kernels is not None:  # the loop below in C++
+            ds = ctx.kernels.rnn_backward(hs, dy, weight_hh, dz, ctx.tanh)
+        else:
+            recurrent = _RecurrentMatmul(weight_hh.t(), B)  # δz -> δz W_hh
+            DY, DZ, states = dy.unbind(0), dz.unbind(0), hs.unbind(0)
+            ds = DY[T]  # δs_T
+            for t in range(T, 0, -1):
+                if ctx.tanh:
+                    _tanh_backward.grad_input(ds, states[t], grad_input=DZ[t - 1])  # δz_t
+                else:
+                    _aten.threshold_backward.grad_input(ds, states[t], 0, grad_input=DZ[t - 1])
+                ds = recurrent(DZ[t - 1], DY[t - 1])  # δs_{t-1} = δz_t W_hh + ∂L/∂y_{t-1}
         dz = dz.view(T * B, H)
         need = ctx.needs_input_grad
         d_x = _linear(dz, weight_ih.t()).view(T, B, -1) if need[0] else None
@@ -375,6 +392,11 @@ class LSTMFunction(torch.autograd.Function):
                 bias_ih: Tensor, bias_hh: Tensor, weight_ci: Optional[Tensor],
                 weight_cf: Optional[Tensor], weight_co: Optional[Tensor],
                 lengths: Optional[Tensor], save: bool):
+        kernels = _fused_kernels(x)
+        if kernels is not None:
+            return LSTMFunction._forward_fused(ctx, kernels, x, h0, c0, weight_ih, weight_hh,
+                                               bias_ih, bias_hh, weight_ci, weight_cf, weight_co,
+                                               lengths, save)
         T, B, I = x.shape
         H = weight_hh.shape[1]
         peephole = weight_ci is not None
@@ -448,7 +470,7 @@ class LSTMFunction(torch.autograd.Function):
         c_T = cs[T].clone()
         if save:
             ctx.save_for_backward(x2, hs, cs if peephole else None, kq, weight_ih, weight_hh)
-            ctx.lens, ctx.peephole = lens, peephole
+            ctx.lens, ctx.peephole, ctx.kernels = lens, peephole, None
             # back to the pool once the graph node (and with it the saved tensors) is gone
             weakref.finalize(ctx, _POOL.release, kq, cs if peephole else None)
         if not (save and peephole):
@@ -458,6 +480,8 @@ class LSTMFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hT: Tensor, d_cT: Tensor):
+        if ctx.kernels is not None:
+            return LSTMFunction._backward_fused(ctx, d_out, d_hT, d_cT)
         x2, hs, cs, kq, weight_ih, weight_hh = ctx.saved_tensors
         lens = ctx.lens
         T, B, H6 = kq.shape
@@ -503,6 +527,56 @@ class LSTMFunction(torch.autograd.Function):
         _POOL.release(dy, dz)
         return (d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(),
                 d_ci, d_cf, d_co, None, None)
+
+    @staticmethod
+    def _forward_fused(ctx, kernels, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                       weight_ci, weight_cf, weight_co, lengths, save):
+        """The forward above with its time loop in C++ (``fused_bptt.cpp``): torch's gate order
+        (i, f, g, o), one fused kernel per step. It keeps the activations i, f, g, o and
+        tanh(c̃) of every step, from which the backward's fused kernel forms the factors."""
+        T, B, I = x.shape
+        H = weight_hh.shape[1]
+        x2 = x.reshape(T * B, I)
+        acts = _linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, 4 * H)  # x-parts -> gates
+        hs, cs = x.new_empty(T + 1, B, H), _POOL.empty((T + 1, B, H), x)
+        hs[0], cs[0] = h0, c0
+        tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
+        peep = None if weight_ci is None else torch.stack((weight_ci, weight_cf, weight_co))
+        kernels.lstm_forward(acts, hs, cs, weight_hh.t(), peep, lengths, tcs)
+        c_T = cs[T].clone()
+        if save:
+            ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
+            ctx.lengths, ctx.lens, ctx.kernels = lengths, _Lengths(lengths, T, x), kernels
+            weakref.finalize(ctx, _POOL.release, cs, tcs)
+        else:
+            _POOL.release(cs)
+        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone(), c_T
+
+    @staticmethod
+    def _backward_fused(ctx, d_out, d_hT, d_cT):
+        """The backward above, its time loop in C++, gates in torch's order (i, f, g, o)."""
+        x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep = ctx.saved_tensors
+        T, B, H4 = acts.shape
+        H = H4 // 4
+        dy = _POOL.empty((T + 1, B, H), hs)
+        ctx.lens.grad_in_slots(d_out, d_hT, dy)
+        dz = _POOL.empty((T, B, 4 * H), hs)  # δz_t, gates (i, f, g, o)
+        d_h0, d_c0 = ctx.kernels.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh, peep,
+                                               ctx.lengths, dz)
+        dz2 = dz.view(T * B, 4 * H)
+        need = ctx.needs_input_grad
+        d_x = _linear(dz2, weight_ih.t()).view(T, B, -1) if need[0] else None
+        d_w_ih = _grad_weight(dz2, x2) if need[3] else None  # dZᵀ X
+        d_w_hh = _grad_weight(dz2, hs[:-1].view(T * B, H)) if need[4] else None  # dZᵀ H_prev
+        d_b = dz2.sum(0) if (need[5] or need[6]) else None
+        d_ci = d_cf = d_co = None
+        if peep is not None:  # Σ δz^i c_{t-1}, Σ δz^f c_{t-1}, Σ δz^o c̃_t
+            d_ci = (dz[..., :H] * cs[:-1]).sum((0, 1))
+            d_cf = (dz[..., H:2 * H] * cs[:-1]).sum((0, 1))
+            d_co = (dz[..., 3 * H:] * cs[1:]).sum((0, 1))
+        _POOL.release(dy, dz)
+        return (d_x, d_h0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh, d_b,
+                None if d_b is None else d_b.clone(), d_ci, d_cf, d_co, None, None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 from torch.func import functional_call
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqmodels import bptt
+from seqmodels import bptt, fused
 from seqmodels.cells import LSTMCell
 from seqmodels.recurrent import RecurrentStack, resolve_impl
 
@@ -96,16 +96,22 @@ def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
 
 
 # ---- gradcheck in float64 ------------------------------------------------------------
-@pytest.fixture(params=["batched", "per_step"])
-def lstm_factors(request, monkeypatch):
-    """Both ways LSTMFunction computes its backward factors: after the loop or at each step."""
-    if request.param == "per_step":
+@pytest.fixture(params=["fused", "python", "python_per_step"])
+def loops(request, monkeypatch):
+    """Every way bptt.py runs its time loops: in C++ (fused.py; it must build here, a failed
+    build fails the test), or in Python with the LSTM's backward factors computed after the
+    loop or at each step."""
+    if request.param == "fused":
+        assert fused.kernels() is not None, "the fused C++ loops did not build (see the warning)"
+    else:
+        monkeypatch.setattr(bptt, "_fused_kernels", lambda x: None)
+    if request.param == "python_per_step":
         monkeypatch.setattr(bptt, "BATCHED_FACTORS_MAX_BH", -1)
     return request.param
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gradcheck_bptt(variant, lstm_factors):
+def test_gradcheck_bptt(variant, loops):
     """Masks (uneven lengths), a non-zero initial state (its gradient checked) and 2 layers."""
     stack = make_stack(variant, input_size=2, hidden_size=3, num_layers=2, dtype=torch.float64)
     gen = torch.Generator().manual_seed(1)
@@ -129,7 +135,7 @@ def test_gradcheck_bptt(variant, lstm_factors):
 # ---- float32: bptt vs autograd vs native -------------------------------------------
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("padded", [False, True])
-def test_impls_agree_float32(variant, padded, lstm_factors):
+def test_impls_agree_float32(variant, padded, loops):
     stack = make_stack(variant, input_size=5, hidden_size=16, num_layers=2)
     gen = torch.Generator().manual_seed(2)
     B, T = 6, 20
@@ -151,9 +157,11 @@ def test_impls_agree_float32(variant, padded, lstm_factors):
 @pytest.mark.parametrize("variant,hidden", [("rnn_tanh", 512), ("lstm", 256), ("lstm_peephole", 256)])
 @pytest.mark.parametrize("avx512", [False, True])
 def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch):
-    """Big recurrent weights take the oneDNN pre-packed GEMM path in float32 on CPU; the big
-    GEMMs take oneDNN on AVX-512 CPUs and MKL otherwise (both paths run on any x86 CPU)."""
+    """Big recurrent weights take the oneDNN pre-packed GEMM path in float32 on CPU (Python
+    loops); the big GEMMs take oneDNN on AVX-512 CPUs and MKL otherwise (both paths run on any
+    x86 CPU)."""
     monkeypatch.setattr(bptt, "_AVX512", avx512)
+    monkeypatch.setattr(bptt, "_fused_kernels", lambda x: None)
     gates = 1 if variant.startswith("rnn") else 4
     assert gates * hidden * hidden >= bptt.PACKED_GEMM_MIN_NUMEL
     stack = make_stack(variant, input_size=7, hidden_size=hidden, num_layers=1)
@@ -170,8 +178,65 @@ def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch)
         assert rel_err(g, r) < 1e-5
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_loops_split_across_threads(variant):
+    """The C++ loops hand rows to 2 threads when a step has more than ~8k units: a batch big
+    enough for that, uneven lengths, against autograd."""
+    assert fused.kernels() is not None
+    stack = make_stack(variant, input_size=9, hidden_size=128, num_layers=1)
+    gen = torch.Generator().manual_seed(5)
+    B, T = 40, 9
+    x = torch.randn(B, T, 9, generator=gen)
+    state = random_state(stack, B, torch.float32, gen)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    weights = torch.randn(B, T, 128, generator=gen)
+    ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
+    loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
+    assert_same_loss(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["rnn_tanh", "lstm_peephole"])
+def test_fused_loops_keep_nan_and_saturate(variant, loops):
+    """Huge pre-activations saturate exactly as torch's (σ -> 0 or 1, tanh -> ±1) and a NaN
+    input stays NaN in the outputs (the divergence guard relies on it)."""
+    stack = make_stack(variant, input_size=3, hidden_size=8, num_layers=1)
+    x = torch.tensor([[[1e4, -1e4, 50.0]] * 3, [[float("nan"), 0.0, 0.0]] * 3])
+    with torch.no_grad():
+        out = stack(x)[0]
+        stack.impl = "autograd"
+        ref = stack(x)[0]
+    assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
+    assert torch.allclose(out[0], ref[0], atol=1e-6)
+
+
+def test_fused_build_failure_falls_back_with_one_warning(monkeypatch):
+    """No compiler or no ninja: one warning naming the cause, then the Python loops."""
+    from torch.utils import cpp_extension
+
+    def broken(**kwargs):
+        raise RuntimeError("Error building extension\nfoo.cpp:1:1: error: no compiler here")
+
+    monkeypatch.setattr(cpp_extension, "load", broken)
+    fused._build.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="no compiler here.*Python loops"):
+            assert fused.kernels() is None
+        stack = make_stack("lstm", input_size=3, hidden_size=4, num_layers=1)
+        gen = torch.Generator().manual_seed(6)
+        x, weights = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 4, generator=gen)
+        state = random_state(stack, 2, torch.float32, gen)
+        ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, None, weights)
+        loss, grads = loss_and_grads(stack, "bptt", x, state, None, weights)
+        assert_same_loss(loss, ref_loss)
+        assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+    finally:
+        fused._build.cache_clear()
+
+
 @pytest.mark.parametrize("variant", ["rnn_relu", "lstm_peephole"])
-def test_zero_length_sequence_keeps_initial_state(variant):
+def test_zero_length_sequence_keeps_initial_state(variant, loops):
     """A sequence of length 0 (torch's packing refuses it): state and gradient pass through."""
     stack = make_stack(variant, input_size=3, hidden_size=5, num_layers=2)
     gen = torch.Generator().manual_seed(5)
@@ -194,7 +259,7 @@ def test_zero_length_sequence_keeps_initial_state(variant):
 def test_reused_buffers_never_leak_between_calls(variant, monkeypatch):
     """Buffers go back to a pool and are handed out again: two graphs alive at once, an
     inference pass in between and a backward with retain_graph must all stay exact."""
-    from seqmodels import bptt
+    from seqmodels import bptt, fused
     monkeypatch.setattr(bptt._POOL, "min_bytes", 0)  # pool every buffer, however small
     bptt.clear_buffer_pool()
     stack = make_stack(variant, input_size=3, hidden_size=8, num_layers=2)

@@ -1,0 +1,48 @@
+"""The C++ time loops of ``csrc/fused_bptt.cpp``, built at first use; None where they cannot be.
+
+``kernels()`` returns ``torch.ops.seqmodels_fused`` (rnn_forward, rnn_backward, lstm_forward,
+lstm_backward) once the extension is built and loaded, or None. It is built once per machine
+with torch.utils.cpp_extension (a C++ compiler and ninja; ~1 min on 2 cores, then cached
+under ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) for the CPU it runs on
+(``-march=native``). Where it cannot be built, bptt.py runs its Python loops (same math, more
+kernel calls per step) after one warning that says why. ``SEQMODELS_FUSED=0`` turns it off.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).with_name("csrc")
+
+
+def enabled() -> bool:
+    """False when the environment says ``SEQMODELS_FUSED=0``."""
+    return os.environ.get("SEQMODELS_FUSED", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _build():
+    from torch.utils import cpp_extension
+
+    isa = torch.backends.cpu.get_cpu_capability().lower()
+    try:
+        cpp_extension.load(
+            name=f"seqmodels_fused_{isa}", sources=[str(CSRC / "fused_bptt.cpp"), str(CSRC / "cell_steps.cpp")], is_python_module=False,
+            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"], verbose=False)
+    except Exception as exc:  # noqa: BLE001 - any build failure means: use the Python loops
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        reason = next((line.strip() for line in lines if "error:" in line), lines[-1])
+        warnings.warn(f"seqmodels: the fused C++ BPTT loops could not be built ({reason}); "
+                      "the bptt impl runs its Python loops (correct, slower). Install a C++ "
+                      "compiler and `pip install ninja` for the fast path.", stacklevel=3)
+        return None
+    return torch.ops.seqmodels_fused
+
+
+def kernels():
+    """``torch.ops.seqmodels_fused``, or None (disabled, or not buildable here)."""
+    return _build() if enabled() else None
