@@ -276,7 +276,7 @@ class RNNFunction(torch.autograd.Function):
         kernels = _fused_kernels(x)
         if kernels is not None:  # this loop in C++, one fused kernel per step (fused_bptt.cpp)
             xz = _linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
-            kernels.rnn_forward(xz, hs, weight_hh.t(), lengths, tanh)
+            kernels.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh)
         else:
             k = -2.0 if tanh else 1.0  # tanh(z) = 1 - 2σ(-2z): compute -2z directly
             one = x.new_ones(())
@@ -307,8 +307,9 @@ class RNNFunction(torch.autograd.Function):
         dy = _POOL.empty((T + 1, B, H), hs)
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, H), hs)
-        if ctx.kernels is not None:  # the loop below in C++
-            ds = ctx.kernels.rnn_backward(hs, dy, weight_hh, dz, ctx.tanh)
+        if ctx.kernels is not None:  # the loop below in C++; it leaves δs_t in dy[t]
+            ctx.kernels.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh)
+            ds = dy[0].clone()
         else:
             recurrent = _RecurrentMatmul(weight_hh.t(), B)  # δz -> δz W_hh
             DY, DZ, states = dy.unbind(0), dz.unbind(0), hs.unbind(0)
@@ -542,7 +543,7 @@ class LSTMFunction(torch.autograd.Function):
         hs[0], cs[0] = h0, c0
         tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
         peep = None if weight_ci is None else torch.stack((weight_ci, weight_cf, weight_co))
-        kernels.lstm_forward(acts, hs, cs, weight_hh.t(), peep, lengths, tcs)
+        kernels.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs)
         c_T = cs[T].clone()
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
@@ -561,8 +562,9 @@ class LSTMFunction(torch.autograd.Function):
         dy = _POOL.empty((T + 1, B, H), hs)
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, 4 * H), hs)  # δz_t, gates (i, f, g, o)
-        d_h0, d_c0 = ctx.kernels.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh, peep,
-                                               ctx.lengths, dz)
+        d_c0 = ctx.kernels.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh.contiguous(), peep,
+                                         ctx.lengths, dz)
+        d_h0 = dy[0].clone()  # the loop leaves δh_t in dy[t]
         dz2 = dz.view(T * B, 4 * H)
         need = ctx.needs_input_grad
         d_x = _linear(dz2, weight_ih.t()).view(T, B, -1) if need[0] else None

@@ -37,19 +37,19 @@ inline double tanh_(double x) { return std::tanh(x); }
 // One row (one sequence) of an LSTM forward step: gates, c̃, h̃ and tanh(c̃) from the
 // pre-activations z (4H: i, f, g, o) and c_{t-1}.
 template <typename S, bool kPeep>
-void lstm_row_forward_(const S* __restrict z, const S* __restrict c_prev,
-                             const S* __restrict peep, S* __restrict act, S* __restrict c,
+void lstm_row_forward_(S* __restrict za, const S* __restrict c_prev,
+                             const S* __restrict peep, S* __restrict c,
                              S* __restrict h, S* __restrict tc_out, int64_t H) {
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const S cp = c_prev[j];
-    const S i = sigmoid_(z[j] + (kPeep ? peep[j] * cp : S(0)));
-    const S f = sigmoid_(z[H + j] + (kPeep ? peep[H + j] * cp : S(0)));
-    const S g = tanh_(z[2 * H + j]);
+    const S i = sigmoid_(za[j] + (kPeep ? peep[j] * cp : S(0)));
+    const S f = sigmoid_(za[H + j] + (kPeep ? peep[H + j] * cp : S(0)));
+    const S g = tanh_(za[2 * H + j]);
     const S cn = f * cp + i * g;
-    const S o = sigmoid_(z[3 * H + j] + (kPeep ? peep[2 * H + j] * cn : S(0)));
+    const S o = sigmoid_(za[3 * H + j] + (kPeep ? peep[2 * H + j] * cn : S(0)));
     const S tc = tanh_(cn);
-    act[j] = i; act[H + j] = f; act[2 * H + j] = g; act[3 * H + j] = o;
+    za[j] = i; za[H + j] = f; za[2 * H + j] = g; za[3 * H + j] = o;
     c[j] = cn;
     h[j] = o * tc;
     tc_out[j] = tc;
@@ -101,10 +101,9 @@ template <typename S> void rnn_row_backward(const S* __restrict ds, const S* __r
 }
 
 template <typename S>
-void lstm_row_forward(const S* z, const S* c_prev, const S* peep, S* act, S* c, S* h, S* tc,
-                      int64_t H) {
-  if (peep) lstm_row_forward_<S, true>(z, c_prev, peep, act, c, h, tc, H);
-  else lstm_row_forward_<S, false>(z, c_prev, peep, act, c, h, tc, H);
+void lstm_row_forward(S* za, const S* c_prev, const S* peep, S* c, S* h, S* tc, int64_t H) {
+  if (peep) lstm_row_forward_<S, true>(za, c_prev, peep, c, h, tc, H);
+  else lstm_row_forward_<S, false>(za, c_prev, peep, c, h, tc, H);
 }
 
 template <typename S>
@@ -117,7 +116,7 @@ void lstm_row_backward(const S* act, const S* tc, const S* c_prev, const S* dh, 
 #define SEQMODELS_INSTANTIATE(S)                                                              \
   template void rnn_row_forward<S>(const S*, S*, int64_t, bool);                            \
   template void rnn_row_backward<S>(const S*, const S*, S*, int64_t, bool);                 \
-  template void lstm_row_forward<S>(const S*, const S*, const S*, S*, S*, S*, S*, int64_t); \
+  template void lstm_row_forward<S>(S*, const S*, const S*, S*, S*, S*, int64_t);             \
   template void lstm_row_backward<S>(const S*, const S*, const S*, const S*, const S*, S*, S*, \
                                      int64_t);
 SEQMODELS_INSTANTIATE(float)

@@ -2,11 +2,12 @@
 //
 // Same equations, same buffers and same conventions as the Python loops in bptt.py (time-major,
 // state buffers with T+1 slots, torch's gate order i, f, g, o); see the docstrings there and
-// docs/bptt.md for the derivations. What changes is the cost of a step: one GEMM
-// (at::addmm_out into a preallocated buffer) and one pass over the B x H units that reads the
-// GEMM's output once and writes every activation, instead of 8-13 separate torch kernels called
-// from Python. Built at first use by seqmodels/fused.py (torch.utils.cpp_extension), for the
-// machine it runs on (-O3 -march=native: the math loops below vectorize).
+// docs/bptt.md for the derivations. What changes is the cost of a step: one BLAS GEMM that
+// accumulates straight into the step's pre-activation (forward) or gradient (backward) slot,
+// and one vectorized pass over the B x H units (cell_steps.cpp) that reads the GEMM's output
+// once and writes every activation, instead of 8-13 torch kernels called from Python.
+// Built at first use by seqmodels/fused.py (torch.utils.cpp_extension) for the machine it runs
+// on (-O3 -march=native).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,9 +18,68 @@
 #include <cstdint>
 #include <cstring>
 
+// The BLAS that torch links (MKL in the x86 wheels, OpenBLAS elsewhere) exports the Fortran
+// GEMMs; called directly they skip ATen's per-call tensor bookkeeping, which at small sizes
+// (a 16 x 128 by 128 x 512 GEMM takes ~25 us) is a real share of a step. Weak: where torch's
+// BLAS does not export them, or where they disagree with at::mm (checked once, e.g. 64-bit
+// integer BLAS), the loops call at::addmm_ instead.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
 namespace {
 
 using namespace seqmodels_fused;
+
+inline void blas_gemm(const char* ta, int m, int n, int k, const float* a, int lda,
+                      const float* b, int ldb, float* c, int ldc) {
+  const float one = 1.0f;
+  sgemm_(ta, "N", &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
+}
+inline void blas_gemm(const char* ta, int m, int n, int k, const double* a, int lda,
+                      const double* b, int ldb, double* c, int ldc) {
+  const double one = 1.0;
+  dgemm_(ta, "N", &m, &n, &k, &one, a, &lda, b, &ldb, &one, c, &ldc);
+}
+
+template <typename S> bool blas_exported() {
+  return std::is_same_v<S, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+
+// c (rows x n) += a (rows x k) @ op(w), row-major and contiguous, where op(w) = wᵀ for w (n x k)
+// (w_t) or w for w (k x n). In BLAS's column-major terms: cᵀ += op(w)ᵀ aᵀ.
+template <typename S>
+void gemm_acc(bool w_t, int64_t rows, int64_t n, int64_t k, const S* a, const S* w, S* c,
+              bool use_blas) {
+  if (use_blas) {
+    blas_gemm(w_t ? "T" : "N", int(n), int(rows), int(k), w, int(w_t ? k : n), a, int(k), c,
+              int(n));
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+  at::Tensor wt = w_t ? at::from_blob(const_cast<S*>(w), {n, k}, opt).t()
+                      : at::from_blob(const_cast<S*>(w), {k, n}, opt);
+  at::from_blob(c, {rows, n}, opt).addmm_(at::from_blob(const_cast<S*>(a), {rows, k}, opt), wt);
+}
+
+// Whether the exported BLAS computes what at::mm computes (once per process and type).
+template <typename S> bool use_blas() {
+  static const bool ok = [] {
+    if (!blas_exported<S>()) return false;
+    const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
+    at::Tensor a = at::randn({3, 5}, opt), w = at::randn({4, 5}, opt), v = at::randn({5, 4}, opt);
+    at::Tensor c1 = at::zeros({3, 4}, opt), c2 = at::zeros({3, 4}, opt);
+    gemm_acc<S>(true, 3, 4, 5, a.data_ptr<S>(), w.data_ptr<S>(), c1.data_ptr<S>(), true);
+    gemm_acc<S>(false, 3, 4, 5, a.data_ptr<S>(), v.data_ptr<S>(), c2.data_ptr<S>(), true);
+    return at::allclose(c1, at::mm(a, w.t()), 1e-4, 1e-5) && at::allclose(c2, at::mm(a, v), 1e-4, 1e-5);
+  }();
+  return ok;
+}
 
 // rows [0, B) of a step in chunks of at least ~8k units: small steps stay on one thread
 template <typename F> void for_rows(int64_t B, int64_t units_per_row, const F& f) {
@@ -33,76 +93,76 @@ inline bool padded(const int64_t* len, int64_t b, int64_t t) { return len && t >
 // ------------------------------------------------------------------------------------------
 // Vanilla RNN
 // ------------------------------------------------------------------------------------------
-// Forward: hs (T+1, B, H), slot 0 = h0, filled in place; xz (T, B, H) = W_ih x_t + b_ih + b_hh.
+// Forward: hs (T+1, B, H), slot 0 = h0, filled in place; xz (T, B, H) = W_ih x_t + b_ih + b_hh
+// on entry, the pre-activations z_t on return.
 //   z_t = xz_t + s_{t-1} W_hhᵀ,  h̃_t = f(z_t),  s_t = m_t h̃_t + (1 - m_t) s_{t-1}
 template <typename S>
-void rnn_forward_impl(const at::Tensor& xz, at::Tensor& hs, const at::Tensor& w_hh_t,
+void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t H,
                       const int64_t* len, bool tanh) {
-  const int64_t T = xz.size(0), B = xz.size(1), H = xz.size(2);
-  at::Tensor z = at::empty({B, H}, xz.options());
+  const bool blas = use_blas<S>();
+  const int64_t step = B * H;
   for (int64_t t = 1; t <= T; ++t) {
-    at::addmm_out(z, xz[t - 1], hs[t - 1], w_hh_t);
-    const S* zp = z.data_ptr<S>();
-    S* h = hs[t].data_ptr<S>();
-    const S* h_prev = hs[t - 1].data_ptr<S>();
+    S* z = xz + (t - 1) * step;
+    const S* h_prev = hs + (t - 1) * step;
+    S* h = hs + t * step;
+    gemm_acc(true, B, H, H, h_prev, w_hh, z, blas);
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const int64_t o = b * H;
+        const int64_t r = b * H;
         if (padded(len, b, t))  // the state stops changing
-          std::memcpy(h + o, h_prev + o, H * sizeof(S));
+          std::memcpy(h + r, h_prev + r, H * sizeof(S));
         else
-          rnn_row_forward(zp + o, h + o, H, tanh);
+          rnn_row_forward(z + r, h + r, H, tanh);
       }
     });
   }
 }
 
-// Backward: dy (T+1, B, H) holds ∂L/∂y_t (+ ∂L/∂s_T at slot n_b), as bptt.py prepares it.
-//   δz_t = δs_t ⊙ f'(z_t),  δs_{t-1} = δz_t W_hh + ∂L/∂y_{t-1};  writes dz (T, B, H), returns δs_0.
+// Backward: dy (T+1, B, H) holds ∂L/∂y_t (+ ∂L/∂s_T at slot n_b), as bptt.py prepares it; the
+// loop turns slot t-1 into δs_{t-1} in place.
+//   δz_t = δs_t ⊙ f'(z_t),  δs_{t-1} = ∂L/∂y_{t-1} + δz_t W_hh;  writes dz (T, B, H); δs_0 in dy[0].
 template <typename S>
-at::Tensor rnn_backward_impl(const at::Tensor& hs, const at::Tensor& dy, const at::Tensor& w_hh,
-                             at::Tensor& dz, bool tanh) {
-  const int64_t T = dz.size(0), B = dz.size(1), H = dz.size(2);
-  at::Tensor ds = dy[T].clone();
+void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int64_t B,
+                       int64_t H, bool tanh) {
+  const bool blas = use_blas<S>();
+  const int64_t step = B * H;
   for (int64_t t = T; t >= 1; --t) {
-    const S* d = ds.data_ptr<S>();
-    const S* h = hs[t].data_ptr<S>();
-    S* g = dz[t - 1].data_ptr<S>();
+    const S* ds = dy + t * step;
+    const S* h = hs + t * step;
+    S* g = dz + (t - 1) * step;
     for_rows(B, H, [&](int64_t b0, int64_t b1) {
-      rnn_row_backward(d + b0 * H, h + b0 * H, g + b0 * H, (b1 - b0) * H, tanh);
+      rnn_row_backward(ds + b0 * H, h + b0 * H, g + b0 * H, (b1 - b0) * H, tanh);
     });
-    at::addmm_out(ds, dy[t - 1], dz[t - 1], w_hh);
+    gemm_acc(false, B, H, H, g, w_hh, dy + (t - 1) * step, blas);
   }
-  return ds;
 }
 
 // ------------------------------------------------------------------------------------------
 // LSTM (optional peepholes)
 // ------------------------------------------------------------------------------------------
-// Forward. xz (T, B, 4H) holds W_ih x_t + b_ih + b_hh, gates i, f, g, o; step t's
-// activations i, f, g, o are written over xz[t-1] and tanh(c̃_t) into tcs[t-1] when tcs is
-// (T, B, H) (what the backward needs; a (1, B, H) tcs is scratch). hs, cs (T+1, B, H), slot 0 =
-// the initial state.
+// Forward. xz (T, B, 4H) holds W_ih x_t + b_ih + b_hh, gates i, f, g, o; step t adds
+// h_{t-1} W_hhᵀ there and replaces it by the activations i, f, g, o (what the backward
+// needs), and writes tanh(c̃_t) into tcs[t-1] when tcs has T slots (one slot: scratch).
+// hs, cs (T+1, B, H), slot 0 = the initial state.
 //   z = xz_t + h_{t-1} W_hhᵀ;  i = σ(z^i + p_i c_{t-1}), f = σ(z^f + p_f c_{t-1}), g = tanh(z^g)
 //   c̃ = f c_{t-1} + i g;  o = σ(z^o + p_o c̃);  h̃ = o tanh(c̃);  masked as the RNN
 template <typename S>
-void lstm_forward_impl(at::Tensor& xz, at::Tensor& hs, at::Tensor& cs, const at::Tensor& w_hh_t,
-                       const S* peep, const int64_t* len, at::Tensor& tcs) {
-  const int64_t T = xz.size(0), B = xz.size(1), H = hs.size(2), G = 4 * H;
-  at::Tensor z = at::empty({B, G}, xz.options());
+void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const int64_t* len,
+                       S* tcs, bool tcs_per_step, int64_t T, int64_t B, int64_t H) {
+  const bool blas = use_blas<S>();
+  const int64_t step = B * H, G = 4 * H;
   for (int64_t t = 1; t <= T; ++t) {
-    at::addmm_out(z, xz[t - 1], hs[t - 1], w_hh_t);
-    const S* zp = z.data_ptr<S>();
-    S* act = xz[t - 1].data_ptr<S>();
-    S* h = hs[t].data_ptr<S>();
-    S* c = cs[t].data_ptr<S>();
-    const S* h_prev = hs[t - 1].data_ptr<S>();
-    const S* c_prev = cs[t - 1].data_ptr<S>();
-    S* tc = tcs.data_ptr<S>() + (tcs.size(0) == T ? (t - 1) * B * H : 0);  // or one scratch
+    S* za = xz + (t - 1) * B * G;  // pre-activations in, activations out
+    const S* h_prev = hs + (t - 1) * step;
+    const S* c_prev = cs + (t - 1) * step;
+    S* h = hs + t * step;
+    S* c = cs + t * step;
+    S* tc = tcs + (tcs_per_step ? (t - 1) * step : 0);
+    gemm_acc(true, B, G, H, h_prev, w_hh, za, blas);
     for_rows(B, G, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r = b * H;
-        lstm_row_forward(zp + 4 * r, c_prev + r, peep, act + 4 * r, c + r, h + r, tc + r, H);
+        lstm_row_forward(za + 4 * r, c_prev + r, peep, c + r, h + r, tc + r, H);
         if (padded(len, b, t)) {  // the state stops changing (c̃ in tcs/acts is not used)
           std::memcpy(h + r, h_prev + r, H * sizeof(S));
           std::memcpy(c + r, c_prev + r, H * sizeof(S));
@@ -113,44 +173,40 @@ void lstm_forward_impl(at::Tensor& xz, at::Tensor& hs, at::Tensor& cs, const at:
 }
 
 // Backward. acts (T, B, 4H), tcs (T, B, H), cs (T+1, B, H) from the forward; dy (T+1, B, H) as
-// for the RNN; dc_T (B, H) enters at step n_b of each row. With δh_t from step t+1 and y_t:
+// for the RNN (slot t-1 becomes δh_{t-1} in place); dc_T (B, H) enters at step n_b of each row;
+// dc (B, H) ends as δc_0. With δh_t from step t+1 and y_t:
 //   δz^o = δh ⊙ tanh(c̃) ⊙ o(1 - o);   δc̃ = δc + δh ⊙ o(1 - tanh²(c̃)) + p_o ⊙ δz^o
 //   δz^i = δc̃ ⊙ g ⊙ i(1 - i);  δz^f = δc̃ ⊙ c_{t-1} ⊙ f(1 - f);  δz^g = δc̃ ⊙ i ⊙ (1 - g²)
-//   δc_{t-1} = δc̃ ⊙ f + p_i ⊙ δz^i + p_f ⊙ δz^f;   δh_{t-1} = δz_t W_hh + ∂L/∂y_{t-1}
+//   δc_{t-1} = δc̃ ⊙ f + p_i ⊙ δz^i + p_f ⊙ δz^f;   δh_{t-1} = ∂L/∂y_{t-1} + δz_t W_hh
 // Rows past their end have δh = δc = 0 there, and zeros propagate (bptt.py, "Masks").
-// Writes dz (T, B, 4H); returns δh_0, δc_0.
 template <typename S>
-std::tuple<at::Tensor, at::Tensor> lstm_backward_impl(
-    const at::Tensor& acts, const at::Tensor& tcs, const at::Tensor& cs, const at::Tensor& dy,
-    const at::Tensor& dc_T, const at::Tensor& w_hh, const S* peep, const int64_t* len,
-    at::Tensor& dz) {
-  const int64_t T = acts.size(0), B = acts.size(1), H = cs.size(2), G = 4 * H;
-  at::Tensor dh = dy[T].clone();
-  at::Tensor dc = len ? at::zeros_like(dc_T) : dc_T.clone();
-  const S* dcT = dc_T.data_ptr<S>();
-  S* dcp = dc.data_ptr<S>();
+void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S* dcT, S* dc,
+                        const S* w_hh, const S* peep, const int64_t* len, S* dz, int64_t T,
+                        int64_t B, int64_t H) {
+  const bool blas = use_blas<S>();
+  const int64_t step = B * H, G = 4 * H;
+  if (!len) std::memcpy(dc, dcT, step * sizeof(S));
+  else std::fill(dc, dc + step, S(0));
   for (int64_t t = T; t >= 1; --t) {
-    const S* dhp = dh.data_ptr<S>();
-    const S* act = acts[t - 1].data_ptr<S>();
-    const S* tc = tcs[t - 1].data_ptr<S>();
-    const S* c_prev = cs[t - 1].data_ptr<S>();
-    S* dzp = dz[t - 1].data_ptr<S>();
+    const S* dh = dy + t * step;
+    const S* act = acts + (t - 1) * B * G;
+    const S* tc = tcs + (t - 1) * step;
+    const S* c_prev = cs + (t - 1) * step;
+    S* g = dz + (t - 1) * B * G;
     for_rows(B, G, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r = b * H;
         if (len && len[b] == t)  // the final cell state's gradient enters at step n_b
-          for (int64_t j = 0; j < H; ++j) dcp[r + j] += dcT[r + j];
-        lstm_row_backward(act + 4 * r, tc + r, c_prev + r, dhp + r, peep, dcp + r, dzp + 4 * r, H);
+          for (int64_t j = 0; j < H; ++j) dc[r + j] += dcT[r + j];
+        lstm_row_backward(act + 4 * r, tc + r, c_prev + r, dh + r, peep, dc + r, g + 4 * r, H);
       }
     });
-    at::addmm_out(dh, dy[t - 1], dz[t - 1], w_hh);
+    gemm_acc(false, B, H, G, g, w_hh, dy + (t - 1) * step, blas);
   }
-  if (len) {  // sequences of length 0: their final state is the initial one
+  if (len)  // sequences of length 0: their final state is the initial one
     for (int64_t b = 0; b < B; ++b)
       if (len[b] == 0)
-        for (int64_t j = 0; j < H; ++j) dcp[b * H + j] += dcT[b * H + j];
-  }
-  return {dh, dc};
+        for (int64_t j = 0; j < H; ++j) dc[b * H + j] += dcT[b * H + j];
 }
 
 const int64_t* lengths_ptr(const std::optional<at::Tensor>& lengths) {
@@ -160,63 +216,76 @@ const int64_t* lengths_ptr(const std::optional<at::Tensor>& lengths) {
   return lengths->data_ptr<int64_t>();
 }
 
-void check(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
+void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous() && t.scalar_type() == like.scalar_type(),
+              name, " must be a contiguous CPU tensor of the input's dtype");
 }
 
-void rnn_forward(const at::Tensor& xz, at::Tensor hs, const at::Tensor& w_hh_t,
+void rnn_forward(at::Tensor xz, at::Tensor hs, const at::Tensor& w_hh,
                  const std::optional<at::Tensor>& lengths, bool tanh) {
-  check(xz, "xz"); check(hs, "hs");
+  check(xz, xz, "xz"); check(hs, xz, "hs"); check(w_hh, xz, "w_hh");
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnn_forward", [&] {
-    rnn_forward_impl<scalar_t>(xz, hs, w_hh_t, lengths_ptr(lengths), tanh);
+    rnn_forward_impl<scalar_t>(xz.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
+                               w_hh.data_ptr<scalar_t>(), xz.size(0), xz.size(1), xz.size(2),
+                               lengths_ptr(lengths), tanh);
   });
 }
 
-at::Tensor rnn_backward(const at::Tensor& hs, const at::Tensor& dy, const at::Tensor& w_hh,
-                        at::Tensor dz, bool tanh) {
-  check(hs, "hs"); check(dy, "dy"); check(dz, "dz");
-  at::Tensor ds;
+void rnn_backward(const at::Tensor& hs, at::Tensor dy, const at::Tensor& w_hh, at::Tensor dz,
+                  bool tanh) {
+  check(hs, hs, "hs"); check(dy, hs, "dy"); check(w_hh, hs, "w_hh"); check(dz, hs, "dz");
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnn_backward", [&] {
-    ds = rnn_backward_impl<scalar_t>(hs, dy, w_hh, dz, tanh);
+    rnn_backward_impl<scalar_t>(hs.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
+                                w_hh.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), dz.size(0),
+                                dz.size(1), dz.size(2), tanh);
   });
-  return ds;
 }
 
-void lstm_forward(at::Tensor xz, at::Tensor hs, at::Tensor cs, const at::Tensor& w_hh_t,
+void lstm_forward(at::Tensor xz, at::Tensor hs, at::Tensor cs, const at::Tensor& w_hh,
                   const std::optional<at::Tensor>& peep, const std::optional<at::Tensor>& lengths,
                   at::Tensor tcs) {
-  check(xz, "xz"); check(hs, "hs"); check(cs, "cs"); check(tcs, "tcs");
-  const at::Tensor p_ = peep.has_value() ? peep->contiguous() : at::Tensor();
+  check(xz, xz, "xz"); check(hs, xz, "hs"); check(cs, xz, "cs"); check(w_hh, xz, "w_hh");
+  check(tcs, xz, "tcs");
+  if (peep.has_value()) check(*peep, xz, "peep");
+  const int64_t T = xz.size(0);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "lstm_forward", [&] {
-    const scalar_t* p = p_.defined() ? p_.data_ptr<scalar_t>() : nullptr;
-    lstm_forward_impl<scalar_t>(xz, hs, cs, w_hh_t, p, lengths_ptr(lengths), tcs);
+    lstm_forward_impl<scalar_t>(
+        xz.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
+        w_hh.data_ptr<scalar_t>(), peep.has_value() ? peep->data_ptr<scalar_t>() : nullptr,
+        lengths_ptr(lengths), tcs.data_ptr<scalar_t>(), tcs.size(0) == T, T, xz.size(1),
+        hs.size(2));
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> lstm_backward(
-    const at::Tensor& acts, const at::Tensor& tcs, const at::Tensor& cs, const at::Tensor& dy,
-    const at::Tensor& dc_T, const at::Tensor& w_hh, const std::optional<at::Tensor>& peep,
-    const std::optional<at::Tensor>& lengths, at::Tensor dz) {
-  check(acts, "acts"); check(tcs, "tcs"); check(cs, "cs"); check(dy, "dy"); check(dz, "dz");
-  std::tuple<at::Tensor, at::Tensor> out;
-  at::Tensor dcT = dc_T.contiguous();
-  const at::Tensor p_ = peep.has_value() ? peep->contiguous() : at::Tensor();
+at::Tensor lstm_backward(const at::Tensor& acts, const at::Tensor& tcs, const at::Tensor& cs,
+                         at::Tensor dy, const at::Tensor& dc_T, const at::Tensor& w_hh,
+                         const std::optional<at::Tensor>& peep,
+                         const std::optional<at::Tensor>& lengths, at::Tensor dz) {
+  check(acts, acts, "acts"); check(tcs, acts, "tcs"); check(cs, acts, "cs");
+  check(dy, acts, "dy"); check(w_hh, acts, "w_hh"); check(dz, acts, "dz");
+  if (peep.has_value()) check(*peep, acts, "peep");
+  const at::Tensor dcT = dc_T.contiguous();
+  at::Tensor dc = at::empty_like(dcT);
   AT_DISPATCH_FLOATING_TYPES(acts.scalar_type(), "lstm_backward", [&] {
-    const scalar_t* p = p_.defined() ? p_.data_ptr<scalar_t>() : nullptr;
-    out = lstm_backward_impl<scalar_t>(acts, tcs, cs, dy, dcT, w_hh, p, lengths_ptr(lengths), dz);
+    lstm_backward_impl<scalar_t>(
+        acts.data_ptr<scalar_t>(), tcs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
+        dy.data_ptr<scalar_t>(), dcT.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
+        w_hh.data_ptr<scalar_t>(), peep.has_value() ? peep->data_ptr<scalar_t>() : nullptr,
+        lengths_ptr(lengths), dz.data_ptr<scalar_t>(), acts.size(0), acts.size(1), cs.size(2));
   });
-  return out;
+  return dc;
 }
 
 }  // namespace
 
+// In-place arguments are marked (a!): xz and dy are overwritten (see the loops above).
 TORCH_LIBRARY(seqmodels_fused, m) {
-  m.def("rnn_forward(Tensor xz, Tensor(a!) hs, Tensor w_hh_t, Tensor? lengths, bool tanh) -> ()",
+  m.def("rnn_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor w_hh, Tensor? lengths, bool tanh) -> ()",
         &rnn_forward);
-  m.def("rnn_backward(Tensor hs, Tensor dy, Tensor w_hh, Tensor(a!) dz, bool tanh) -> Tensor",
+  m.def("rnn_backward(Tensor hs, Tensor(a!) dy, Tensor w_hh, Tensor(b!) dz, bool tanh) -> ()",
         &rnn_backward);
-  m.def("lstm_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor(c!) cs, Tensor w_hh_t, Tensor? peep, "
+  m.def("lstm_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor(c!) cs, Tensor w_hh, Tensor? peep, "
         "Tensor? lengths, Tensor(d!) tcs) -> ()", &lstm_forward);
-  m.def("lstm_backward(Tensor acts, Tensor tcs, Tensor cs, Tensor dy, Tensor dc_T, Tensor w_hh, "
-        "Tensor? peep, Tensor? lengths, Tensor(a!) dz) -> (Tensor, Tensor)", &lstm_backward);
+  m.def("lstm_backward(Tensor acts, Tensor tcs, Tensor cs, Tensor(a!) dy, Tensor dc_T, "
+        "Tensor w_hh, Tensor? peep, Tensor? lengths, Tensor(b!) dz) -> Tensor", &lstm_backward);
 }
