@@ -125,7 +125,7 @@ def peak_memory(cell: str, impl: str, B: int, T: int, I: int, H: int) -> float:
 
 
 def run_worker(args) -> None:
-    B, T, I, H = args.size
+    B, T, I, H = args.size[0]
     if args.worker == "time":
         result = time_config(args.cells, B, T, I, H, args.repeats, args.warmup)
     else:
@@ -149,7 +149,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--worker", choices=("time", "memory"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-impl", help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=int, nargs=4, action="append", metavar=("B", "T", "I", "H"),
+                        help="run this size instead of --sizes (repeatable)")
     args = parser.parse_args()
     if args.worker:
         return run_worker(args)
@@ -160,7 +161,7 @@ def main() -> None:
     print(header, flush=True)
     print("-" * len(header), flush=True)
     for cell in args.cells.split(","):
-        for size in SIZES[args.sizes]:
+        for size in args.size or SIZES[args.sizes]:
             common = ["--cells", cell, "--size", *map(str, size)]
             rows = subprocess_json(["--worker", "time", "--repeats", str(args.repeats),
                                     "--warmup", str(args.warmup), *common])["rows"]
@@ -173,6 +174,11 @@ def main() -> None:
                       f"{row['infer_tokens_per_s']:11.0f} {row['infer_ratio_vs_native']:7.2f} | {mem:>7}",
                       flush=True)
                 results.append(row)
+            by_impl = {row["impl"]: row for row in rows}
+            for row in rows:  # medians' ratio: how much faster than the readable autograd loop
+                row["train_ratio_vs_autograd"] = by_impl["autograd"]["train_ms"] / row["train_ms"]
+            print(f"{'':15} bptt vs autograd, training: "
+                  f"{by_impl['bptt']['train_ratio_vs_autograd']:.2f}x", flush=True)
     if args.json:
         print(json.dumps({"results": results}))
 

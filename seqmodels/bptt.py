@@ -197,6 +197,14 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
 
+def _linear_pooled(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``_linear`` into a buffer of the pool (give it back with ``_POOL.release``)."""
+    if _use_onednn(x) or x.device.type != "cpu":
+        return _linear(x, weight, bias)
+    out = _POOL.empty((x.shape[0], weight.shape[0]), x)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 def _grad_weight(dz: Tensor, inputs: Tensor) -> Tensor:
     """dW = dZᵀ @ inputs, summed over all T·B rows at once: dz (T·B, G), inputs (T·B, K).
 
@@ -275,8 +283,9 @@ class RNNFunction(torch.autograd.Function):
         x2 = x.reshape(T * B, I)
         kernels = _fused_kernels(x)
         if kernels is not None:  # this loop in C++, one fused kernel per step (fused_bptt.cpp)
-            xz = _linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
+            xz = _linear_pooled(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
             kernels.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh)
+            _POOL.release(xz)
         else:
             k = -2.0 if tanh else 1.0  # tanh(z) = 1 - 2σ(-2z): compute -2z directly
             one = x.new_ones(())
@@ -538,7 +547,7 @@ class LSTMFunction(torch.autograd.Function):
         T, B, I = x.shape
         H = weight_hh.shape[1]
         x2 = x.reshape(T * B, I)
-        acts = _linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, 4 * H)  # x-parts -> gates
+        acts = _linear_pooled(x2, weight_ih, bias_ih + bias_hh).view(T, B, 4 * H)  # -> gates
         hs, cs = x.new_empty(T + 1, B, H), _POOL.empty((T + 1, B, H), x)
         hs[0], cs[0] = h0, c0
         tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
@@ -548,9 +557,9 @@ class LSTMFunction(torch.autograd.Function):
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
             ctx.lengths, ctx.lens, ctx.kernels = lengths, _Lengths(lengths, T, x), kernels
-            weakref.finalize(ctx, _POOL.release, cs, tcs)
+            weakref.finalize(ctx, _POOL.release, cs, tcs, acts)
         else:
-            _POOL.release(cs)
+            _POOL.release(cs, acts)
         return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone(), c_T
 
     @staticmethod

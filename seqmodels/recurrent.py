@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqmodels import bptt
+from seqmodels import bptt, fused
 from seqmodels.cells import NONLINEARITIES, LSTMCell, RNNCell
 from seqmodels.errors import ConfigError
 
@@ -51,23 +51,31 @@ def check_stack_args(
         raise ConfigError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd, bptt or auto")
 
 
-def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str = "cpu") -> str:
+def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str = "cpu",
+                 training: bool = False) -> str:
     """The implementation ``auto`` stands for; any other ``impl`` is returned as is.
 
-    ``auto`` picks the fastest correct implementation for the cell and the hardware, as
-    measured by ``benchmarks/cells.py`` (numbers in docs/bptt.md):
-        peephole LSTM      -> bptt    (native cannot; bptt trains faster than autograd)
-        RNN on CPU         -> bptt    (torch.nn.RNN's CPU path is not fused: the hand-written
-                                       backward trains faster than it)
-        LSTM on CPU        -> native  (oneDNN's fused LSTM kernel)
-        RNN / LSTM on GPU  -> native  (cuDNN)
+    ``auto`` picks the fastest correct implementation for the cell, the hardware and the call
+    (``training``: a backward will follow), as measured by ``benchmarks/cells.py`` (numbers in
+    README and docs/bptt.md):
+        peephole LSTM              -> bptt    (native cannot; bptt trains faster than autograd)
+        RNN on CPU                 -> bptt    (torch.nn.RNN's CPU path is not fused: the
+                                               hand-written backward trains 1.3-2.6x faster)
+        LSTM on CPU, training      -> bptt    when its fused C++ loops are built (fused.py):
+                                               1.05-1.5x oneDNN's LSTM for forward + backward
+        LSTM on CPU, inference     -> native  (oneDNN's fused LSTM; bptt's forward is 0.7-0.8x)
+        RNN / LSTM on GPU          -> native  (cuDNN)
+    All of them compute the same function of the same parameters.
     """
     if impl != "auto":
         return impl
     if peephole:
         return "bptt"
-    if cell == "rnn" and device_type == "cpu":
-        return "bptt"
+    if device_type == "cpu":
+        if cell == "rnn":
+            return "bptt"
+        if training and fused.kernels() is not None:
+            return "bptt"
     return "native"
 
 
@@ -151,7 +159,9 @@ class RecurrentStack(nn.Module):
             raise ValueError(f"expected input of shape (B, T, F), got {tuple(x.shape)}")
         if state is None:
             state = self.initial_state(x.shape[0], x)
-        impl = resolve_impl(self.impl, self.peephole, self.cell_type, x.device.type)
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        impl = resolve_impl(self.impl, self.peephole, self.cell_type, x.device.type, training)
         if impl == "native":
             return self._forward_native(x, state, lengths)
         if impl == "bptt":

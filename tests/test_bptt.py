@@ -3,6 +3,9 @@ closed-form scalar example. CPU, tiny sizes, a few seconds in all."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -209,6 +212,27 @@ def test_fused_loops_keep_nan_and_saturate(variant, loops):
         ref = stack(x)[0]
     assert torch.isnan(out[1]).all() and not torch.isnan(out[0]).any()
     assert torch.allclose(out[0], ref[0], atol=1e-6)
+
+
+def test_fused_loops_leave_torch_rng_alone():
+    """Their first call in a process checks the BLAS against at::mm; that check must not draw
+    from torch's RNG (it would shift dropout masks: a resumed run would not match). A fresh
+    process, since the check runs once per process."""
+    code = """
+import torch
+from seqmodels.recurrent import RecurrentStack
+torch.manual_seed(0)
+stack = RecurrentStack("lstm", 3, 4, impl="bptt")
+for dtype in (torch.float32, torch.float64):
+    s = stack.to(dtype)
+    before = torch.get_rng_state()
+    s(torch.ones(2, 5, 3, dtype=dtype))[0].sum().backward()
+    assert torch.equal(before, torch.get_rng_state()), dtype
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_fused_build_failure_falls_back_with_one_warning(monkeypatch):
@@ -425,7 +449,10 @@ def test_bptt_under_bf16_autocast_runs_in_float32(variant):
 # ---- choice of implementation ------------------------------------------------------
 def test_resolve_impl_and_native_peephole_error():
     assert resolve_impl("auto", False, "rnn", "cpu") == "bptt"
-    assert resolve_impl("auto", False, "lstm", "cpu") == "native"
+    assert resolve_impl("auto", False, "lstm", "cpu") == "native"  # inference: oneDNN
+    assert fused.kernels() is not None
+    assert resolve_impl("auto", False, "lstm", "cpu", training=True) == "bptt"
+    assert resolve_impl("auto", False, "lstm", "cuda", training=True) == "native"
     assert resolve_impl("auto", True, "lstm", "cpu") == "bptt"
     assert resolve_impl("auto", True, "lstm", "cuda") == "bptt"
     assert resolve_impl("auto", False, "rnn", "cuda") == "native"

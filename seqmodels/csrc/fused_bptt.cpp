@@ -71,8 +71,10 @@ void gemm_acc(bool w_t, int64_t rows, int64_t n, int64_t k, const S* a, const S*
 template <typename S> bool use_blas() {
   static const bool ok = [] {
     if (!blas_exported<S>()) return false;
+    // fixed inputs: drawing random ones would move torch's global RNG (and so dropout masks)
     const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
-    at::Tensor a = at::randn({3, 5}, opt), w = at::randn({4, 5}, opt), v = at::randn({5, 4}, opt);
+    at::Tensor a = at::arange(15, opt).reshape({3, 5}).sin(), w = at::arange(20, opt).reshape({4, 5}).cos();
+    at::Tensor v = w.t().contiguous().mul(0.5);
     at::Tensor c1 = at::zeros({3, 4}, opt), c2 = at::zeros({3, 4}, opt);
     gemm_acc<S>(true, 3, 4, 5, a.data_ptr<S>(), w.data_ptr<S>(), c1.data_ptr<S>(), true);
     gemm_acc<S>(false, 3, 4, 5, a.data_ptr<S>(), v.data_ptr<S>(), c2.data_ptr<S>(), true);
