@@ -33,6 +33,11 @@ where dZ (T·B, G) holds ∂L/∂(pre-activation) of every step. The LSTM's back
 reduced to four elementwise kernels by factors the forward computes (``LSTMFunction``).
 On CPU in float32 the GEMMs run in oneDNN (``_RecurrentMatmul``, ``_linear``).
 
+On CPU (float32, float64) the two time loops run in C++ when ``fused.py`` could build
+``csrc/``: the same recursions, one BLAS GEMM and one fused elementwise pass per step
+(``_forward_fused`` / ``_backward_fused`` for the LSTM, a branch in the RNN's methods). The
+Python loops below remain the reference, the GPU path and the fallback.
+
 Autocast: the Functions compute in float32. ``rnn_layer`` / ``lstm_layer`` cast floating
 inputs to float32 and switch autocast off when it is on (what ``torch.amp.custom_fwd(...,
 cast_inputs=torch.float32)`` does, but for whatever device type x lives on); autograd casts the
