@@ -26,6 +26,9 @@ from seqmodels.tasks import SequenceModel
 
 # The optimizer and scheduler of the config replace the module's fallback: expected, not news.
 warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden by")
+# torchdata 0.11's StatefulDataLoader calls a deprecated torch API at every epoch start and
+# warns about it each time; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
 
 CONFIG_FILENAME = "cli_config.yaml"  # not config.yaml: wandb writes its own file of that name
 
