@@ -558,14 +558,14 @@ class LSTMFunction(torch.autograd.Function):
         tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
         peep = None if weight_ci is None else torch.stack((weight_ci, weight_cf, weight_co))
         kernels.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs)
-        c_T = cs[T].clone()
+        c_T, lens = cs[T].clone(), _Lengths(lengths, T, x)
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
-            ctx.lengths, ctx.lens, ctx.kernels = lengths, _Lengths(lengths, T, x), kernels
+            ctx.lengths, ctx.lens, ctx.kernels = lengths, lens, kernels
             weakref.finalize(ctx, _POOL.release, cs, tcs, acts)
         else:
             _POOL.release(cs, acts)
-        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone(), c_T
+        return lens.masked_output(hs), hs[T].clone(), c_T
 
     @staticmethod
     def _backward_fused(ctx, d_out, d_hT, d_cT):
