@@ -204,7 +204,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
 
 def _linear_pooled(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``_linear`` into a buffer of the pool (give it back with ``_POOL.release``)."""
-    if _use_onednn(x) or x.device.type != "cpu":
+    if _use_onednn(x):
         return _linear(x, weight, bias)
     out = _POOL.empty((x.shape[0], weight.shape[0]), x)
     return torch.addmm(bias, x, weight.t(), out=out)
@@ -526,22 +526,8 @@ class LSTMFunction(torch.autograd.Function):
             dh = recurrent(DZ[s], DY[s])  # δh_{t-1} = δz_t W_hh + ∂L/∂y_{t-1}
             if dc_final is not None and s in lens.ends:
                 dc.add_(dc_final[s])
-        dz2 = dz.view(T * B, 4 * H)
-        need = ctx.needs_input_grad
-        d_x = _linear(dz2, _to_ofig(weight_ih).t()).view(T, B, -1) if need[0] else None
-        d_h0 = dh if need[1] else None
-        d_c0 = dc if need[2] else None
-        d_w_ih = _from_ofig(_grad_weight(dz2, x2)) if need[3] else None  # dZᵀ X
-        d_w_hh = _from_ofig(_grad_weight(dz2, hs[:-1].view(T * B, H))) if need[4] else None
-        d_b = _from_ofig(dz2.sum(0)) if (need[5] or need[6]) else None
-        d_ci = d_cf = d_co = None
-        if ctx.peephole:
-            d_ci = (dz[..., H:2 * H] * cs[:-1]).sum((0, 1))
-            d_cf = (dz[..., 2 * H:3 * H] * cs[:-1]).sum((0, 1))
-            d_co = (dz[..., :H] * cs[1:]).sum((0, 1))
-        _POOL.release(dy, dz)
-        return (d_x, d_h0, d_c0, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(),
-                d_ci, d_cf, d_co, None, None)
+        return _lstm_grads(ctx.needs_input_grad, dz, dy, x2, hs, cs if ctx.peephole else None,
+                           weight_ih, dh, dc, torch_order=False)
 
     @staticmethod
     def _forward_fused(ctx, kernels, x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
@@ -579,20 +565,35 @@ class LSTMFunction(torch.autograd.Function):
         d_c0 = ctx.kernels.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh.contiguous(), peep,
                                          ctx.lengths, dz)
         d_h0 = dy[0].clone()  # the loop leaves δh_t in dy[t]
-        dz2 = dz.view(T * B, 4 * H)
-        need = ctx.needs_input_grad
-        d_x = _linear(dz2, weight_ih.t()).view(T, B, -1) if need[0] else None
-        d_w_ih = _grad_weight(dz2, x2) if need[3] else None  # dZᵀ X
-        d_w_hh = _grad_weight(dz2, hs[:-1].view(T * B, H)) if need[4] else None  # dZᵀ H_prev
-        d_b = dz2.sum(0) if (need[5] or need[6]) else None
-        d_ci = d_cf = d_co = None
-        if peep is not None:  # Σ δz^i c_{t-1}, Σ δz^f c_{t-1}, Σ δz^o c̃_t
-            d_ci = (dz[..., :H] * cs[:-1]).sum((0, 1))
-            d_cf = (dz[..., H:2 * H] * cs[:-1]).sum((0, 1))
-            d_co = (dz[..., 3 * H:] * cs[1:]).sum((0, 1))
-        _POOL.release(dy, dz)
-        return (d_x, d_h0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh, d_b,
-                None if d_b is None else d_b.clone(), d_ci, d_cf, d_co, None, None)
+        return _lstm_grads(ctx.needs_input_grad, dz, dy, x2, hs, None if peep is None else cs,
+                           weight_ih, d_h0, d_c0, torch_order=True)
+
+
+def _lstm_grads(need, dz: Tensor, dy: Tensor, x2: Tensor, hs: Tensor, cs: Optional[Tensor],
+                weight_ih: Tensor, d_h0: Tensor, d_c0: Tensor, torch_order: bool) -> tuple:
+    """What ``LSTMFunction.backward`` returns, from dZ (T, B, 4H) of all steps at once:
+        dX = dZ W_ih,  dW_ih = dZᵀ X,  dW_hh = dZᵀ H_prev,  db = Σ_rows dZ,
+        dp_i = Σ δz^i ⊙ c_{t-1},  dp_f = Σ δz^f ⊙ c_{t-1},  dp_o = Σ δz^o ⊙ c̃_t  (cs given).
+    dZ's gates are in torch's order (i, f, g, o), or in the Python loop's (o, i, f, g). Gives the
+    buffers dy and dz back to the pool."""
+    T, B, H4 = dz.shape
+    H = H4 // 4
+    inner, back = (lambda w: w, lambda w: w) if torch_order else (_to_ofig, _from_ofig)
+    gate_i, gate_f, gate_o = (0, 1, 3) if torch_order else (1, 2, 0)  # blocks of H in dz
+    dz2 = dz.view(T * B, 4 * H)
+    d_x = _linear(dz2, inner(weight_ih).t()).view(T, B, -1) if need[0] else None
+    d_w_ih = back(_grad_weight(dz2, x2)) if need[3] else None
+    d_w_hh = back(_grad_weight(dz2, hs[:-1].view(T * B, H))) if need[4] else None
+    d_b = back(dz2.sum(0)) if (need[5] or need[6]) else None
+    d_ci = d_cf = d_co = None
+    if cs is not None:
+        gate = lambda k: dz[..., k * H:(k + 1) * H]  # noqa: E731
+        d_ci = (gate(gate_i) * cs[:-1]).sum((0, 1))
+        d_cf = (gate(gate_f) * cs[:-1]).sum((0, 1))
+        d_co = (gate(gate_o) * cs[1:]).sum((0, 1))
+    _POOL.release(dy, dz)
+    return (d_x, d_h0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh, d_b,
+            None if d_b is None else d_b.clone(), d_ci, d_cf, d_co, None, None)
 
 
 # ---------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ class RecurrentStack(nn.Module):
             raise ValueError(f"expected input of shape (B, T, F), got {tuple(x.shape)}")
         if state is None:
             state = self.initial_state(x.shape[0], x)
-        training = torch.is_grad_enabled() and (
+        training = self.impl == "auto" and torch.is_grad_enabled() and (  # only auto asks
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
         impl = resolve_impl(self.impl, self.peephole, self.cell_type, x.device.type, training)
         if impl == "native":

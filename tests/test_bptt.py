@@ -201,9 +201,9 @@ def test_fused_loops_split_across_threads(variant):
 
 
 @pytest.mark.parametrize("variant", ["rnn_tanh", "lstm_peephole"])
-def test_fused_loops_keep_nan_and_saturate(variant, loops):
-    """Huge pre-activations saturate exactly as torch's (σ -> 0 or 1, tanh -> ±1) and a NaN
-    input stays NaN in the outputs (the divergence guard relies on it)."""
+def test_bptt_keeps_nan_and_saturates(variant, loops):
+    """Both loops: huge pre-activations saturate exactly as torch's (σ -> 0 or 1, tanh -> ±1)
+    and a NaN input stays NaN in the outputs (the divergence guard relies on it)."""
     stack = make_stack(variant, input_size=3, hidden_size=8, num_layers=1)
     x = torch.tensor([[[1e4, -1e4, 50.0]] * 3, [[float("nan"), 0.0, 0.0]] * 3])
     with torch.no_grad():
