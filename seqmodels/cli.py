@@ -22,6 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from seqmodels.errors import ConfigError, find_user_error
+from seqmodels.schedules import WarmupCosineLR, size_to_trainer
 from seqmodels.tasks import SequenceModel
 
 # The optimizer and scheduler of the config replace the module's fallback: expected, not news.
@@ -249,6 +250,15 @@ class SeqCLI(LightningCLI):
             check_writable(self.trainer.default_root_dir)
 
     before_fit = before_validate = before_test = before_predict = _check_before_run
+
+    @staticmethod
+    def configure_optimizers(lightning_module: LightningModule, optimizer, lr_scheduler=None):
+        """Lightning's default, except that a scheduler sized in optimizer steps
+        (``WarmupCosineLR``) is stepped every step and sized to the Trainer's run."""
+        if isinstance(lr_scheduler, WarmupCosineLR):
+            size_to_trainer(lr_scheduler, lightning_module.trainer)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

@@ -1,0 +1,91 @@
+"""WarmupCosineLR: the equation, sized to the Trainer's steps or its time limit, through the CLI."""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from seqmodels.schedules import WarmupCosineLR
+from tests.conftest import ROOT
+from tests.test_cli_end_to_end import TINY
+
+
+def make(**kwargs) -> tuple[torch.optim.Optimizer, WarmupCosineLR]:
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    return optimizer, WarmupCosineLR(optimizer, **kwargs)
+
+
+def lrs(optimizer, scheduler, steps: int) -> list[float]:
+    out = []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_warmup_then_cosine_to_the_floor():
+    optimizer, scheduler = make(warmup_steps=4, total_steps=20, final_fraction=0.1)
+    got = lrs(optimizer, scheduler, 22)
+    for t, lr in enumerate(got):
+        warm = min(1.0, (t + 1) / 4)
+        cos = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 20) / 20))
+        assert lr == pytest.approx(2.0 * warm * cos, rel=1e-12), t
+    assert got[0] == pytest.approx(2.0 * 0.25 * (0.1 + 0.9), rel=1e-12)
+    assert got[20] == got[21] == pytest.approx(0.2), "holds the floor after the end"
+
+
+def test_time_budget_drives_the_progress_when_it_is_ahead():
+    optimizer, scheduler = make(warmup_steps=0, total_steps=1000)
+    spent = {"fraction": 0.5}
+    scheduler.time_fraction = lambda: spent["fraction"]
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0), "half the time spent: half-way down the cosine"
+    spent["fraction"] = 1.3
+    optimizer.step()
+    scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    state = scheduler.state_dict()
+    assert "time_fraction" not in state, "the closure over the Trainer is not saved"
+    torch.save(state, io.BytesIO())
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"warmup_steps": -1}, "warmup_steps must be >= 0"),
+    ({"total_steps": 0}, "total_steps must be >= 1"),
+    ({"final_fraction": 1.5}, "final_fraction"),
+])
+def test_impossible_settings_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        make(**kwargs)
+
+
+SCHEDULE = ["--lr_scheduler=seqmodels.schedules.WarmupCosineLR", "--lr_scheduler.warmup_steps=3",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"]
+
+
+def test_cli_steps_it_every_step_and_sizes_it_to_the_run(in_tmp_dir):
+    from seqmodels.cli import main
+
+    cli = main(["fit", "--config", str(ROOT / "configs" / "sums_lstm.yaml"), *TINY, *SCHEDULE])
+    scheduler = cli.trainer.lr_scheduler_configs[0]
+    assert scheduler.interval == "step"
+    steps = cli.trainer.global_step
+    assert scheduler.scheduler.total_steps == steps == cli.trainer.estimated_stepping_batches
+    assert scheduler.scheduler.last_epoch == steps
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), "ends at the floor"
+
+
+def test_cli_follows_the_time_limit_without_max_epochs(in_tmp_dir):
+    from seqmodels.cli import main
+
+    args = [a for a in TINY if not a.startswith("--trainer.max_epochs")]
+    cli = main(["fit", "--config", str(ROOT / "configs" / "sums_lstm.yaml"), *args, *SCHEDULE,
+                "--trainer.max_epochs=-1", "--trainer.max_time=00:00:00:04"])
+    scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.total_steps is None and scheduler.time_fraction is not None
+    assert cli.trainer.global_step > 10
+    assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.05 * scheduler.base_lrs[0], "annealed by the clock"
