@@ -25,6 +25,8 @@ from lightning.pytorch.callbacks import Timer
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from seqmodels.errors import ConfigError
+
 
 class WarmupCosineLR(LRScheduler):
     """Linear warm-up over ``warmup_steps``, then cosine decay to ``final_fraction`` × lr at the
@@ -33,11 +35,11 @@ class WarmupCosineLR(LRScheduler):
     def __init__(self, optimizer: Optimizer, warmup_steps: int = 100, total_steps: int | None = None,
                  final_fraction: float = 0.0, last_epoch: int = -1) -> None:
         if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+            raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0, got {warmup_steps}")
         if total_steps is not None and total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1 (or null: the Trainer's number of steps), got {total_steps}")
+            raise ConfigError(f"lr_scheduler.total_steps must be >= 1 (or null: the Trainer's number of steps), got {total_steps}")
         if not 0.0 <= final_fraction <= 1.0:
-            raise ValueError(f"final_fraction is a fraction of the peak lr, in [0, 1]; got {final_fraction}")
+            raise ConfigError(f"lr_scheduler.final_fraction is a fraction of the peak lr, in [0, 1]; got {final_fraction}")
         self.warmup_steps, self.total_steps, self.final_fraction = warmup_steps, total_steps, final_fraction
         self.time_fraction: Callable[[], float] | None = None  # share of the time budget spent
         super().__init__(optimizer, last_epoch)
@@ -74,5 +76,5 @@ def size_to_trainer(scheduler: WarmupCosineLR, trainer) -> None:
     if timer is not None:
         scheduler.time_fraction = lambda: trainer.strategy.broadcast(timer.time_elapsed() / timer._duration)
     elif scheduler.total_steps is None:
-        raise ValueError("WarmupCosineLR needs an end: set trainer.max_epochs, max_steps or max_time, "
+        raise ConfigError("lr_scheduler WarmupCosineLR needs an end: set trainer.max_epochs, max_steps or max_time, "
                          "or lr_scheduler.init_args.total_steps")

@@ -26,6 +26,10 @@ HYPERPARAMETERS = {
     "--model.init_args.nonlinearity=sigmoid": "model.nonlinearity must be one of ['tanh', 'relu']",
     "--model.init_args.impl=fast": "model.impl must be one of",
     "--model.init_args.recurrent_init=zeros": "model.recurrent_init must be one of",
+    '--lr_scheduler={"class_path": "seqmodels.schedules.WarmupCosineLR", "init_args": {"warmup_steps": -1}}':
+        "lr_scheduler.warmup_steps must be >= 0, got -1",
+    '--lr_scheduler={"class_path": "seqmodels.schedules.WarmupCosineLR", "init_args": {"final_fraction": 2}}':
+        "lr_scheduler.final_fraction is a fraction of the peak lr, in [0, 1]; got 2",
     "--model.init_args.hiden_size=3": "model: Option 'hiden_size' is not accepted",
     "--model.init_args.hidden_size=abc": "model.hidden_size: Expected a <class 'int'>",
     "--trainer.no_such_option=1": "unrecognized arguments: --trainer.no_such_option",

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from seqmodels.errors import ConfigError
 from seqmodels.schedules import WarmupCosineLR
 from tests.conftest import ROOT
 from tests.test_cli_end_to_end import TINY
@@ -59,7 +60,7 @@ def test_time_budget_drives_the_progress_when_it_is_ahead():
     ({"final_fraction": 1.5}, "final_fraction"),
 ])
 def test_impossible_settings_are_refused(kwargs, words):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ConfigError, match=words):
         make(**kwargs)
 
 

@@ -43,9 +43,10 @@ class PolyphonicMusicModel(SequenceModel):
     def __init__(self, cell: str = "lstm", input_size: int = 88, hidden_size: int = 256,
                  num_layers: int = 1, dropout: float = 0.0, impl: str = "auto",
                  nonlinearity: str = "tanh", forget_bias: float = 1.0, peephole: bool = False,
-                 input_dropout: float = 0.0, output_dropout: float = 0.0, pack: bool = False) -> None:
+                 input_dropout: float = 0.0, output_dropout: float = 0.0, pack: bool = False,
+                 recurrent_init: str = "default", recurrent_gain: float = 1.0) -> None:
         super().__init__(cell, input_size, hidden_size, num_layers, dropout, impl,
-                         nonlinearity, forget_bias, peephole)
+                         nonlinearity, forget_bias, peephole, recurrent_init, recurrent_gain)
         for name, value in (("input_dropout", input_dropout), ("output_dropout", output_dropout)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value!r}")
