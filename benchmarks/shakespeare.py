@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import torch  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 
 from ngram import best_ngram_losses  # noqa: E402
@@ -91,7 +92,9 @@ def main() -> None:
     tokens_per_s = throughput.tokens / max(throughput.step_time, 1e-9)
     data_share = throughput.gap_time / max(throughput.step_time + throughput.gap_time, 1e-9)
 
-    print(f"\ncorpus: {args.path or 'embedded Shakespeare'}; train/val chars "
+    host = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    print(f"\nhost: {host} (tokens/s, and so the loss reached in a time budget, depend on it)")
+    print(f"corpus: {args.path or 'embedded Shakespeare'}; train/val chars "
           f"{len(dm.split_ids('train')):,}/{len(dm.split_ids('val')):,}; vocabulary {dm.vocab_size}")
     print(f"encoding from scratch: {encode_seconds:.2f} s")
     print(f"{args.model}: {train_minutes:.1f} min, {trainer.current_epoch} epochs, {trainer.global_step} steps, "
@@ -104,7 +107,7 @@ def main() -> None:
         "model": args.model, "minutes": args.minutes, "val_loss": val_loss, "val_bpc": val_loss / math.log(2),
         "ngram": {n: r["loss"] for n, r in ngram.items()}, "tokens_per_s": tokens_per_s,
         "data_wait_fraction": data_share, "encode_seconds": encode_seconds, "epochs": trainer.current_epoch,
-        "steps": trainer.global_step, "train_minutes": train_minutes,
+        "steps": trainer.global_step, "train_minutes": train_minutes, "host": host,
     }
     print(json.dumps(result))
 
