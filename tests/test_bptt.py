@@ -471,11 +471,28 @@ def test_bptt_under_bf16_autocast_runs_in_float32(variant):
 
 
 # ---- choice of implementation ------------------------------------------------------
+@pytest.mark.parametrize("batch, hidden, expected", [(64, 256, "bptt"), (4, 256, "native"), (64, 16, "native")])
+def test_auto_trains_the_lstm_with_bptt_only_for_large_batch_times_hidden(batch, hidden, expected, monkeypatch):
+    stack = RecurrentStack("lstm", 3, hidden)
+    used = []
+    for name in ("bptt", "native"):
+        method = getattr(stack, f"_forward_{name}")
+        monkeypatch.setattr(stack, f"_forward_{name}", lambda *a, _m=method, _n=name: used.append(_n) or _m(*a))
+    x = torch.randn(batch, 5, 3)
+    stack(x)[0].sum().backward()
+    with torch.no_grad():
+        stack(x)
+    assert used == [expected, "native"], "training: by B·H; inference: always oneDNN"
+
+
 def test_resolve_impl_and_native_peephole_error():
     assert resolve_impl("auto", False, "rnn", "cpu") == "bptt"
     assert resolve_impl("auto", False, "lstm", "cpu") == "native"  # inference: oneDNN
     assert fused.kernels() is not None
     assert resolve_impl("auto", False, "lstm", "cpu", training=True) == "bptt"
+    assert resolve_impl("auto", False, "lstm", "cpu", training=True, units=64 * 256) == "bptt"
+    assert resolve_impl("auto", False, "lstm", "cpu", training=True, units=16 * 128) == "native"  # oneDNN faster
+    assert resolve_impl("auto", False, "rnn", "cpu", training=True, units=16 * 128) == "bptt"
     assert resolve_impl("auto", False, "lstm", "cuda", training=True) == "native"
     assert resolve_impl("auto", True, "lstm", "cpu") == "bptt"
     assert resolve_impl("auto", True, "lstm", "cuda") == "bptt"
