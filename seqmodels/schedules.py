@@ -70,11 +70,15 @@ def size_to_trainer(scheduler: WarmupCosineLR, trainer) -> None:
     """Fill in S from the Trainer when the config left it null, and follow the Trainer's time
     limit if it has one (the fraction is broadcast from rank 0, so all DDP ranks agree)."""
     steps = trainer.estimated_stepping_batches
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c._duration), None)
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
     if scheduler.total_steps is None and math.isfinite(steps):
         scheduler.total_steps = max(1, int(steps))
     if timer is not None:
-        scheduler.time_fraction = lambda: trainer.strategy.broadcast(timer.time_elapsed() / timer._duration)
+        def spent() -> float:  # elapsed / (elapsed + remaining) = elapsed / max_time
+            elapsed = timer.time_elapsed()
+            return trainer.strategy.broadcast(elapsed / max(elapsed + timer.time_remaining(), 1e-9))
+
+        scheduler.time_fraction = spent
     elif scheduler.total_steps is None:
         raise ConfigError("lr_scheduler WarmupCosineLR needs an end: set trainer.max_epochs, max_steps or max_time, "
                          "or lr_scheduler.init_args.total_steps")

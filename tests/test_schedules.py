@@ -88,5 +88,5 @@ def test_cli_follows_the_time_limit_without_max_epochs(in_tmp_dir):
                 "--trainer.max_epochs=-1", "--trainer.max_time=00:00:00:04"])
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.total_steps is None and scheduler.time_fraction is not None
-    assert cli.trainer.global_step > 10
+    assert cli.trainer.global_step > 1
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.05 * scheduler.base_lrs[0], "annealed by the clock"
