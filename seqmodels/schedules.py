@@ -58,7 +58,8 @@ class WarmupCosineLR(LRScheduler):
         return warm * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * self.progress(step))))
 
     def get_lr(self) -> list[float]:
-        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+        factor = self.factor(self.last_epoch)  # once per step: it may ask the clock (a broadcast)
+        return [base * factor for base in self.base_lrs]
 
     def state_dict(self) -> dict:
         state = super().state_dict()
