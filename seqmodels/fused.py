@@ -32,7 +32,8 @@ def _build():
     try:
         cpp_extension.load(
             name=f"seqmodels_fused_{isa}", sources=[str(CSRC / "fused_bptt.cpp"), str(CSRC / "cell_steps.cpp")], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-trapping-math"], verbose=False)
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
+            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # noqa: BLE001 - any build failure means: use the Python loops
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = next((line.strip() for line in lines if "error:" in line), lines[-1])

@@ -181,18 +181,26 @@ def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch)
         assert rel_err(g, r) < 1e-5
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_loops_split_across_threads(variant):
-    """The C++ loops hand rows to 2 threads when a step has more than ~8k units: a batch big
-    enough for that, uneven lengths, against autograd."""
+def test_fused_loops_split_across_threads(variant, two_threads):
+    """The C++ loops share each step's units among torch's threads (a step big enough for it):
+    100 units split unevenly (48 + 52) between 2 threads, uneven lengths, against autograd."""
     assert fused.kernels() is not None
-    stack = make_stack(variant, input_size=9, hidden_size=128, num_layers=1)
+    stack = make_stack(variant, input_size=9, hidden_size=100, num_layers=1)
     gen = torch.Generator().manual_seed(5)
     B, T = 40, 9
     x = torch.randn(B, T, 9, generator=gen)
     state = random_state(stack, B, torch.float32, gen)
     lengths = torch.randint(0, T + 1, (B,), generator=gen)
-    weights = torch.randn(B, T, 128, generator=gen)
+    weights = torch.randn(B, T, 100, generator=gen)
     ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
     loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
     assert_same_loss(loss, ref_loss)

@@ -39,9 +39,9 @@ inline double tanh_(double x) { return std::tanh(x); }
 template <typename S, bool kPeep>
 void lstm_row_forward_(S* __restrict za, const S* __restrict c_prev,
                              const S* __restrict peep, S* __restrict c,
-                             S* __restrict h, S* __restrict tc_out, int64_t H) {
+                             S* __restrict h, S* __restrict tc_out, int64_t n, int64_t H) {
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const S cp = c_prev[j];
     const S i = sigmoid_(za[j] + (kPeep ? peep[j] * cp : S(0)));
     const S f = sigmoid_(za[H + j] + (kPeep ? peep[H + j] * cp : S(0)));
@@ -61,9 +61,9 @@ template <typename S, bool kPeep>
 void lstm_row_backward_(const S* __restrict act, const S* __restrict tc_t,
                               const S* __restrict c_prev, const S* __restrict dh,
                               const S* __restrict peep, S* __restrict dc, S* __restrict dz,
-                              int64_t H) {
+                              int64_t n, int64_t H) {
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     const S i = act[j], f = act[H + j], g = act[2 * H + j], o = act[3 * H + j];
     const S tc = tc_t[j], d = dh[j];
     const S dzo = d * tc * o * (S(1) - o);
@@ -101,24 +101,25 @@ template <typename S> void rnn_row_backward(const S* __restrict ds, const S* __r
 }
 
 template <typename S>
-void lstm_row_forward(S* za, const S* c_prev, const S* peep, S* c, S* h, S* tc, int64_t H) {
-  if (peep) lstm_row_forward_<S, true>(za, c_prev, peep, c, h, tc, H);
-  else lstm_row_forward_<S, false>(za, c_prev, peep, c, h, tc, H);
+void lstm_row_forward(S* za, const S* c_prev, const S* peep, S* c, S* h, S* tc, int64_t n,
+                      int64_t stride) {
+  if (peep) lstm_row_forward_<S, true>(za, c_prev, peep, c, h, tc, n, stride);
+  else lstm_row_forward_<S, false>(za, c_prev, peep, c, h, tc, n, stride);
 }
 
 template <typename S>
 void lstm_row_backward(const S* act, const S* tc, const S* c_prev, const S* dh, const S* peep,
-                       S* dc, S* dz, int64_t H) {
-  if (peep) lstm_row_backward_<S, true>(act, tc, c_prev, dh, peep, dc, dz, H);
-  else lstm_row_backward_<S, false>(act, tc, c_prev, dh, peep, dc, dz, H);
+                       S* dc, S* dz, int64_t n, int64_t stride) {
+  if (peep) lstm_row_backward_<S, true>(act, tc, c_prev, dh, peep, dc, dz, n, stride);
+  else lstm_row_backward_<S, false>(act, tc, c_prev, dh, peep, dc, dz, n, stride);
 }
 
 #define SEQMODELS_INSTANTIATE(S)                                                              \
   template void rnn_row_forward<S>(const S*, S*, int64_t, bool);                            \
   template void rnn_row_backward<S>(const S*, const S*, S*, int64_t, bool);                 \
-  template void lstm_row_forward<S>(S*, const S*, const S*, S*, S*, S*, int64_t);             \
+  template void lstm_row_forward<S>(S*, const S*, const S*, S*, S*, S*, int64_t, int64_t);    \
   template void lstm_row_backward<S>(const S*, const S*, const S*, const S*, const S*, S*, S*, \
-                                     int64_t);
+                                     int64_t, int64_t);
 SEQMODELS_INSTANTIATE(float)
 SEQMODELS_INSTANTIATE(double)
 

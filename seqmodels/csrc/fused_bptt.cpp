@@ -14,9 +14,14 @@
 
 #include "cell_steps.h"
 
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 
 // The BLAS that torch links (MKL in the x86 wheels, OpenBLAS elsewhere) exports the Fortran
 // GEMMs; called directly they skip ATen's per-call tensor bookkeeping, which at small sizes
@@ -51,20 +56,22 @@ template <typename S> bool blas_exported() {
   return std::is_same_v<S, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
 }
 
-// c (rows x n) += a (rows x k) @ op(w), row-major and contiguous, where op(w) = wᵀ for w (n x k)
-// (w_t) or w for w (k x n). In BLAS's column-major terms: cᵀ += op(w)ᵀ aᵀ.
+// c (rows x n) += a (rows x k) @ op(w), row-major with row strides lda, ldw, ldc, where
+// op(w) = wᵀ for w (n x k) (w_t) or w for w (k x n). In BLAS's column-major terms:
+// cᵀ += op(w)ᵀ aᵀ.
 template <typename S>
-void gemm_acc(bool w_t, int64_t rows, int64_t n, int64_t k, const S* a, const S* w, S* c,
-              bool use_blas) {
+void gemm_acc(bool w_t, int64_t rows, int64_t n, int64_t k, const S* a, int64_t lda, const S* w,
+              int64_t ldw, S* c, int64_t ldc, bool use_blas) {
   if (use_blas) {
-    blas_gemm(w_t ? "T" : "N", int(n), int(rows), int(k), w, int(w_t ? k : n), a, int(k), c,
-              int(n));
+    blas_gemm(w_t ? "T" : "N", int(n), int(rows), int(k), w, int(ldw), a, int(lda), c, int(ldc));
     return;
   }
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<S>::value);
-  at::Tensor wt = w_t ? at::from_blob(const_cast<S*>(w), {n, k}, opt).t()
-                      : at::from_blob(const_cast<S*>(w), {k, n}, opt);
-  at::from_blob(c, {rows, n}, opt).addmm_(at::from_blob(const_cast<S*>(a), {rows, k}, opt), wt);
+  auto view = [&](const S* p, int64_t r, int64_t cols, int64_t ld) {
+    return at::from_blob(const_cast<S*>(p), {r, cols}, {ld, 1}, opt);
+  };
+  at::Tensor wt = w_t ? view(w, n, k, ldw).t() : view(w, k, n, ldw);
+  view(c, rows, n, ldc).addmm_(view(a, rows, k, lda), wt);
 }
 
 // Whether the exported BLAS computes what at::mm computes (once per process and type).
@@ -76,17 +83,62 @@ template <typename S> bool use_blas() {
     at::Tensor a = at::arange(15, opt).reshape({3, 5}).sin(), w = at::arange(20, opt).reshape({4, 5}).cos();
     at::Tensor v = w.t().contiguous().mul(0.5);
     at::Tensor c1 = at::zeros({3, 4}, opt), c2 = at::zeros({3, 4}, opt);
-    gemm_acc<S>(true, 3, 4, 5, a.data_ptr<S>(), w.data_ptr<S>(), c1.data_ptr<S>(), true);
-    gemm_acc<S>(false, 3, 4, 5, a.data_ptr<S>(), v.data_ptr<S>(), c2.data_ptr<S>(), true);
+    gemm_acc<S>(true, 3, 4, 5, a.data_ptr<S>(), 5, w.data_ptr<S>(), 5, c1.data_ptr<S>(), 4, true);
+    gemm_acc<S>(false, 3, 4, 5, a.data_ptr<S>(), 5, v.data_ptr<S>(), 4, c2.data_ptr<S>(), 4, true);
     return at::allclose(c1, at::mm(a, w.t()), 1e-4, 1e-5) && at::allclose(c2, at::mm(a, v), 1e-4, 1e-5);
   }();
   return ok;
 }
 
-// rows [0, B) of a step in chunks of at least ~8k units: small steps stay on one thread
-template <typename F> void for_rows(int64_t B, int64_t units_per_row, const F& f) {
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, units_per_row));
-  at::parallel_for(0, B, grain, f);
+// Threads share each step by units: thread p of P owns units [u_p, u_{p+1}) of every row (their
+// columns of z, h, c and of each gate), computes those columns' GEMM with a single-threaded BLAS
+// call (BLAS runs sequentially inside an OpenMP region) and their elementwise math, then waits
+// at a barrier, because the next step's GEMM reads every column. One team for the whole loop,
+// one barrier per step: no per-step fork/join, and each thread's slice of W_hh stays in its
+// core's cache.
+class Barrier {
+ public:
+  void wait(int n) {  // generation counting: the last of n to arrive releases the others
+    const int gen = gen_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      arrived_.store(0, std::memory_order_relaxed);
+      gen_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int spins = 0; gen_.load(std::memory_order_acquire) == gen; ++spins)
+      if (spins > 4096) std::this_thread::yield();  // a descheduled peer: do not burn its core
+  }
+
+ private:
+  std::atomic<int> arrived_{0}, gen_{0};
+};
+
+constexpr int64_t kMinUnitsPerThread = 32;
+constexpr int64_t kMinStepFlops = 1 << 18;  // below this a step is too short to share
+
+// How many threads share a step of B rows, H units and G gate columns: up to torch's thread
+// count, at least kMinUnitsPerThread units each; one when the step is small or when the GEMM
+// is at::addmm_ (which threads itself).
+inline int team_size(int64_t B, int64_t H, int64_t G, bool blas) {
+  if (!blas || 2 * B * G * H < kMinStepFlops) return 1;
+  return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / kMinUnitsPerThread)));
+}
+
+// body(u0, u1, sync) on each of the team's threads; sync() is the per-step barrier. Unit bounds
+// are multiples of 16 (whole cache lines of floats).
+template <typename F> void over_units(int64_t B, int64_t H, int64_t G, bool blas, const F& body) {
+  const int P = team_size(B, H, G, blas);
+  if (P == 1) {
+    body(int64_t(0), H, [] {});
+    return;
+  }
+  Barrier barrier;
+#pragma omp parallel num_threads(P)
+  {
+    const int n = omp_get_num_threads(), p = omp_get_thread_num();
+    auto bound = [&](int q) { return q == n ? H : H * q / n / 16 * 16; };
+    body(bound(p), bound(p + 1), [&] { barrier.wait(n); });
+  }
 }
 
 // "row b is past its end at step t" (1-based t), or never without lengths
@@ -103,21 +155,23 @@ void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t
                       const int64_t* len, bool tanh) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
-  for (int64_t t = 1; t <= T; ++t) {
-    S* z = xz + (t - 1) * step;
-    const S* h_prev = hs + (t - 1) * step;
-    S* h = hs + t * step;
-    gemm_acc(true, B, H, H, h_prev, w_hh, z, blas);
-    for_rows(B, H, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+  over_units(B, H, H, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
+    const int64_t n = u1 - u0;
+    for (int64_t t = 1; t <= T; ++t) {
+      S* z = xz + (t - 1) * step + u0;
+      const S* h_prev = hs + (t - 1) * step;
+      S* h = hs + t * step + u0;
+      gemm_acc(true, B, n, H, h_prev, H, w_hh + u0 * H, H, z, H, blas);
+      for (int64_t b = 0; b < B; ++b) {
         const int64_t r = b * H;
         if (padded(len, b, t))  // the state stops changing
-          std::memcpy(h + r, h_prev + r, H * sizeof(S));
+          std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
         else
-          rnn_row_forward(z + r, h + r, H, tanh);
+          rnn_row_forward(z + r, h + r, n, tanh);
       }
-    });
-  }
+      sync();  // step t+1's GEMM reads all of h_t
+    }
+  });
 }
 
 // Backward: dy (T+1, B, H) holds ∂L/∂y_t (+ ∂L/∂s_T at slot n_b), as bptt.py prepares it; the
@@ -128,15 +182,18 @@ void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int6
                        int64_t H, bool tanh) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
-  for (int64_t t = T; t >= 1; --t) {
-    const S* ds = dy + t * step;
-    const S* h = hs + t * step;
-    S* g = dz + (t - 1) * step;
-    for_rows(B, H, [&](int64_t b0, int64_t b1) {
-      rnn_row_backward(ds + b0 * H, h + b0 * H, g + b0 * H, (b1 - b0) * H, tanh);
-    });
-    gemm_acc(false, B, H, H, g, w_hh, dy + (t - 1) * step, blas);
-  }
+  over_units(B, H, H, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
+    const int64_t n = u1 - u0;
+    for (int64_t t = T; t >= 1; --t) {
+      const S* ds = dy + t * step + u0;
+      const S* h = hs + t * step + u0;
+      S* g = dz + (t - 1) * step;
+      for (int64_t b = 0; b < B; ++b)
+        rnn_row_backward(ds + b * H, h + b * H, g + u0 + b * H, n, tanh);
+      sync();  // the GEMM reads all of δz_t
+      gemm_acc(false, B, n, H, g, H, w_hh + u0, H, dy + (t - 1) * step + u0, H, blas);
+    }
+  });
 }
 
 // ------------------------------------------------------------------------------------------
@@ -153,25 +210,32 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
                        S* tcs, bool tcs_per_step, int64_t T, int64_t B, int64_t H) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H, G = 4 * H;
-  for (int64_t t = 1; t <= T; ++t) {
-    S* za = xz + (t - 1) * B * G;  // pre-activations in, activations out
-    const S* h_prev = hs + (t - 1) * step;
-    const S* c_prev = cs + (t - 1) * step;
-    S* h = hs + t * step;
-    S* c = cs + t * step;
-    S* tc = tcs + (tcs_per_step ? (t - 1) * step : 0);
-    gemm_acc(true, B, G, H, h_prev, w_hh, za, blas);
-    for_rows(B, G, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+  over_units(B, H, G, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
+    const int64_t n = u1 - u0;
+    for (int64_t t = 1; t <= T; ++t) {
+      S* za = xz + (t - 1) * B * G + u0;  // pre-activations in, activations out
+      const S* h_prev = hs + (t - 1) * step;
+      const S* c_prev = cs + (t - 1) * step + u0;
+      S* h = hs + t * step + u0;
+      S* c = cs + t * step + u0;
+      S* tc = tcs + (tcs_per_step ? (t - 1) * step : 0) + u0;
+      if (n == H)  // the four gates' rows of W_hh are one block
+        gemm_acc(true, B, G, H, h_prev, H, w_hh, H, za, G, blas);
+      else
+        for (int64_t q = 0; q < 4; ++q)
+          gemm_acc(true, B, n, H, h_prev, H, w_hh + (q * H + u0) * H, H, za + q * H, G, blas);
+      for (int64_t b = 0; b < B; ++b) {
         const int64_t r = b * H;
-        lstm_row_forward(za + 4 * r, c_prev + r, peep, c + r, h + r, tc + r, H);
+        lstm_row_forward(za + b * G, c_prev + r, peep ? peep + u0 : nullptr, c + r, h + r,
+                         tc + r, n, H);
         if (padded(len, b, t)) {  // the state stops changing (c̃ in tcs/acts is not used)
-          std::memcpy(h + r, h_prev + r, H * sizeof(S));
-          std::memcpy(c + r, c_prev + r, H * sizeof(S));
+          std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
+          std::memcpy(c + r, c_prev + r, n * sizeof(S));
         }
       }
-    });
-  }
+      sync();  // step t+1's GEMM reads all of h_t
+    }
+  });
 }
 
 // Backward. acts (T, B, 4H), tcs (T, B, H), cs (T+1, B, H) from the forward; dy (T+1, B, H) as
@@ -189,22 +253,25 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
   const int64_t step = B * H, G = 4 * H;
   if (!len) std::memcpy(dc, dcT, step * sizeof(S));
   else std::fill(dc, dc + step, S(0));
-  for (int64_t t = T; t >= 1; --t) {
-    const S* dh = dy + t * step;
-    const S* act = acts + (t - 1) * B * G;
-    const S* tc = tcs + (t - 1) * step;
-    const S* c_prev = cs + (t - 1) * step;
-    S* g = dz + (t - 1) * B * G;
-    for_rows(B, G, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
+  over_units(B, H, G, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
+    const int64_t n = u1 - u0;
+    for (int64_t t = T; t >= 1; --t) {
+      const S* dh = dy + t * step + u0;
+      const S* act = acts + (t - 1) * B * G + u0;
+      const S* tc = tcs + (t - 1) * step + u0;
+      const S* c_prev = cs + (t - 1) * step + u0;
+      S* g = dz + (t - 1) * B * G;
+      for (int64_t b = 0; b < B; ++b) {
         const int64_t r = b * H;
         if (len && len[b] == t)  // the final cell state's gradient enters at step n_b
-          for (int64_t j = 0; j < H; ++j) dc[r + j] += dcT[r + j];
-        lstm_row_backward(act + 4 * r, tc + r, c_prev + r, dh + r, peep, dc + r, g + 4 * r, H);
+          for (int64_t j = u0; j < u1; ++j) dc[r + j] += dcT[r + j];
+        lstm_row_backward(act + b * G, tc + r, c_prev + r, dh + r, peep ? peep + u0 : nullptr,
+                          dc + u0 + r, g + u0 + b * G, n, H);
       }
-    });
-    gemm_acc(false, B, H, G, g, w_hh, dy + (t - 1) * step, blas);
-  }
+      sync();  // the GEMM reads all of δz_t
+      gemm_acc(false, B, n, G, g, G, w_hh + u0, H, dy + (t - 1) * step + u0, H, blas);
+    }
+  });
   if (len)  // sequences of length 0: their final state is the initial one
     for (int64_t b = 0; b < B; ++b)
       if (len[b] == 0)
