@@ -51,14 +51,19 @@ def check_stack_args(
         raise ConfigError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd, bptt or auto")
 
 
-# LSTM training on CPU: below this many state units per step (B · H) oneDNN's LSTM trains as
-# fast or faster than the fused bptt loops (benchmarks/cells.py, AVX2 host: bptt 0.83x at
-# (16, 64, 88, 128), 0.89-1.17x at B 32, H 256; 1.08-1.43x at B >= 64, H 256).
-BPTT_MIN_UNITS = 64 * 256
+# LSTM training on CPU: oneDNN's LSTM trains as fast or faster than the fused bptt loops when a
+# step is small, under BPTT_MIN_UNITS state units (B · H) or under BPTT_MIN_HIDDEN units per
+# sequence (too few for the loops to share a step between threads). benchmarks/cells.py, AVX2
+# host, bptt x nn.LSTM: 0.79x at (B, T, I, H) = (64, 20, 1, 32), 0.89x at (4, 64, 88, 256);
+# 1.02x at (16, 64, 88, 256), 1.14x at (16, 64, 88, 128), 1.23x at (32, 64, 64, 128), 1.34-1.40x
+# at B 64, H 256.
+BPTT_MIN_UNITS = 16 * 128
+BPTT_MIN_HIDDEN = 64
 
 
 def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str = "cpu",
-                 training: bool = False, units: int | None = None) -> str:
+                 training: bool = False, batch: int | None = None, hidden: int | None = None
+                 ) -> str:
     """The implementation ``auto`` stands for; any other ``impl`` is returned as is.
 
     ``auto`` picks the fastest correct implementation for the cell, the hardware and the call
@@ -68,9 +73,10 @@ def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str
         RNN on CPU                 -> bptt    (torch.nn.RNN's CPU path is not fused: the
                                                hand-written backward trains 1.3-2.6x faster)
         LSTM on CPU, training      -> bptt    when its fused C++ loops are built (fused.py)
-                                               and B · H (``units``) >= BPTT_MIN_UNITS:
-                                               1.05-1.5x oneDNN's LSTM for forward + backward;
-                                               smaller: native
+                                               and the step is big enough: B · H >=
+                                               BPTT_MIN_UNITS and H >= BPTT_MIN_HIDDEN
+                                               (``batch``, ``hidden``): 1.0-1.4x oneDNN's LSTM
+                                               for forward + backward; smaller: native
         LSTM on CPU, inference     -> native  (oneDNN's fused LSTM; bptt's forward is 0.7-0.8x)
         RNN / LSTM on GPU          -> native  (cuDNN)
     All of them compute the same function of the same parameters.
@@ -82,7 +88,9 @@ def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str
     if device_type == "cpu":
         if cell == "rnn":
             return "bptt"
-        if training and (units is None or units >= BPTT_MIN_UNITS) and fused.kernels() is not None:
+        big = batch is None or hidden is None or (
+            batch * hidden >= BPTT_MIN_UNITS and hidden >= BPTT_MIN_HIDDEN)
+        if training and big and fused.kernels() is not None:
             return "bptt"
     return "native"
 
@@ -170,7 +178,7 @@ class RecurrentStack(nn.Module):
         training = self.impl == "auto" and torch.is_grad_enabled() and (  # only auto asks
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
         impl = resolve_impl(self.impl, self.peephole, self.cell_type, x.device.type, training,
-                            units=x.shape[0] * self.hidden_size)
+                            batch=x.shape[0], hidden=self.hidden_size)
         if impl == "native":
             return self._forward_native(x, state, lengths)
         if impl == "bptt":

@@ -479,8 +479,8 @@ def test_bptt_under_bf16_autocast_runs_in_float32(variant):
 
 
 # ---- choice of implementation ------------------------------------------------------
-@pytest.mark.parametrize("batch, hidden, expected", [(64, 256, "bptt"), (4, 256, "native"), (64, 16, "native")])
-def test_auto_trains_the_lstm_with_bptt_only_for_large_batch_times_hidden(batch, hidden, expected, monkeypatch):
+@pytest.mark.parametrize("batch, hidden, expected", [(64, 256, "bptt"), (16, 128, "bptt"), (4, 256, "native"), (64, 32, "native")])
+def test_auto_trains_the_lstm_with_bptt_only_for_big_steps(batch, hidden, expected, monkeypatch):
     stack = RecurrentStack("lstm", 3, hidden)
     used = []
     for name in ("bptt", "native"):
@@ -498,9 +498,9 @@ def test_resolve_impl_and_native_peephole_error():
     assert resolve_impl("auto", False, "lstm", "cpu") == "native"  # inference: oneDNN
     assert fused.kernels() is not None
     assert resolve_impl("auto", False, "lstm", "cpu", training=True) == "bptt"
-    assert resolve_impl("auto", False, "lstm", "cpu", training=True, units=64 * 256) == "bptt"
-    assert resolve_impl("auto", False, "lstm", "cpu", training=True, units=16 * 128) == "native"  # oneDNN faster
-    assert resolve_impl("auto", False, "rnn", "cpu", training=True, units=16 * 128) == "bptt"
+    assert resolve_impl("auto", False, "lstm", "cpu", training=True, batch=64, hidden=256) == "bptt"
+    assert resolve_impl("auto", False, "lstm", "cpu", training=True, batch=64, hidden=32) == "native"  # oneDNN faster
+    assert resolve_impl("auto", False, "rnn", "cpu", training=True, batch=64, hidden=32) == "bptt"
     assert resolve_impl("auto", False, "lstm", "cuda", training=True) == "native"
     assert resolve_impl("auto", True, "lstm", "cpu") == "bptt"
     assert resolve_impl("auto", True, "lstm", "cuda") == "bptt"
