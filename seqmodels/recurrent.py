@@ -54,9 +54,9 @@ def check_stack_args(
 # LSTM training on CPU: oneDNN's LSTM trains as fast or faster than the fused bptt loops when a
 # step is small, under BPTT_MIN_UNITS state units (B · H) or under BPTT_MIN_HIDDEN units per
 # sequence (too few for the loops to share a step between threads). benchmarks/cells.py, AVX2
-# host, bptt x nn.LSTM: 0.79x at (B, T, I, H) = (64, 20, 1, 32), 0.89x at (4, 64, 88, 256);
-# 1.02x at (16, 64, 88, 256), 1.14x at (16, 64, 88, 128), 1.23x at (32, 64, 64, 128), 1.34-1.40x
-# at B 64, H 256.
+# host, bptt x nn.LSTM: 0.79-0.94x at (B, T, I, H) = (64, 20, 1, 32), 0.79-0.89x at
+# (4, 64, 88, 256); 0.98-1.02x at (16, 64, 88, 256), 1.08-1.14x at (16, 64, 88, 128), 1.04-1.23x
+# at (32, 64, 64, 128), 1.3-1.6x at B 64, H 256.
 BPTT_MIN_UNITS = 16 * 128
 BPTT_MIN_HIDDEN = 64
 
@@ -71,13 +71,13 @@ def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str
     README and docs/bptt.md):
         peephole LSTM              -> bptt    (native cannot; bptt trains faster than autograd)
         RNN on CPU                 -> bptt    (torch.nn.RNN's CPU path is not fused: the
-                                               hand-written backward trains 1.3-2.6x faster)
+                                               hand-written backward trains 1.6-2.4x faster)
         LSTM on CPU, training      -> bptt    when its fused C++ loops are built (fused.py)
                                                and the step is big enough: B · H >=
                                                BPTT_MIN_UNITS and H >= BPTT_MIN_HIDDEN
-                                               (``batch``, ``hidden``): 1.0-1.4x oneDNN's LSTM
+                                               (``batch``, ``hidden``): 1.0-1.6x oneDNN's LSTM
                                                for forward + backward; smaller: native
-        LSTM on CPU, inference     -> native  (oneDNN's fused LSTM; bptt's forward is 0.7-0.8x)
+        LSTM on CPU, inference     -> native  (oneDNN's fused LSTM; bptt's forward is 0.8-1.0x)
         RNN / LSTM on GPU          -> native  (cuDNN)
     All of them compute the same function of the same parameters.
     """
