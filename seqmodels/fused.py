@@ -24,24 +24,32 @@ def enabled() -> bool:
     return os.environ.get("SEQMODELS_FUSED", "1") != "0"
 
 
+# With OpenMP the loops share each step between torch's threads; a compiler without it (clang
+# on macOS, say) still builds them for one thread (same results, slower on several cores).
+_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
+
+
 @functools.lru_cache(maxsize=None)
 def _build():
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability().lower()
-    try:
-        cpp_extension.load(
-            name=f"seqmodels_fused_{isa}", sources=[str(CSRC / "fused_bptt.cpp"), str(CSRC / "cell_steps.cpp")], is_python_module=False,
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"],
-            extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as exc:  # noqa: BLE001 - any build failure means: use the Python loops
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        reason = next((line.strip() for line in lines if "error:" in line), lines[-1])
-        warnings.warn(f"seqmodels: the fused C++ BPTT loops could not be built ({reason}); "
-                      "the bptt impl runs its Python loops (correct, slower). Install a C++ "
-                      "compiler and `pip install ninja` for the fast path.", stacklevel=3)
-        return None
-    return torch.ops.seqmodels_fused
+    for omp in _OPENMP_FLAGS:
+        try:
+            cpp_extension.load(
+                name=f"seqmodels_fused_{isa}", is_python_module=False, verbose=False,
+                sources=[str(CSRC / "fused_bptt.cpp"), str(CSRC / "cell_steps.cpp")],
+                extra_cflags=["-O3", "-march=native", "-fno-trapping-math", *omp],
+                extra_ldflags=[flag for flag in omp if flag == "-fopenmp"])
+            return torch.ops.seqmodels_fused
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use the Python loops
+            error = exc
+    lines = str(error).strip().splitlines() or [type(error).__name__]
+    reason = next((line.strip() for line in lines if "error:" in line), lines[-1])
+    warnings.warn(f"seqmodels: the fused C++ BPTT loops could not be built ({reason}); "
+                  "the bptt impl runs its Python loops (correct, slower). Install a C++ "
+                  "compiler and `pip install ninja` for the fast path.", stacklevel=3)
+    return None
 
 
 def kernels():

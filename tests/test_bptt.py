@@ -267,6 +267,33 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+def test_fused_build_without_openmp_retries_for_one_thread(monkeypatch):
+    """A compiler without OpenMP (clang on macOS): the loops are built again without it (one
+    thread per step), silently."""
+    import warnings
+
+    from torch.utils import cpp_extension
+
+    assert fused.kernels() is not None  # the real build, loaded: the retry below only records
+    attempts = []
+
+    def no_openmp(**kwargs):
+        attempts.append((kwargs["extra_cflags"], kwargs["extra_ldflags"]))
+        if "-fopenmp" in kwargs["extra_cflags"]:
+            raise RuntimeError("Error building extension\nclang: error: unsupported option '-fopenmp'")
+
+    monkeypatch.setattr(cpp_extension, "load", no_openmp)
+    fused._build.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert fused.kernels() is not None
+        assert [("-fopenmp" in c, "-fopenmp-simd" in c, ld) for c, ld in attempts] == [
+            (True, False, ["-fopenmp"]), (False, True, [])]
+    finally:
+        fused._build.cache_clear()
+
+
 def test_fused_build_failure_falls_back_with_one_warning(monkeypatch):
     """No compiler or no ninja: one warning naming the cause, then the Python loops."""
     from torch.utils import cpp_extension

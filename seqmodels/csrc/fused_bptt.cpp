@@ -14,7 +14,9 @@
 
 #include "cell_steps.h"
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -127,11 +129,16 @@ inline int team_size(int64_t B, int64_t H, int64_t G, bool blas) {
 // body(u0, u1, sync) on each of the team's threads; sync() is the per-step barrier. Unit bounds
 // are multiples of 16 (whole cache lines of floats).
 template <typename F> void over_units(int64_t B, int64_t H, int64_t G, bool blas, const F& body) {
+#ifdef _OPENMP
   const int P = team_size(B, H, G, blas);
+#else  // built without OpenMP (fused.py's fallback): one thread
+  const int P = 1;
+#endif
   if (P == 1) {
     body(int64_t(0), H, [] {});
     return;
   }
+#ifdef _OPENMP
   Barrier barrier;
 #pragma omp parallel num_threads(P)
   {
@@ -139,6 +146,7 @@ template <typename F> void over_units(int64_t B, int64_t H, int64_t G, bool blas
     auto bound = [&](int q) { return q == n ? H : H * q / n / 16 * 16; };
     body(bound(p), bound(p + 1), [&] { barrier.wait(n); });
   }
+#endif
 }
 
 // "row b is past its end at step t" (1-based t), or never without lengths
