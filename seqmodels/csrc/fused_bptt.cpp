@@ -96,8 +96,8 @@ template <typename S> bool use_blas() {
 // columns of z, h, c and of each gate), computes those columns' GEMM with a single-threaded BLAS
 // call (BLAS runs sequentially inside an OpenMP region) and their elementwise math, then waits
 // at a barrier, because the next step's GEMM reads every column. One team for the whole loop,
-// one barrier per step: no per-step fork/join, and each thread's slice of W_hh stays in its
-// core's cache.
+// one barrier per step: no per-step fork/join, and each thread reads only its slice of W_hh
+// (which stays in its core's cache when small enough). docs/bptt.md has the measurements.
 class Barrier {
  public:
   void wait(int n) {  // generation counting: the last of n to arrive releases the others
