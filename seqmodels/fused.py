@@ -24,9 +24,10 @@ def enabled() -> bool:
     return os.environ.get("SEQMODELS_FUSED", "1") != "0"
 
 
-# With OpenMP the loops share each step between torch's threads; a compiler without it (clang
-# on macOS, say) still builds them for one thread (same results, slower on several cores).
-_OPENMP_FLAGS = (["-fopenmp"], ["-fopenmp-simd"])
+# (compiler flags, linker flags): with OpenMP the loops share each step between torch's
+# threads; a compiler without it (clang on macOS, say) still builds them for one thread (same
+# results, slower on several cores).
+_OPENMP_FLAGS = ((("-fopenmp",), ("-fopenmp",)), (("-fopenmp-simd",), ()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,13 +35,13 @@ def _build():
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability().lower()
-    for omp in _OPENMP_FLAGS:
+    for omp_cflags, omp_ldflags in _OPENMP_FLAGS:
         try:
             cpp_extension.load(
                 name=f"seqmodels_fused_{isa}", is_python_module=False, verbose=False,
                 sources=[str(CSRC / "fused_bptt.cpp"), str(CSRC / "cell_steps.cpp")],
-                extra_cflags=["-O3", "-march=native", "-fno-trapping-math", *omp],
-                extra_ldflags=[flag for flag in omp if flag == "-fopenmp"])
+                extra_cflags=["-O3", "-march=native", "-fno-trapping-math", *omp_cflags],
+                extra_ldflags=list(omp_ldflags))  # a new list: load() appends to it
             return torch.ops.seqmodels_fused
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the Python loops
             error = exc

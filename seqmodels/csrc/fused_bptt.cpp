@@ -129,24 +129,19 @@ inline int team_size(int64_t B, int64_t H, int64_t G, bool blas) {
 // body(u0, u1, sync) on each of the team's threads; sync() is the per-step barrier. Unit bounds
 // are multiples of 16 (whole cache lines of floats).
 template <typename F> void over_units(int64_t B, int64_t H, int64_t G, bool blas, const F& body) {
-#ifdef _OPENMP
-  const int P = team_size(B, H, G, blas);
-#else  // built without OpenMP (fused.py's fallback): one thread
-  const int P = 1;
-#endif
-  if (P == 1) {
-    body(int64_t(0), H, [] {});
+#ifdef _OPENMP  // (fused.py builds without OpenMP where the compiler has none: one thread)
+  if (const int P = team_size(B, H, G, blas); P > 1) {
+    Barrier barrier;
+#pragma omp parallel num_threads(P)
+    {
+      const int n = omp_get_num_threads(), p = omp_get_thread_num();
+      auto bound = [&](int q) { return q == n ? H : H * q / n / 16 * 16; };
+      body(bound(p), bound(p + 1), [&] { barrier.wait(n); });
+    }
     return;
   }
-#ifdef _OPENMP
-  Barrier barrier;
-#pragma omp parallel num_threads(P)
-  {
-    const int n = omp_get_num_threads(), p = omp_get_thread_num();
-    auto bound = [&](int q) { return q == n ? H : H * q / n / 16 * 16; };
-    body(bound(p), bound(p + 1), [&] { barrier.wait(n); });
-  }
 #endif
+  body(int64_t(0), H, [] {});
 }
 
 // "row b is past its end at step t" (1-based t), or never without lengths
@@ -220,6 +215,7 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
   const int64_t step = B * H, G = 4 * H;
   over_units(B, H, G, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
     const int64_t n = u1 - u0;
+    const S* p = peep ? peep + u0 : nullptr;  // this thread's units of p_i (p_f, p_o H apart)
     for (int64_t t = 1; t <= T; ++t) {
       S* za = xz + (t - 1) * B * G + u0;  // pre-activations in, activations out
       const S* h_prev = hs + (t - 1) * step;
@@ -234,8 +230,7 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
           gemm_acc(true, B, n, H, h_prev, H, w_hh + (q * H + u0) * H, H, za + q * H, G, blas);
       for (int64_t b = 0; b < B; ++b) {
         const int64_t r = b * H;
-        lstm_row_forward(za + b * G, c_prev + r, peep ? peep + u0 : nullptr, c + r, h + r,
-                         tc + r, n, H);
+        lstm_row_forward(za + b * G, c_prev + r, p, c + r, h + r, tc + r, n, H);
         if (padded(len, b, t)) {  // the state stops changing (c̃ in tcs/acts is not used)
           std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
           std::memcpy(c + r, c_prev + r, n * sizeof(S));
@@ -263,6 +258,7 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
   else std::fill(dc, dc + step, S(0));
   over_units(B, H, G, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
     const int64_t n = u1 - u0;
+    const S* p = peep ? peep + u0 : nullptr;
     for (int64_t t = T; t >= 1; --t) {
       const S* dh = dy + t * step + u0;
       const S* act = acts + (t - 1) * B * G + u0;
@@ -273,8 +269,8 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
         const int64_t r = b * H;
         if (len && len[b] == t)  // the final cell state's gradient enters at step n_b
           for (int64_t j = u0; j < u1; ++j) dc[r + j] += dcT[r + j];
-        lstm_row_backward(act + b * G, tc + r, c_prev + r, dh + r, peep ? peep + u0 : nullptr,
-                          dc + u0 + r, g + u0 + b * G, n, H);
+        lstm_row_backward(act + b * G, tc + r, c_prev + r, dh + r, p, dc + u0 + r, g + u0 + b * G,
+                          n, H);
       }
       sync();  // the GEMM reads all of δz_t
       gemm_acc(false, B, n, G, g, G, w_hh + u0, H, dy + (t - 1) * step + u0, H, blas);
