@@ -10,6 +10,14 @@ Implementations (``impl``), all on the very same parameters:
               time (``bptt.py``, derivations in docs/bptt.md); all cells, peepholes included
     native    torch's fused kernels (oneDNN on CPU, cuDNN on GPU); no peepholes
     auto      the fastest correct one for the options (see ``resolve_impl``)
+
+Precision: the recurrence always runs in the parameters' dtype, float32 under mixed precision
+(``bf16-mixed``, ``16-mixed``): autocast is switched off inside the stack, whatever the impl
+and the device. Mixed precision covers the layers around it (embedding, read-out, loss).
+Under autocast torch would otherwise send cuDNN's RNN to float16 even for bf16 autocast
+(no loss scaler there: small gradients flush to zero) and oneDNN's to bfloat16, which CPUs
+without bf16 support cannot run. cuDNN may still use TF32 tensor cores for float32
+(``torch.backends.cudnn.allow_tf32``, on by default).
 """
 from __future__ import annotations
 
@@ -20,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqmodels import bptt, fused
+from seqmodels import bptt, compat, fused
 from seqmodels.cells import NONLINEARITIES, LSTMCell, RNNCell
 from seqmodels.errors import ConfigError
 
@@ -93,6 +101,13 @@ def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str
         if training and big and fused.kernels() is not None:
             return "bptt"
     return "native"
+
+
+def _float32(state: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """Half-precision tensors (from layers under autocast) to float32; others as they are."""
+    if isinstance(state, tuple):
+        return tuple(_float32(s) for s in state)
+    return state.float() if state.dtype in (torch.float16, torch.bfloat16) else state
 
 
 class RecurrentLayer(nn.Module):
@@ -173,6 +188,9 @@ class RecurrentStack(nn.Module):
         """x (B, T, I), lengths (B,) or None -> output (B, T, H), final state."""
         if x.dim() != 3:
             raise ValueError(f"expected input of shape (B, T, F), got {tuple(x.shape)}")
+        if torch.is_autocast_enabled(x.device.type):  # float32 recurrence (module docstring)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.forward(_float32(x), None if state is None else _float32(state), lengths)
         if state is None:
             state = self.initial_state(x.shape[0], x)
         training = self.impl == "auto" and torch.is_grad_enabled() and (  # only auto asks
@@ -222,16 +240,30 @@ class RecurrentStack(nn.Module):
         return [p for layer in self.layers for p in
                 (layer.cell.weight_ih, layer.cell.weight_hh, layer.cell.bias_ih, layer.cell.bias_hh)]
 
-    def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """torch.nn.RNN / nn.LSTM's own call (``_VF``), on this module's parameters.
+    def _cudnn_mode(self) -> str:
+        return "lstm" if self.is_lstm else f"rnn_{self.nonlinearity}"
 
-        Under CPU autocast it runs in float32 with autocast off, as ``bptt`` does: autocast
-        would send the LSTM to oneDNN in bfloat16, which fails on CPUs without bf16 support
-        ("could not create a primitive descriptor"). GPUs keep cuDNN's autocast rules."""
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
-                state = tuple(s.float() for s in state) if self.is_lstm else state.float()
-                return self._forward_native(x.float(), state, lengths)
+    def flatten_parameters(self) -> None:
+        """On a GPU, make the weights that the native path hands to cuDNN views of one buffer in
+        cuDNN's layout, as ``torch.nn.LSTM.flatten_parameters`` does: cuDNN then runs on the
+        module's own parameters, with no per-call copy and no "not part of single contiguous
+        chunk of memory" warning. Values, names and Parameter objects stay; no-op on CPU."""
+        weights = self._flat_weights()
+        if self.peephole or not compat.cudnn_can_flatten(weights) or compat.cudnn_is_flat(weights):
+            return
+        compat.cudnn_flatten_(weights, len(self._NAMES), self.layers[0].cell.input_size, self._cudnn_mode(),
+                              self.hidden_size, self.num_layers)
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.cuda()``, ``.half()``: new storages, so flatten again (as torch.nn.LSTM)."""
+        result = super()._apply(fn, *args, **kwargs)
+        self.flatten_parameters()
+        return result
+
+    def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
+        """torch.nn.RNN / nn.LSTM's own call (``_VF``), on this module's parameters."""
+        if x.is_cuda:
+            self.flatten_parameters()  # a no-op once flat; covers modules built on the GPU
         hx = state if not self.is_lstm else tuple(state)
         args = (self._flat_weights(), True, self.num_layers, self.dropout, self.training, False)
         if self.is_lstm:

@@ -22,3 +22,15 @@ def in_tmp_dir(tmp_path, monkeypatch):
     if wandb.run is not None:
         wandb.finish()
     wandb.teardown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need CUDA: without it they are skipped, with the reason, not failed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `python -m pytest -m gpu` on one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
