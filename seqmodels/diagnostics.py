@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch import Callback, LightningModule, Trainer  # noqa: E402
 from lightning.pytorch.loggers import WandbLogger  # noqa: E402
-from lightning.pytorch.utilities import grad_norm, rank_zero_only  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from seqmodels.cli import run_dir  # noqa: E402
@@ -65,6 +65,7 @@ class GradientDistribution(Callback):
         self.iteration_steps: list[int] = []
         self._current: dict[str, np.ndarray] = {}
         self._stride = every_n_steps
+        self._plotted = True  # the figures show every summary kept so far
 
     def histogram(self, grad: Tensor) -> np.ndarray:
         """Counts of log10|g| in the fixed bins (exact zeros and underflow in the first bin)."""
@@ -105,18 +106,36 @@ class GradientDistribution(Callback):
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._current:
+        if not self._keep_epoch_summary():
             return
-        for name, hist in self._current.items():
-            self.epoch_histograms.setdefault(name, []).append(hist)
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         if (epoch + 1) % self.plot_every_n_epochs and not last:
             return  # the summaries are kept; only the figures wait
+        self.plot(trainer, epoch)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """A run stopped by max_time or max_steps mid-epoch still gets its summary and figures."""
+        self._keep_epoch_summary()
+        if not self._plotted:
+            self.plot(trainer, trainer.current_epoch)
+
+    def _keep_epoch_summary(self) -> bool:
+        if not self._current:
+            return False
+        for name, hist in self._current.items():
+            self.epoch_histograms.setdefault(name, []).append(hist)
+        self._current, self._plotted = {}, False
+        return True
+
+    def plot(self, trainer: Trainer, epoch: int) -> None:
+        self._plotted = True
         self.ridge_plot(self.epoch_histograms, [f"epoch {e}" for e in range(len(next(iter(self.epoch_histograms.values()))))],
                         trainer, "gradients_by_epoch", "gradient distribution per parameter across epochs")
-        self.ridge_plot(self.iteration_histograms, [f"step {s}" for s in self.iteration_steps], trainer,
-                        f"gradients_by_iteration_epoch{epoch:03d}", f"gradient distribution within epoch {epoch}")
+        if self.iteration_histograms:
+            self.ridge_plot(self.iteration_histograms, [f"step {s}" for s in self.iteration_steps], trainer,
+                            f"gradients_by_iteration_epoch{epoch:03d}", f"gradient distribution within epoch {epoch}")
 
     def ridge_plot(self, histograms: dict[str, list[np.ndarray]], labels: list[str], trainer: Trainer,
                    name: str, title: str) -> str:
@@ -211,18 +230,21 @@ def temporal_gradient_norms(pl_module: LightningModule, batch) -> np.ndarray:
 
 
 class TemporalGradients(Callback):
-    """At the start of training and at each epoch end, ‖∂L/∂h_t‖ against t on a fixed probe
-    batch (the first validation batch, else the first training batch), one curve per epoch,
-    log scale, per layer.
+    """At the start of training, at the end of every ``every_n_epochs``-th epoch and at the
+    end of training, ‖∂L/∂h_t‖ against t on a fixed probe batch (the first validation batch,
+    else the first training batch), one curve each, log scale, per layer.
 
     The vanishing/exploding gradient picture: how much the loss at the end still depends on
     the state t steps earlier. Saved as ``plots/temporal_gradients.png`` and logged.
     """
 
-    def __init__(self, probe_size: int = 32) -> None:
-        self.probe_size = probe_size
+    def __init__(self, probe_size: int = 32, every_n_epochs: int = 1) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"TemporalGradients every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.probe_size, self.every_n_epochs = probe_size, every_n_epochs
         self.probe = None
-        self.history: list[tuple[int, np.ndarray]] = []
+        self.history: list[tuple[str, np.ndarray]] = []  # (label, norms (num_layers, T))
+        self._step = None  # the global step of the last curve
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule):
         if self.probe is None:
@@ -236,13 +258,24 @@ class TemporalGradients(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if hasattr(pl_module, "probe_loss") and not self.history:
             self.history.append(("init", temporal_gradient_norms(pl_module, self._probe(trainer, pl_module))))
+            self._step = trainer.global_step
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._record(trainer, pl_module, f"epoch {trainer.current_epoch}")
+
+    @rank_zero_only
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._step != trainer.global_step:  # steps since the last curve (e.g. stopped by max_time)
+            self._record(trainer, pl_module, f"end (step {trainer.global_step})")
+
+    def _record(self, trainer: Trainer, pl_module: LightningModule, label: str) -> None:
         if not hasattr(pl_module, "probe_loss"):
             return
         norms = temporal_gradient_norms(pl_module, self._probe(trainer, pl_module))
-        self.history.append((trainer.current_epoch, norms))
+        self.history.append((label, norms))
+        self._step = trainer.global_step
         for logger in trainer.loggers:
             logger.log_metrics({f"diagnostics/grad_h_first_over_last_l{l}": float(n[0] / max(n[-1], 1e-30))
                                 for l, n in enumerate(norms)}, step=trainer.global_step)
@@ -253,10 +286,10 @@ class TemporalGradients(Callback):
         fig, axes = plt.subplots(1, layers, figsize=(5 * layers, 3.6), squeeze=False)
         colors = plt.cm.viridis(np.linspace(0, 1, max(len(self.history), 2)))
         for l, ax in enumerate(axes[0]):
-            for (epoch, norms), color in zip(self.history, colors):
+            for (label, norms), color in zip(self.history, colors):
                 ax.semilogy(np.arange(1, norms.shape[1] + 1), np.maximum(norms[l], 1e-30),
-                            color="k" if epoch == "init" else color, ls="--" if epoch == "init" else "-",
-                            label="at init" if epoch == "init" else f"epoch {epoch}")
+                            color="k" if label == "init" else color, ls="--" if label == "init" else "-",
+                            label="at init" if label == "init" else label)
             ax.set_xlabel("time step t")
             ax.set_ylabel("‖∂L/∂h_t‖")
             ax.set_title(f"layer {l}", fontsize=9)
@@ -270,28 +303,33 @@ class TemporalGradients(Callback):
 class ClippingStats(Callback):
     """``train/grad_norm``: the total 2-norm of the gradients before clipping, every step
     (Lightning's ``on_before_optimizer_step`` sees them unclipped); ``train/clip_fraction``:
-    the share of this epoch's steps whose norm exceeded ``trainer.gradient_clip_val``."""
+    the share of this epoch's steps whose norm exceeded ``trainer.gradient_clip_val``.
+
+    Both stay on the device until logged: no host synchronization per step on a GPU."""
 
     def __init__(self) -> None:
-        self.steps = self.clipped = 0
+        self.steps, self.clipped = 0, None
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.steps = self.clipped = 0
+        self.steps, self.clipped = 0, None
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        norm = grad_norm(pl_module, norm_type=2).get("grad_2.0_norm_total")
-        if norm is None:
+        grads = [p.grad.detach() for p in pl_module.parameters() if p.grad is not None]
+        if not grads:
             return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
         pl_module.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         clip = trainer.gradient_clip_val
         algorithm = trainer.gradient_clip_algorithm or "norm"
         self.steps += 1
-        if clip and algorithm == "norm" and (not torch.isfinite(norm) or norm > clip):
-            self.clipped += 1
+        if clip and algorithm == "norm":
+            over = (~torch.isfinite(norm) | (norm > clip)).long()
+            self.clipped = over if self.clipped is None else self.clipped + over
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.steps:
-            pl_module.log("train/clip_fraction", self.clipped / self.steps, sync_dist=True)  # equal on all ranks
+            clipped = 0 if self.clipped is None else int(self.clipped)
+            pl_module.log("train/clip_fraction", clipped / self.steps, sync_dist=True)  # equal on all ranks
 
 
 # ---- length generalization ----------------------------------------------------------------

@@ -92,29 +92,37 @@ class ExactResume(Callback):
 
 class LastCheckpoint(ModelCheckpoint):
     """``last.ckpt`` (the checkpoint ``--ckpt_path last`` resumes from) every
-    ``every_n_train_steps`` optimizer steps, at the end of every epoch (after its validation)
-    and at the end of training. No other files: the best checkpoints are another
+    ``every_n_train_steps`` optimizer steps, at the end of every ``every_n_epochs``-th epoch
+    (after its validation; 0: never at epoch ends, for runs whose epochs take seconds) and at
+    the end of training. No other files: the best checkpoints are another
     ``ModelCheckpoint``'s job, with ``save_last: false`` so that there is one ``last.ckpt``;
     list this one after it, so that an end-of-epoch ``last.ckpt`` already holds the epoch's best.
 
-    The step-count save skips an epoch's last batch: the end-of-epoch save follows moments
-    later, after the validation, and that is the state Lightning resumes cleanly (resuming
-    from the last batch itself would skip the epoch's validation).
+    The step-count save skips an epoch's last batch when an end-of-epoch save follows moments
+    later, after the validation: that is the state Lightning resumes cleanly (resuming from
+    the last batch itself would skip the epoch's validation).
     """
 
-    def __init__(self, every_n_train_steps: int = 100, dirpath: Optional[str] = None) -> None:
+    def __init__(self, every_n_train_steps: int = 100, every_n_epochs: int = 1, dirpath: Optional[str] = None) -> None:
         if every_n_train_steps < 1:
             raise ValueError(f"LastCheckpoint every_n_train_steps must be >= 1, got {every_n_train_steps}")
+        if every_n_epochs < 0:
+            raise ValueError(f"LastCheckpoint every_n_epochs must be >= 0 (0: not at epoch ends), got {every_n_epochs}")
         super().__init__(dirpath=dirpath, every_n_train_steps=every_n_train_steps, save_top_k=0,
                          save_last=True, save_on_train_epoch_end=True)
+        self.epoch_interval = every_n_epochs
+
+    def _saves_at_epoch_end(self, trainer: Trainer) -> bool:
+        return self.epoch_interval > 0 and (trainer.current_epoch + 1) % self.epoch_interval == 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if not (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch and self._saves_at_epoch_end(trainer)):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._save_unless_saved(trainer)
+        if self._saves_at_epoch_end(trainer):
+            self._save_unless_saved(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._save_unless_saved(trainer)
