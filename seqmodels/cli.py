@@ -65,6 +65,31 @@ def use_wandb_offline_without_key(save_dir: str = ".") -> None:
           file=sys.stderr)
 
 
+GPU_ACCELERATORS = ("gpu", "cuda")
+NEEDS_GPU_PRECISIONS = ("16-mixed", "16", 16)  # float16 autocast needs CUDA's loss scaler
+
+
+def fit_to_this_machine(trainer: dict, cuda_available: bool | None = None) -> None:
+    """A config made for a GPU still runs where there is none: on the CPU, with a one-line
+    notice each, instead of Lightning's traceback (``accelerator: gpu``) or float16 autocast
+    without a loss scaler (``precision: 16-mixed``, where small gradients flush to zero)."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if cuda_available:
+        return
+    if str(trainer.get("accelerator")) in GPU_ACCELERATORS:
+        trainer["accelerator"], trainer["devices"] = "cpu", 1
+        print(f"notice: this config asks for a GPU (trainer.accelerator: gpu) and none is available: training "
+              "on the CPU, which is much slower for GPU-sized models (configs without _gpu suit a CPU)",
+              file=sys.stderr)
+    if trainer.get("precision") in NEEDS_GPU_PRECISIONS:
+        trainer["precision"] = "32-true"
+        print("notice: precision 16-mixed needs a CUDA GPU (float16 with a loss scaler): running 32-true "
+              "on the CPU (bf16-mixed also works there)", file=sys.stderr)
+
+
 _VERSION_ARG = {"WandbLogger": "id", "CSVLogger": "version", "TensorBoardLogger": "version"}
 
 
@@ -219,6 +244,8 @@ class SeqCLI(LightningCLI):
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         logger = config.get("trainer", {}).get("logger")
         loggers = logger if isinstance(logger, list) else [logger]
+        if config.get("trainer") is not None:
+            fit_to_this_machine(config["trainer"])
         if config.get("ckpt_path") == "last":
             resolve_last_checkpoint(config, loggers, resume_run=self.subcommand == "fit")
         for lg in loggers:

@@ -140,3 +140,60 @@ def test_bad_text_files(content, message, in_tmp_dir, capsys):
                         f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}"], capsys)
     assert message in line
     assert not (in_tmp_dir / "runs").exists()
+
+
+# ---- GPU settings on a machine without a GPU: a notice, then the CPU ----------------------------
+GPU_TEXT = str(ROOT / "configs" / "shakespeare_lstm_gpu.yaml")
+no_cuda = pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the fallback without a GPU")
+
+
+def notices(capsys) -> list[str]:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and not [l for l in err.splitlines() if l.startswith("error:")], err
+    return [line for line in err.splitlines() if line.startswith("notice:")]
+
+
+@no_cuda
+def test_gpu_config_without_a_gpu_runs_on_the_cpu_with_a_notice(in_tmp_dir, capsys):
+    corpus = in_tmp_dir / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    cli = main(["fit", "--config", GPU_TEXT, f"--data.init_args.path={corpus}", "--trainer.max_steps=2",
+                "--model.init_args.hidden_size=8", "--model.init_args.num_layers=1", "--data.init_args.batch_size=4",
+                "--data.init_args.eval_batch_size=4", "--data.init_args.bptt=16", "--trainer.val_check_interval=2",
+                f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}", "--trainer.enable_progress_bar=false",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
+    (line,) = notices(capsys)
+    assert "asks for a GPU" in line and "training on the CPU" in line
+    assert cli.trainer.global_step == 2 and cli.model.device.type == "cpu"
+    assert list(in_tmp_dir.rglob("last.ckpt")), "the run saved its work as usual"
+
+
+@no_cuda
+def test_float16_mixed_precision_on_the_cpu_falls_back_to_32_true(in_tmp_dir, capsys):
+    cli = main(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.precision=16-mixed", "--trainer.accelerator=cpu",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
+    (line,) = notices(capsys)
+    assert "16-mixed needs a CUDA GPU" in line and "32-true" in line
+    assert cli.trainer.precision == "32-true" and cli.trainer.global_step > 0
+
+
+def test_divergence_guard_leaves_non_finite_gradients_to_a_loss_scaler():
+    """Under 16-mixed the GradScaler skips a step whose gradients overflowed and lowers the
+    scale: normal in the first steps, not divergence. Without a scaler they stop the run."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from seqmodels.errors import TrainingDiverged
+    from seqmodels.guards import DivergenceGuard
+
+    module = torch.nn.Linear(2, 2)
+    module.weight.grad = torch.full((2, 2), float("inf"))
+    module.bias.grad = torch.zeros(2)
+    scaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()), global_step=3,
+                             gradient_clip_val=1.0, checkpoint_callbacks=[])
+    DivergenceGuard().on_before_optimizer_step(scaled, module, None)  # no error
+    plain = SimpleNamespace(precision_plugin=SimpleNamespace(), global_step=3, gradient_clip_val=1.0,
+                            checkpoint_callbacks=[])
+    with pytest.raises(TrainingDiverged, match="the gradient of weight is not finite"):
+        DivergenceGuard().on_before_optimizer_step(plain, module, None)
