@@ -3,10 +3,14 @@
     python benchmarks/shakespeare.py --minutes 15 --model lstm
     python benchmarks/shakespeare.py --minutes 15 --model rnn --path my.txt --val-fraction 0.1
 
-Prints the validation loss (nats/char, of the best checkpoint), add-k character n-gram
-baselines (orders 1–5, k picked from a small grid on the same split: a strong baseline),
-training tokens/s, the share of step time spent waiting for data, the time to encode the
-corpus from scratch, and as its last line one JSON object.
+    python benchmarks/shakespeare.py --minutes 5 --config configs/shakespeare_lstm_gpu.yaml   # one GPU
+
+Prints the validation loss (nats/char: the better of the best checkpoint and the final
+weights), add-k character n-gram baselines (orders 1–5, k picked from a small grid on the
+same split: a strong baseline), training tokens/s, the time to the first step, the share of
+wall time spent on everything that is not a training step (validation, sampling,
+diagnostics, checkpoints), the device, precision and peak GPU memory, the time to encode
+the corpus from scratch, and as its last line one JSON object.
 """
 from __future__ import annotations
 
@@ -14,10 +18,13 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+PROCESS_START = time.perf_counter()
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -30,22 +37,43 @@ from ngram import best_ngram_losses  # noqa: E402
 
 
 class Throughput(Callback):
-    """Tokens per second of training steps, and the time between steps (data + overhead)."""
+    """Tokens per second of training steps, the time to the first step, and how much of the
+    wall time is not training steps.
+
+    Overhead = wall time from the first step to the end of fit, minus steps × the median
+    interval between consecutive step starts (a step, its data and its per-step logging).
+    What remains is validation, sampling, diagnostics, checkpoints and epoch starts,
+    whichever callback they come from. The median is robust to the intervals that contain them.
+    """
 
     def __init__(self) -> None:
-        self.tokens, self.step_time, self.gap_time = 0, 0.0, 0.0
-        self._start = self._end = None
+        self.tokens, self.step_time = 0, 0.0
+        self.first_step_at = self.end_at = None
+        self.intervals: list[float] = []
+        self._start = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
-        if self._end is not None and batch_idx > 0:
-            self.gap_time += now - self._end
+        if self.first_step_at is None:
+            self.first_step_at = now
+        elif self._start is not None:
+            self.intervals.append(now - self._start)
         self._start = now
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._end = time.perf_counter()
-        self.step_time += self._end - self._start
+        self.step_time += time.perf_counter() - self._start
         self.tokens += batch[0].numel()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.end_at = time.perf_counter()
+
+    def overhead_share(self) -> float:
+        """Share of the wall time after the first step that is not a training step."""
+        if not self.intervals or self.first_step_at is None:
+            return float("nan")
+        wall = self.end_at - self.first_step_at
+        steady = statistics.median(self.intervals) * (len(self.intervals) + 1)
+        return max(0.0, wall - steady) / wall
 
 
 def main() -> None:
@@ -80,34 +108,51 @@ def main() -> None:
         overrides.append(f"--data.init_args.path={args.path}")
     if args.max_epochs:
         overrides.append(f"--trainer.max_epochs={args.max_epochs}")
-    start = time.perf_counter()  # max_time counts the whole fit, validation included
+    fit_start = time.perf_counter()  # max_time counts the whole fit, validation included
     cli = cli_main(overrides + extra, trainer_defaults={"callbacks": [throughput]})
-    train_minutes = (time.perf_counter() - start) / 60
-    trainer, dm = cli.trainer, cli.datamodule
+    train_minutes = (time.perf_counter() - fit_start) / 60
+    trainer, dm, model = cli.trainer, cli.datamodule, cli.model
+    final = float(trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"])
     best = trainer.checkpoint_callback.best_model_path or None
-    val = trainer.validate(cli.model, datamodule=dm, ckpt_path=best, verbose=False)[0]
-    val_loss = float(val["val/loss"])
+    best_loss = float(trainer.validate(model, datamodule=dm, ckpt_path=best, verbose=False)[0]["val/loss"]) if best else final
+    val_loss = min(final, best_loss)
 
     ngram = best_ngram_losses(dm.split_ids("train"), dm.split_ids("val"), dm.vocab_size)
     tokens_per_s = throughput.tokens / max(throughput.step_time, 1e-9)
-    data_share = throughput.gap_time / max(throughput.step_time + throughput.gap_time, 1e-9)
-
-    host = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+    wall_tokens_per_s = throughput.tokens / max(throughput.end_at - throughput.first_step_at, 1e-9)
+    overhead = throughput.overhead_share()
+    first_step_s = throughput.first_step_at - PROCESS_START
+    device = str(model.device)
+    if model.device.type == "cuda":
+        host = f"{torch.cuda.get_device_name(model.device)}, torch {torch.__version__}"
+        peak_gib = torch.cuda.max_memory_allocated(model.device) / 2 ** 30
+    else:
+        host = f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+        peak_gib = None
+    precision = str(trainer.precision)
     print(f"\nhost: {host} (tokens/s, and so the loss reached in a time budget, depend on it)")
+    print(f"device: {device}, precision {precision} (the recurrence runs in float32), "
+          f"peak GPU memory {'n/a' if peak_gib is None else f'{peak_gib:.1f} GiB'}")
     print(f"corpus: {args.path or 'embedded Shakespeare'}; train/val chars "
           f"{len(dm.split_ids('train')):,}/{len(dm.split_ids('val')):,}; vocabulary {dm.vocab_size}")
     print(f"encoding from scratch: {encode_seconds:.2f} s")
+    print(f"time to the first step: {first_step_s:.1f} s after the process started")
     print(f"{args.model}: {train_minutes:.1f} min, {trainer.current_epoch} epochs, {trainer.global_step} steps, "
-          f"{tokens_per_s:,.0f} train tokens/s, time between steps (data + logging) {100 * data_share:.1f}% of step time")
+          f"{tokens_per_s:,.0f} train tokens/s inside steps, {wall_tokens_per_s:,.0f} over the wall time")
+    print(f"not training steps (validation, sampling, diagnostics, checkpoints): {100 * overhead:.1f}% of wall time")
     print(f"{'model':<10} {'val nats/char':>14} {'bits/char':>10}")
-    print(f"{args.model:<10} {val_loss:>14.4f} {val_loss / math.log(2):>10.4f}")
+    print(f"{args.model:<10} {val_loss:>14.4f} {val_loss / math.log(2):>10.4f}   (final weights {final:.4f}, "
+          f"best checkpoint {best_loss:.4f})")
     for n, r in ngram.items():
         print(f"{n + '-gram':<10} {r['loss']:>14.4f} {r['loss'] / math.log(2):>10.4f}   (add-k, k={r['k']})")
     result = {
-        "model": args.model, "minutes": args.minutes, "val_loss": val_loss, "val_bpc": val_loss / math.log(2),
+        "model": args.model, "config": os.path.relpath(config, ROOT), "minutes": args.minutes,
+        "val_loss": val_loss, "val_bpc": val_loss / math.log(2), "val_loss_final": final, "val_loss_best": best_loss,
         "ngram": {n: r["loss"] for n, r in ngram.items()}, "tokens_per_s": tokens_per_s,
-        "data_wait_fraction": data_share, "encode_seconds": encode_seconds, "epochs": trainer.current_epoch,
-        "steps": trainer.global_step, "train_minutes": train_minutes, "host": host,
+        "wall_tokens_per_s": wall_tokens_per_s, "overhead_fraction": overhead, "first_step_s": first_step_s,
+        "encode_seconds": encode_seconds, "epochs": trainer.current_epoch, "steps": trainer.global_step,
+        "train_minutes": train_minutes, "host": host, "device": device, "precision": precision,
+        "peak_gpu_gib": peak_gib,
     }
     print(json.dumps(result))
 
