@@ -144,7 +144,7 @@ def test_cudnn_gets_the_modules_own_parameters(device, cell):
     params = list(cpu.parameters())
     values = {n: p.detach().clone() for n, p in cpu.named_parameters()}
     stack = cpu.to(device)
-    assert list(stack.parameters()) == params  # the same Parameter objects: optimizers stay valid
+    assert all(a is b for a, b in zip(stack.parameters(), params))  # the same objects: optimizers stay valid
     for n, p in stack.named_parameters():
         assert torch.equal(p.detach().cpu(), values[n]), n
     storages = {w.untyped_storage().data_ptr() for w in native_weights(stack)}
@@ -253,3 +253,43 @@ def test_short_fit_learns_under_every_precision(task, device, tmp_path):
         # as well as 32-true: within a tenth of what 32-true gained over the baseline
         assert loss <= reference + 0.1 * (baseline - reference), (
             f"{task}: {precision} ended at {loss:.4f}, 32-true at {reference:.4f}, baseline {baseline:.4f}")
+
+
+def test_flattened_weights_train_exactly_like_separate_ones(monkeypatch):
+    """The plumbing around cuDNN's flattening, on the CPU: with torch's flattening stood in by
+    the same operation (copy into one buffer, each weight a view of it), ``.to()`` flattens,
+    values and Parameter objects stay, and three Adam steps of every impl give exactly the
+    weights of an unflattened twin."""
+    from torch.backends.cudnn import rnn
+
+    def fake_flatten(weights, per_layer, input_size, mode, hidden_size, proj_size, num_layers, batch_first, bidi):
+        buffer = torch.cat([w.detach().reshape(-1) for w in weights])
+        offset = 0
+        for w in weights:
+            w.set_(buffer.untyped_storage(), offset, w.shape, w.stride())
+            offset += w.numel()
+        return buffer
+
+    monkeypatch.setattr(compat, "cudnn_can_flatten", lambda weights: True)
+    monkeypatch.setattr(torch, "_cudnn_rnn_flatten_weight", fake_flatten, raising=False)
+    monkeypatch.setattr(torch, "_use_cudnn_rnn_flatten_weight", lambda: True, raising=False)
+    monkeypatch.setattr(rnn, "get_cudnn_mode", lambda mode: 2)
+    for impl in ("native", "bptt", "autograd"):
+        torch.manual_seed(0)
+        twin = RecurrentStack(cell="lstm", input_size=3, hidden_size=6, num_layers=2, impl=impl)
+        flat = RecurrentStack(cell="lstm", input_size=3, hidden_size=6, num_layers=2, impl=impl)
+        flat.load_state_dict(twin.state_dict())
+        params = list(flat.parameters())
+        flat.to("cpu")  # _apply: flattened
+        assert compat.cudnn_is_flat(native_weights(flat)) and not compat.cudnn_is_flat(native_weights(twin))
+        assert all(a is b for a, b in zip(flat.parameters(), params))
+        optimizers = [torch.optim.Adam(m.parameters(), lr=0.05) for m in (twin, flat)]
+        x = torch.randn(4, 7, 3)
+        for _ in range(3):
+            for model, optimizer in zip((twin, flat), optimizers):
+                optimizer.zero_grad()
+                model(x)[0].square().mean().backward()
+                optimizer.step()
+        assert compat.cudnn_is_flat(native_weights(flat)), "optimizer steps keep the weights in the buffer"
+        for (name, a), b in zip(twin.named_parameters(), flat.parameters()):
+            assert torch.equal(a, b), f"{impl}: {name}"
