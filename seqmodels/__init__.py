@@ -1,5 +1,5 @@
 """seqmodels: hand-written recurrent cells, trained with Lightning."""
-from seqmodels.cells import LSTMCell, RNNCell
+from seqmodels.cells import CELLS, GRUCell, LSTMCell, RNNCell
 from seqmodels.recurrent import RecurrentLayer, RecurrentStack
 
-__all__ = ["RNNCell", "LSTMCell", "RecurrentLayer", "RecurrentStack"]
+__all__ = ["CELLS", "RNNCell", "LSTMCell", "GRUCell", "RecurrentLayer", "RecurrentStack"]

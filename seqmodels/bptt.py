@@ -607,28 +607,34 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def rnn_layer(x: Tensor, h0: Tensor, cell, lengths: Optional[Tensor] = None
-              ) -> tuple[Tensor, Tensor]:
-    """One RNN layer through ``RNNFunction``: x (T, B, I), h0 (B, H) -> (T, B, H), (B, H).
+def rnn_layer(x: Tensor, state: tuple[Tensor], cell, lengths: Optional[Tensor] = None
+              ) -> tuple[Tensor, tuple[Tensor]]:
+    """One RNN layer through ``RNNFunction``: x (T, B, I), state (h0,) each (B, H) ->
+    (T, B, H), (h_T,).
 
     lengths (B,) int64 in [0, T] or None. Under autocast the Function runs in float32 with
     autocast off (outputs are float32).
     """
-    args = (x, h0, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, lengths)
+    args = (x, state[0], cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, lengths)
     save = _needs_graph(*args)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return RNNFunction.apply(*_float32(*args), cell.nonlinearity, save)
-    return RNNFunction.apply(*args, cell.nonlinearity, save)
+            out, h = RNNFunction.apply(*_float32(*args), cell.nonlinearity, save)
+    else:
+        out, h = RNNFunction.apply(*args, cell.nonlinearity, save)
+    return out, (h,)
 
 
-def lstm_layer(x: Tensor, h0: Tensor, c0: Tensor, cell, lengths: Optional[Tensor] = None
-               ) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer through ``LSTMFunction``: x (T, B, I) -> (T, B, H), h_T, c_T (B, H)."""
+def lstm_layer(x: Tensor, state: tuple[Tensor, Tensor], cell, lengths: Optional[Tensor] = None
+               ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM layer through ``LSTMFunction``: x (T, B, I), state (h0, c0) ->
+    (T, B, H), (h_T, c_T) each (B, H)."""
     peep = (cell.weight_ci, cell.weight_cf, cell.weight_co) if cell.peephole else (None,) * 3
-    args = (x, h0, c0, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *peep, lengths)
+    args = (x, *state, cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *peep, lengths)
     save = _needs_graph(*args)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
-            return LSTMFunction.apply(*_float32(*args), save)
-    return LSTMFunction.apply(*args, save)
+            out, h, c = LSTMFunction.apply(*_float32(*args), save)
+    else:
+        out, h, c = LSTMFunction.apply(*args, save)
+    return out, (h, c)

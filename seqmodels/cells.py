@@ -1,20 +1,41 @@
-"""Recurrent cells, written out as equations. No Lightning, no data, no logging.
+"""Recurrent cells, written out as equations, and the registry that describes each cell once.
+No Lightning, no data, no logging.
 
-Parameter names and shapes follow ``torch.nn.RNN`` / ``torch.nn.LSTM`` (layer 0), so a
+A cell computes one time step: ``cell(x, state) -> state``, x (B, I), state a tuple of (B, H)
+tensors with h first: ``(h,)`` for the vanilla RNN and the GRU, ``(h, c)`` for the LSTM.
+Parameter names and shapes follow ``torch.nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (layer 0), so a
 torch state dict maps onto these cells one to one.
+
+``CELLS`` (bottom of this file) is the registry: for each cell its class, its state, its
+options, the torch op that runs it natively, its hand-written BPTT and when that is the
+fastest choice on a CPU. Everything else (the stack, ``impl: auto``, the CLI's choices) asks
+the registry; a new cell is a class here, one registry entry, and tests.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
+from seqmodels import bptt, fused
+
 NONLINEARITIES = ("tanh", "relu")
+State = tuple[Tensor, ...]  # h first: (h,) or (h, c); (B, H) per cell, (num_layers, B, H) per stack
+
+
+def _uniform_(cell: nn.Module) -> None:
+    """U(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn.RNN / LSTM / GRU."""
+    bound = 1.0 / math.sqrt(cell.hidden_size)
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-bound, bound)
 
 
 class RNNCell(nn.Module):
-    """Elman cell: h_t = f(W_ih x_t + b_ih + W_hh h_{t-1} + b_hh), f = tanh or relu."""
+    """Elman cell: h' = f(W_ih x + b_ih + W_hh h + b_hh), f = tanh or relu."""
 
     def __init__(self, input_size: int, hidden_size: int, nonlinearity: str = "tanh") -> None:
         super().__init__()
@@ -28,15 +49,13 @@ class RNNCell(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """U(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn.RNN."""
-        bound = 1.0 / math.sqrt(self.hidden_size)
-        for p in self.parameters():
-            nn.init.uniform_(p, -bound, bound)
+        _uniform_(self)
 
-    def forward(self, x: Tensor, h: Tensor) -> Tensor:
-        """One step: x (B, I), h (B, H) -> h' (B, H)."""
+    def forward(self, x: Tensor, state: State) -> State:
+        """One step: x (B, I), (h,) each (B, H) -> (h',)."""
+        (h,) = state
         z = x @ self.weight_ih.T + self.bias_ih + h @ self.weight_hh.T + self.bias_hh
-        return torch.tanh(z) if self.nonlinearity == "tanh" else torch.relu(z)
+        return (torch.tanh(z) if self.nonlinearity == "tanh" else torch.relu(z),)
 
 
 class LSTMCell(nn.Module):
@@ -74,17 +93,15 @@ class LSTMCell(nn.Module):
     def reset_parameters(self) -> None:
         """U(-1/sqrt(H), 1/sqrt(H)) as torch.nn.LSTM, then the forget bias; peepholes at 0."""
         H = self.hidden_size
-        bound = 1.0 / math.sqrt(H)
+        _uniform_(self)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.startswith("weight_c"):
                     p.zero_()
-                else:
-                    p.uniform_(-bound, bound)
             self.bias_ih[H : 2 * H].fill_(self.forget_bias)
             self.bias_hh[H : 2 * H].zero_()
 
-    def forward(self, x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, state: State) -> State:
         """One step: x (B, I), (h, c) each (B, H) -> (h', c')."""
         h, c = state
         gates = x @ self.weight_ih.T + self.bias_ih + h @ self.weight_hh.T + self.bias_hh
@@ -98,3 +115,84 @@ class LSTMCell(nn.Module):
             o = o + self.weight_co * c_next
         h_next = torch.sigmoid(o) * torch.tanh(c_next)
         return h_next, c_next
+
+
+class GRUCell(nn.Module):
+    """GRU cell in PyTorch's formulation (Cho et al. 2014), gates stacked in the order (r, z, n).
+
+        r = σ(W_ir x + b_ir + W_hr h + b_hr)
+        z = σ(W_iz x + b_iz + W_hz h + b_hz)
+        n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))
+        h' = (1 − z) ⊙ n + z ⊙ h
+
+    The reset gate multiplies the recurrent term after its bias (torch's and cuDNN's variant),
+    so the recurrent pre-activations stay one GEMM.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size))
+        self.bias_hh = nn.Parameter(torch.empty(3 * hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _uniform_(self)
+
+    def forward(self, x: Tensor, state: State) -> State:
+        """One step: x (B, I), (h,) each (B, H) -> (h',)."""
+        (h,) = state
+        x_r, x_z, x_n = (x @ self.weight_ih.T + self.bias_ih).chunk(3, dim=1)
+        h_r, h_z, h_n = (h @ self.weight_hh.T + self.bias_hh).chunk(3, dim=1)
+        r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return ((1 - z) * n + z * h,)
+
+
+# ---- the registry ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellType:
+    """Everything the rest of the code needs to know about one kind of cell.
+
+    cell        the class: the equations of one step, torch's parameter names
+    state       names of the state tensors, h first
+    options     the cell's own constructor options (beyond the sizes), as RecurrentStack names them
+    native      cell -> the name of torch's fused op for it (``torch._VF.<name>``, cuDNN mode
+                ``<NAME>``), or None when torch has none for these options
+    bptt        one layer with a hand-written backward through time, or None:
+                (x (T, B, I), state, cell, lengths) -> (output (T, B, H), final state)
+    bptt_on_cpu (training, batch, hidden) -> whether ``bptt`` beats ``native`` on a CPU
+                (``impl: auto``; measured by benchmarks/cells.py, docs/bptt.md)
+    """
+
+    cell: type[nn.Module]
+    state: tuple[str, ...]
+    options: tuple[str, ...]
+    native: Callable[[nn.Module], Optional[str]]
+    bptt: Optional[Callable] = None
+    bptt_on_cpu: Callable[[bool, Optional[int], Optional[int]], bool] = lambda training, batch, hidden: False
+
+
+# LSTM training on CPU: oneDNN's LSTM trains as fast or faster than the fused bptt loops when a
+# step is small, under BPTT_MIN_UNITS state units (B · H) or under BPTT_MIN_HIDDEN units per
+# sequence (too few for the loops to share a step between threads); docs/bptt.md has the figures.
+BPTT_MIN_UNITS = 16 * 128
+BPTT_MIN_HIDDEN = 64
+
+
+def lstm_bptt_on_cpu(training: bool, batch: Optional[int], hidden: Optional[int]) -> bool:
+    """Training only (oneDNN's inference is faster), a big enough step, the C++ loops built."""
+    big = batch is None or hidden is None or (batch * hidden >= BPTT_MIN_UNITS and hidden >= BPTT_MIN_HIDDEN)
+    return training and big and fused.kernels() is not None
+
+
+CELLS: dict[str, CellType] = {
+    # torch.nn.RNN's CPU path is not fused: the hand-written backward trains 1.6-2.4x faster
+    "rnn": CellType(RNNCell, ("h",), ("nonlinearity",), lambda cell: f"rnn_{cell.nonlinearity}",
+                    bptt.rnn_layer, lambda training, batch, hidden: True),
+    "lstm": CellType(LSTMCell, ("h", "c"), ("forget_bias", "peephole"),
+                     lambda cell: None if cell.peephole else "lstm", bptt.lstm_layer, lstm_bptt_on_cpu),
+    "gru": CellType(GRUCell, ("h",), (), lambda cell: "gru"),
+}

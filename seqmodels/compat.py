@@ -13,10 +13,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# cuDNN's names for the cells the native path runs (torch.backends.cudnn.rnn.get_cudnn_mode).
-CUDNN_MODES = {"rnn_relu": "RNN_RELU", "rnn_tanh": "RNN_TANH", "lstm": "LSTM"}
-
-
 def cudnn_can_flatten(weights: list[Tensor]) -> bool:
     """The conditions of ``torch.nn.RNNBase.flatten_parameters``: every weight on one CUDA
     device in one cuDNN dtype (float16/32/64), none aliasing another, cuDNN enabled."""
@@ -37,13 +33,14 @@ def cudnn_is_flat(weights: list[Tensor]) -> bool:
     return all(w.untyped_storage().data_ptr() == base for w in weights)
 
 
-def cudnn_flatten_(weights: list[Tensor], per_layer: int, input_size: int, cell: str, hidden_size: int,
+def cudnn_flatten_(weights: list[Tensor], per_layer: int, input_size: int, mode: str, hidden_size: int,
                    num_layers: int) -> None:
     """Make ``weights`` (``per_layer`` tensors a layer, torch.nn.RNN's order) views of one
-    buffer in cuDNN's layout, in place, keeping their values and identities."""
+    buffer in cuDNN's layout, in place, keeping their values and identities. ``mode``:
+    cuDNN's name of the cell (``RNN_TANH``, ``RNN_RELU``, ``LSTM``, ``GRU``)."""
     from torch.backends.cudnn import rnn
 
     with torch.cuda.device_of(weights[0]), torch.no_grad():
         if torch._use_cudnn_rnn_flatten_weight():
-            torch._cudnn_rnn_flatten_weight(weights, per_layer, input_size, rnn.get_cudnn_mode(CUDNN_MODES[cell]),
+            torch._cudnn_rnn_flatten_weight(weights, per_layer, input_size, rnn.get_cudnn_mode(mode),
                                             hidden_size, 0, num_layers, True, False)

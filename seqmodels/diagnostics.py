@@ -163,70 +163,33 @@ class GradientDistribution(Callback):
 
 
 # ---- gradients through time ---------------------------------------------------------------
-def unroll_capturing(stack, x: Tensor, state=None, lengths: Tensor | None = None):
-    """The stack's forward pass, cell by cell (autograd), keeping every layer's h_t.
-
-    Returns (output, final state, captured) with captured[l][t] the h_t of layer l, a
-    tensor in the graph: ``torch.autograd.grad(loss, captured[l])`` is ∂L/∂h_t, the total
-    derivative (through the output at t and through every later step).
-    """
-    B, T, _ = x.shape
-    if state is None:
-        state = stack.initial_state(B, x)
-    mask = None
-    if lengths is not None:
-        mask = (torch.arange(T, device=x.device) < lengths.to(x.device).unsqueeze(1)).unsqueeze(-1)
-    captured, finals, inputs = [], [], x
-    for l, layer in enumerate(stack.layers):
-        s = (state[0][l], state[1][l]) if stack.is_lstm else state[l]
-        outputs, hs = [], []
-        for t, x_t in enumerate(inputs.unbind(1)):
-            new = layer.cell(x_t, s)
-            if mask is not None:
-                m = mask[:, t]
-                new = tuple(torch.where(m, a, b) for a, b in zip(new, s)) if stack.is_lstm else torch.where(m, new, s)
-            s = new
-            h = s[0] if stack.is_lstm else s
-            hs.append(h)
-            outputs.append(h if mask is None else h * mask[:, t])
-        captured.append(hs)
-        finals.append(s)
-        inputs = torch.stack(outputs, 1)
-    if stack.is_lstm:
-        final = (torch.stack([f[0] for f in finals]), torch.stack([f[1] for f in finals]))
-    else:
-        final = torch.stack(finals)
-    return inputs, final, captured
-
-
 def temporal_gradient_norms(pl_module: LightningModule, batch) -> np.ndarray:
     """‖∂L/∂h_t‖ (L2 over batch and units) for every layer and step: (num_layers, T).
 
     L is the task's ``probe_loss`` (the last step's loss for many-to-one tasks, the summed
-    loss for many-to-many); the model runs in eval mode, cell by cell.
+    loss for many-to-many); the model runs in eval mode. The stack runs cell by cell (``impl:
+    autograd``, the same function) and a forward hook on every cell keeps its h_t, a tensor in
+    the graph: ``torch.autograd.grad(loss, h_t)`` is ∂L/∂h_t, the total derivative (through
+    the output at t and through every later step).
     """
     stack = pl_module.stack
-    captured: list[list[Tensor]] = []
-
-    def capturing_forward(x, state=None, lengths=None):
-        output, final, hs = unroll_capturing(stack, x, state, lengths)
-        captured.extend(hs)
-        return output, final
-
-    was_training = pl_module.training
+    captured: list[list[Tensor]] = [[] for _ in stack.layers]
+    hooks = [layer.cell.register_forward_hook(lambda module, args, state, hs=hs: hs.append(state[0]))
+             for layer, hs in zip(stack.layers, captured)]
+    was_training, impl = pl_module.training, stack.impl
     pl_module.eval()
-    stack.forward = capturing_forward  # an instance attribute: the class's forward is untouched
+    stack.impl = "autograd"
     try:
         with torch.enable_grad():
             loss = pl_module.probe_loss(batch)
-            flat = [h for layer in captured for h in layer]
-            grads = torch.autograd.grad(loss, flat, allow_unused=True)
+            grads = torch.autograd.grad(loss, [h for hs in captured for h in hs], allow_unused=True)
     finally:
-        del stack.forward
+        for hook in hooks:
+            hook.remove()
+        stack.impl = impl
         pl_module.train(was_training)
-    T = len(captured[0])
     norms = [0.0 if g is None else float(g.norm()) for g in grads]
-    return np.array(norms).reshape(len(captured), T)
+    return np.array(norms).reshape(len(captured), -1)
 
 
 class TemporalGradients(Callback):

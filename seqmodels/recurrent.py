@@ -1,15 +1,16 @@
 """Unroll a cell over time, stack layers, and choose how the recurrence is computed.
 
 ``RecurrentStack(x, state=None, lengths=None) -> (output, state)`` mirrors torch.nn.RNN /
-torch.nn.LSTM with ``batch_first=True``: x (B, T, I) -> output (B, T, H) of the last layer,
-state ``h`` (num_layers, B, H) for the RNN and ``(h, c)`` for the LSTM.
+nn.LSTM / nn.GRU with ``batch_first=True``: x (B, T, I) -> output (B, T, H) of the last layer,
+state always a tuple, h first: ``(h,)`` for the RNN and the GRU, ``(h, c)`` for the LSTM, each
+(num_layers, B, H). What differs between cells comes from the registry (``cells.CELLS``).
 
 Implementations (``impl``), all on the very same parameters:
     autograd  the readable loop over ``cells.py``; autograd derives the backward pass
     bptt      one ``torch.autograd.Function`` per layer with a hand-written backward through
-              time (``bptt.py``, derivations in docs/bptt.md); all cells, peepholes included
-    native    torch's fused kernels (oneDNN on CPU, cuDNN on GPU); no peepholes
-    auto      the fastest correct one for the options (see ``resolve_impl``)
+              time (``bptt.py``, derivations in docs/bptt.md); cells that have one
+    native    torch's fused kernels (oneDNN on CPU, cuDNN on GPU); cells torch has
+    auto      the fastest correct one for the cell and the call (see ``resolve_impl``)
 
 Precision: the recurrence always runs in the parameters' dtype, float32 under mixed precision
 (``bf16-mixed``, ``16-mixed``): autocast is switched off inside the stack, whatever the impl
@@ -21,26 +22,21 @@ without bf16 support cannot run. cuDNN may still use TF32 tensor cores for float
 """
 from __future__ import annotations
 
-from typing import Union
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, _VF, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqmodels import bptt, compat, fused
-from seqmodels.cells import NONLINEARITIES, LSTMCell, RNNCell
+from seqmodels import compat
+from seqmodels.cells import CELLS, NONLINEARITIES, CellType, State
 from seqmodels.errors import ConfigError
 
-CELLS = ("rnn", "lstm")
 IMPLS = ("auto", "autograd", "bptt", "native")
-State = Union[Tensor, tuple[Tensor, Tensor]]  # h, or (h, c); each (num_layers, B, H)
+OPTION_DEFAULTS = {"nonlinearity": "tanh", "forget_bias": 1.0, "peephole": False}  # RecurrentStack's
 
 
-def check_stack_args(
-    cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
-    nonlinearity: str = "tanh", peephole: bool = False, impl: str = "auto",
-) -> None:
+def check_stack_args(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
+                     impl: str = "auto", **options) -> None:
     """Raise a one-line ConfigError naming the parameter and its allowed values."""
     if cell not in CELLS:
         raise ConfigError(f"cell must be one of {list(CELLS)}, got {cell!r}")
@@ -49,58 +45,44 @@ def check_stack_args(
             raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
-    if nonlinearity not in NONLINEARITIES:
-        raise ConfigError(f"nonlinearity must be one of {list(NONLINEARITIES)}, got {nonlinearity!r}")
+    if options.get("nonlinearity", "tanh") not in NONLINEARITIES:
+        raise ConfigError(f"nonlinearity must be one of {list(NONLINEARITIES)}, got {options['nonlinearity']!r}")
     if impl not in IMPLS:
         raise ConfigError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
-    if peephole and cell != "lstm":
-        raise ConfigError("peephole: true needs cell: lstm (the vanilla RNN has no cell state)")
-    if impl == "native" and peephole:
-        raise ConfigError("impl: native cannot run peephole LSTMs (torch.nn.LSTM has no peepholes); use impl: autograd, bptt or auto")
+    kind = CELLS[cell]
+    for name, value in options.items():
+        if name not in kind.options and value != OPTION_DEFAULTS[name]:
+            takes = f"its options: {', '.join(kind.options)}" if kind.options else "it has no options"
+            raise ConfigError(f"{name}: {value!r} does not apply to cell: {cell} ({takes})")
 
 
-# LSTM training on CPU: oneDNN's LSTM trains as fast or faster than the fused bptt loops when a
-# step is small, under BPTT_MIN_UNITS state units (B · H) or under BPTT_MIN_HIDDEN units per
-# sequence (too few for the loops to share a step between threads). benchmarks/cells.py, AVX2
-# host, bptt x nn.LSTM: 0.79-0.94x at (B, T, I, H) = (64, 20, 1, 32), 0.79-0.89x at
-# (4, 64, 88, 256); 0.98-1.02x at (16, 64, 88, 256), 1.08-1.14x at (16, 64, 88, 128), 1.04-1.23x
-# at (32, 64, 64, 128), 1.3-1.6x at B 64, H 256.
-BPTT_MIN_UNITS = 16 * 128
-BPTT_MIN_HIDDEN = 64
+def check_impl(impl: str, kind: CellType, cell: nn.Module, name: str, options: dict) -> None:
+    """The chosen impl can run this cell (the registry says), or a one-line ConfigError."""
+    if impl == "native" and kind.native(cell) is None:
+        chosen = ", ".join(f"{k}: {v}" for k, v in options.items() if v != OPTION_DEFAULTS[k]) or "these options"
+        others = ["auto", "autograd"] + (["bptt"] if kind.bptt else [])
+        raise ConfigError(f"impl: native cannot run cell: {name} with {chosen} (torch has no such op); "
+                          f"use impl: {', '.join(others)}")
+    if impl == "bptt" and kind.bptt is None:
+        raise ConfigError(f"impl: bptt has no hand-written backward for cell: {name}; use impl: auto, autograd or native")
 
 
-def resolve_impl(impl: str, peephole: bool, cell: str = "lstm", device_type: str = "cpu",
-                 training: bool = False, batch: int | None = None, hidden: int | None = None
-                 ) -> str:
+def resolve_impl(impl: str, kind: CellType, cell: nn.Module, device_type: str = "cpu", training: bool = False,
+                 batch: int | None = None, hidden: int | None = None) -> str:
     """The implementation ``auto`` stands for; any other ``impl`` is returned as is.
 
-    ``auto`` picks the fastest correct implementation for the cell, the hardware and the call
-    (``training``: a backward will follow), as measured by ``benchmarks/cells.py`` (numbers in
-    README and docs/bptt.md):
-        peephole LSTM              -> bptt    (native cannot; bptt trains faster than autograd)
-        RNN on CPU                 -> bptt    (torch.nn.RNN's CPU path is not fused: the
-                                               hand-written backward trains 1.6-2.4x faster)
-        LSTM on CPU, training      -> bptt    when its fused C++ loops are built (fused.py)
-                                               and the step is big enough: B · H >=
-                                               BPTT_MIN_UNITS and H >= BPTT_MIN_HIDDEN
-                                               (``batch``, ``hidden``): 1.0-1.6x oneDNN's LSTM
-                                               for forward + backward; smaller: native
-        LSTM on CPU, inference     -> native  (oneDNN's fused LSTM; bptt's forward is 0.8-1.0x)
-        RNN / LSTM on GPU          -> native  (cuDNN)
-    All of them compute the same function of the same parameters.
+    ``auto`` asks the registry (``cells.CELLS``): ``bptt`` when torch has no fused op for the
+    cell (e.g. peepholes) or, on a CPU, when the cell's ``bptt_on_cpu`` rule says the
+    hand-written loops are faster for this call (``training``: a backward will follow; the
+    batch and hidden sizes); otherwise ``native`` (oneDNN, cuDNN), and ``autograd`` for a cell
+    with neither. All of them compute the same function of the same parameters.
     """
     if impl != "auto":
         return impl
-    if peephole:
+    native = kind.native(cell) is not None
+    if kind.bptt is not None and (not native or (device_type == "cpu" and kind.bptt_on_cpu(training, batch, hidden))):
         return "bptt"
-    if device_type == "cpu":
-        if cell == "rnn":
-            return "bptt"
-        big = batch is None or hidden is None or (
-            batch * hidden >= BPTT_MIN_UNITS and hidden >= BPTT_MIN_HIDDEN)
-        if training and big and fused.kernels() is not None:
-            return "bptt"
-    return "native"
+    return "native" if native else "autograd"
 
 
 def _float32(state: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
@@ -123,21 +105,17 @@ class RecurrentLayer(nn.Module):
         self.cell = cell
 
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
+        """x (B, T, I), state tuple of (B, H), mask (B, T) or None -> output (B, T, H), state."""
         outputs = []
         masks = mask.unsqueeze(-1).unbind(1) if mask is not None else None
         for t, x_t in enumerate(x.unbind(1)):
             new = self.cell(x_t, state)
             if masks is None:
                 state = new
-                outputs.append(new[0] if isinstance(new, tuple) else new)
-                continue
-            m = masks[t]
-            if isinstance(new, tuple):
-                state = tuple(torch.where(m, n, s) for n, s in zip(new, state))
-                outputs.append(new[0] * m)
+                outputs.append(new[0])
             else:
-                state = torch.where(m, new, state)
-                outputs.append(new * m)
+                state = tuple(torch.where(masks[t], n, s) for n, s in zip(new, state))
+                outputs.append(new[0] * masks[t])
         return torch.stack(outputs, 1), state
 
 
@@ -145,8 +123,11 @@ class RecurrentStack(nn.Module):
     """``num_layers`` recurrent layers with dropout between them (not after the last).
 
     Parameter names: ``layers.{l}.cell.weight_ih`` etc.; ``torch_state_dict`` /
-    ``load_torch_state_dict`` convert to and from torch.nn.RNN / nn.LSTM names
+    ``load_torch_state_dict`` convert to and from torch.nn.RNN / nn.LSTM / nn.GRU names
     (``weight_ih_l{l}``), so weights move freely between the two.
+
+    Cell options (``nonlinearity``, ``forget_bias``, ``peephole``) go to the cells that take
+    them (the registry says which); setting one for a cell without it is an error.
     """
 
     def __init__(
@@ -162,32 +143,38 @@ class RecurrentStack(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        check_stack_args(cell, input_size, hidden_size, num_layers, dropout, nonlinearity, peephole, impl)
+        options = dict(nonlinearity=nonlinearity, forget_bias=forget_bias, peephole=peephole)
+        check_stack_args(cell, input_size, hidden_size, num_layers, dropout, impl, **options)
+        self.kind = CELLS[cell]
         self.cell_type, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
-        self.dropout, self.nonlinearity, self.peephole = dropout, nonlinearity, peephole
-        self.impl = impl
+        self.dropout, self.impl = dropout, impl
+        own = {k: v for k, v in options.items() if k in self.kind.options}
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        if cell == "rnn":
-            cells = [RNNCell(i, hidden_size, nonlinearity) for i in sizes]
-        else:
-            cells = [LSTMCell(i, hidden_size, forget_bias, peephole) for i in sizes]
-        self.layers = nn.ModuleList(RecurrentLayer(c) for c in cells)
+        self.layers = nn.ModuleList(RecurrentLayer(self.kind.cell(i, hidden_size, **own)) for i in sizes)
+        check_impl(impl, self.kind, self.layers[0].cell, cell, own)
 
     @property
-    def is_lstm(self) -> bool:
-        return self.cell_type == "lstm"
+    def peephole(self) -> bool:
+        return bool(getattr(self.layers[0].cell, "peephole", False))
+
+    @property
+    def nonlinearity(self) -> str:
+        return getattr(self.layers[0].cell, "nonlinearity", "tanh")
 
     def initial_state(self, batch_size: int, like: Tensor) -> State:
-        """Zeros shaped (num_layers, B, H), as torch uses when no state is given."""
-        h = like.new_zeros(self.num_layers, batch_size, self.hidden_size)
-        return (h, h.clone()) if self.is_lstm else h
+        """Zeros shaped (num_layers, B, H), one per state tensor, as torch uses when none is given."""
+        return tuple(like.new_zeros(self.num_layers, batch_size, self.hidden_size) for _ in self.kind.state)
 
     def forward(
         self, x: Tensor, state: State | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, State]:
-        """x (B, T, I), lengths (B,) or None -> output (B, T, H), final state."""
+        """x (B, T, I), state tuple of (num_layers, B, H) or None, lengths (B,) or None ->
+        output (B, T, H), final state."""
         if x.dim() != 3:
             raise ValueError(f"expected input of shape (B, T, F), got {tuple(x.shape)}")
+        if state is not None and not isinstance(state, tuple):
+            raise TypeError(f"state must be a tuple {self.kind.state} of (num_layers, B, H) tensors, "
+                            f"got {type(state).__name__}")
         if torch.is_autocast_enabled(x.device.type):  # float32 recurrence (module docstring)
             with torch.autocast(x.device.type, enabled=False):
                 return self.forward(_float32(x), None if state is None else _float32(state), lengths)
@@ -195,7 +182,7 @@ class RecurrentStack(nn.Module):
             state = self.initial_state(x.shape[0], x)
         training = self.impl == "auto" and torch.is_grad_enabled() and (  # only auto asks
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        impl = resolve_impl(self.impl, self.peephole, self.cell_type, x.device.type, training,
+        impl = resolve_impl(self.impl, self.kind, self.layers[0].cell, x.device.type, training,
                             batch=x.shape[0], hidden=self.hidden_size)
         if impl == "native":
             return self._forward_native(x, state, lengths)
@@ -208,12 +195,9 @@ class RecurrentStack(nn.Module):
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            layer_state = (state[0][l], state[1][l]) if self.is_lstm else state[l]
-            x, s = layer(x, layer_state, mask)
+            x, s = layer(x, tuple(s[l] for s in state), mask)
             finals.append(s)
-        if self.is_lstm:
-            return x, (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
-        return x, torch.stack(finals)
+        return x, tuple(torch.stack(s) for s in zip(*finals))
 
     # ---- hand-written BPTT, one autograd.Function call per layer ---------------------
     def _forward_bptt(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
@@ -225,33 +209,24 @@ class RecurrentStack(nn.Module):
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            if self.is_lstm:
-                x, h, c = bptt.lstm_layer(x, state[0][l], state[1][l], layer.cell, lengths)
-                finals.append((h, c))
-            else:
-                x, h = bptt.rnn_layer(x, state[l], layer.cell, lengths)
-                finals.append(h)
-        if self.is_lstm:
-            return x.transpose(0, 1), (torch.stack([s[0] for s in finals]), torch.stack([s[1] for s in finals]))
-        return x.transpose(0, 1), torch.stack(finals)
+            x, s = self.kind.bptt(x, tuple(s[l] for s in state), layer.cell, lengths)
+            finals.append(s)
+        return x.transpose(0, 1), tuple(torch.stack(s) for s in zip(*finals))
 
     # ---- native kernels on the same parameters -------------------------------------
     def _flat_weights(self) -> list[Tensor]:
-        return [p for layer in self.layers for p in
-                (layer.cell.weight_ih, layer.cell.weight_hh, layer.cell.bias_ih, layer.cell.bias_hh)]
-
-    def _cudnn_mode(self) -> str:
-        return "lstm" if self.is_lstm else f"rnn_{self.nonlinearity}"
+        return [getattr(layer.cell, n) for layer in self.layers for n in self._NAMES]
 
     def flatten_parameters(self) -> None:
         """On a GPU, make the weights that the native path hands to cuDNN views of one buffer in
         cuDNN's layout, as ``torch.nn.LSTM.flatten_parameters`` does: cuDNN then runs on the
         module's own parameters, with no per-call copy and no "not part of single contiguous
         chunk of memory" warning. Values, names and Parameter objects stay; no-op on CPU."""
+        op = self.kind.native(self.layers[0].cell)
         weights = self._flat_weights()
-        if self.peephole or not compat.cudnn_can_flatten(weights) or compat.cudnn_is_flat(weights):
+        if op is None or not compat.cudnn_can_flatten(weights) or compat.cudnn_is_flat(weights):
             return
-        compat.cudnn_flatten_(weights, len(self._NAMES), self.layers[0].cell.input_size, self._cudnn_mode(),
+        compat.cudnn_flatten_(weights, len(self._NAMES), self.layers[0].cell.input_size, op.upper(),
                               self.hidden_size, self.num_layers)
 
     def _apply(self, fn, *args, **kwargs):
@@ -261,40 +236,34 @@ class RecurrentStack(nn.Module):
         return result
 
     def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """torch.nn.RNN / nn.LSTM's own call (``_VF``), on this module's parameters."""
+        """torch.nn.RNN / nn.LSTM / nn.GRU's own call (``torch._VF``), on this module's parameters."""
         if x.is_cuda:
             self.flatten_parameters()  # a no-op once flat; covers modules built on the GPU
-        hx = state if not self.is_lstm else tuple(state)
+        fn = getattr(_VF, self.kind.native(self.layers[0].cell))
+        pack = (lambda s: s) if len(state) > 1 else (lambda s: s[0])  # torch: (h, c), or h alone
         args = (self._flat_weights(), True, self.num_layers, self.dropout, self.training, False)
-        if self.is_lstm:
-            fn = _VF.lstm
-        else:
-            fn = _VF.rnn_tanh if self.nonlinearity == "tanh" else _VF.rnn_relu
         if lengths is None:
-            out, *final = fn(x, hx, *args, True)
-            return out, (tuple(final) if self.is_lstm else final[0])
+            out, *final = fn(x, pack(state), *args, True)
+            return out, tuple(final)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
         order, unorder = packed.sorted_indices, packed.unsorted_indices
-        hx = tuple(s.index_select(1, order) for s in hx) if self.is_lstm else hx.index_select(1, order)
-        out, *final = fn(packed.data, packed.batch_sizes, hx, *args)
-        out, _ = pad_packed_sequence(
-            packed._replace(data=out), batch_first=True, total_length=x.shape[1]
-        )
-        final = [s.index_select(1, unorder) for s in final]
-        return out, (tuple(final) if self.is_lstm else final[0])
+        out, *final = fn(packed.data, packed.batch_sizes, pack(tuple(s.index_select(1, order) for s in state)), *args)
+        out, _ = pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=x.shape[1])
+        return out, tuple(s.index_select(1, unorder) for s in final)
 
-    # ---- torch.nn.RNN / nn.LSTM state dicts -----------------------------------------
+    # ---- torch.nn.RNN / nn.LSTM / nn.GRU state dicts ---------------------------------
     _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
     def torch_state_dict(self) -> dict[str, Tensor]:
-        """Parameters under torch.nn.RNN / nn.LSTM names (``weight_ih_l0``, ...)."""
-        if self.peephole:
-            raise ValueError("a peephole LSTM has no torch.nn.LSTM equivalent")
+        """Parameters under torch.nn.RNN / nn.LSTM / nn.GRU names (``weight_ih_l0``, ...)."""
+        if self.kind.native(self.layers[0].cell) is None:
+            raise ValueError(f"this {self.cell_type} has no torch.nn equivalent (its options: "
+                             f"{', '.join(self.kind.options)})")
         return {f"{n}_l{l}": getattr(layer.cell, n).detach().clone()
                 for l, layer in enumerate(self.layers) for n in self._NAMES}
 
     def load_torch_state_dict(self, state_dict: dict[str, Tensor]) -> None:
-        """Load a torch.nn.RNN / nn.LSTM state dict (same cell, sizes and layers)."""
+        """Load a torch.nn.RNN / nn.LSTM / nn.GRU state dict (same cell, sizes and layers)."""
         expected = {f"{n}_l{l}" for l in range(self.num_layers) for n in self._NAMES}
         if set(state_dict) != expected:
             raise ValueError(f"state dict keys {sorted(state_dict)} do not match {sorted(expected)}")

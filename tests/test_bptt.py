@@ -2,6 +2,7 @@
 closed-form scalar example. CPU, tiny sizes, a few seconds in all."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -39,14 +40,16 @@ def make_stack(variant: str, input_size: int, hidden_size: int, num_layers: int 
 
 def random_state(stack: RecurrentStack, batch: int, dtype, gen: torch.Generator):
     shape = (stack.num_layers, batch, stack.hidden_size)
-    h = torch.randn(shape, dtype=dtype, generator=gen) * 0.5
-    if stack.is_lstm:
-        return h, torch.randn(shape, dtype=dtype, generator=gen) * 0.5
-    return h
+    return tuple(torch.randn(shape, dtype=dtype, generator=gen) * 0.5 for _ in stack.kind.state)
 
 
 def as_tuple(state):
+    """torch.nn's convention (h alone, or (h, c)) -> ours (always a tuple)."""
     return state if isinstance(state, tuple) else (state,)
+
+
+def as_torch(state: tuple):
+    return state if len(state) > 1 else state[0]
 
 
 def loss_and_grads(stack: RecurrentStack, impl: str, x, state, lengths, weights):
@@ -55,7 +58,7 @@ def loss_and_grads(stack: RecurrentStack, impl: str, x, state, lengths, weights)
     stack.impl = impl
     x = x.detach().requires_grad_()
     state = tuple(s.detach().requires_grad_() for s in as_tuple(state))
-    out, final = stack(x, state if stack.is_lstm else state[0], lengths)
+    out, final = stack(x, state, lengths)
     loss = (out * weights).sum() + sum((f ** 2).sum() for f in as_tuple(final))
     scale = (out * weights).abs().sum() + sum((f ** 2).sum() for f in as_tuple(final))
     inputs = [x, *state, *stack.parameters()]
@@ -128,7 +131,7 @@ def test_gradcheck_bptt(variant, loops):
     def f(x, *rest):
         st, ps = rest[: len(state)], rest[len(state):]
         out, final = functional_call(stack, dict(zip(names, ps)),
-                                     (x, st if stack.is_lstm else st[0], lengths))
+                                     (x, tuple(st), lengths))
         return (out, *as_tuple(final))
 
     inputs = [t.requires_grad_() for t in (x, *state, *params)]
@@ -411,7 +414,7 @@ def test_padded_batch_matches_packed_torch(variant, impl):
     state = random_state(stack, B, torch.float32, gen)
     out, final = stack(x, state, lengths)
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-    ref_out, ref_final = ref(packed, state)
+    ref_out, ref_final = ref(packed, as_torch(state))
     ref_out, _ = pad_packed_sequence(ref_out, batch_first=True, total_length=T)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     for b, n in enumerate(lengths.tolist()):
@@ -471,7 +474,7 @@ def test_scalar_rnn_worked_example():
     w_yh_t = torch.tensor(w_yh, dtype=torch.float64, requires_grad=True)
     b_y_t = torch.tensor(b_y, dtype=torch.float64, requires_grad=True)
     h0_t = torch.full((1, 1, 1), h0, dtype=torch.float64, requires_grad=True)
-    out, h5 = stack(torch.tensor(xs, dtype=torch.float64).view(1, 5, 1), h0_t)
+    out, (h5,) = stack(torch.tensor(xs, dtype=torch.float64).view(1, 5, 1), (h0_t,))
     l_bptt = 0.5 * (w_yh_t * out[0, -1, 0] + b_y_t - y) ** 2
     l_bptt.backward()
     assert h5.item() == pytest.approx(hs[5], rel=1e-12)
@@ -506,33 +509,52 @@ def test_bptt_under_bf16_autocast_runs_in_float32(variant):
 
 
 # ---- choice of implementation ------------------------------------------------------
-@pytest.mark.parametrize("batch, hidden, expected", [(64, 256, "bptt"), (16, 128, "bptt"), (4, 256, "native"), (64, 32, "native")])
-def test_auto_trains_the_lstm_with_bptt_only_for_big_steps(batch, hidden, expected, monkeypatch):
-    stack = RecurrentStack("lstm", 3, hidden)
+def test_auto_asks_with_the_call_training_or_not(monkeypatch):
+    """The stack tells the rule whether a backward follows and the step's size."""
+    from seqmodels.cells import CELLS
+
+    seen = []
+    monkeypatch.setitem(CELLS, "lstm", dataclasses.replace(CELLS["lstm"], bptt_on_cpu=lambda training, batch, hidden: (
+        seen.append((training, batch, hidden)) or training)))
+    stack = RecurrentStack("lstm", 3, 8)
     used = []
     for name in ("bptt", "native"):
         method = getattr(stack, f"_forward_{name}")
         monkeypatch.setattr(stack, f"_forward_{name}", lambda *a, _m=method, _n=name: used.append(_n) or _m(*a))
-    x = torch.randn(batch, 5, 3)
+    x = torch.randn(5, 4, 3)
     stack(x)[0].sum().backward()
     with torch.no_grad():
         stack(x)
-    assert used == [expected, "native"], "training: by B·H; inference: always oneDNN"
+    assert used == ["bptt", "native"] and seen == [(True, 5, 8), (False, 5, 8)]
 
 
-def test_resolve_impl_and_native_peephole_error():
-    assert resolve_impl("auto", False, "rnn", "cpu") == "bptt"
-    assert resolve_impl("auto", False, "lstm", "cpu") == "native"  # inference: oneDNN
+def test_resolve_impl_asks_the_registry(monkeypatch):
+    """auto: bptt where torch has no op (peepholes) or where the cell's CPU rule says bptt is
+    faster (the rule's thresholds are the registry's, not pinned here), native otherwise."""
+    from seqmodels.cells import CELLS
+
+    def auto(cell, device="cpu", training=False, **options):
+        stack = RecurrentStack(cell, 2, 4, **options)
+        return resolve_impl("auto", stack.kind, stack.layers[0].cell, device, training)
+
+    assert auto("lstm", peephole=True) == auto("lstm", "cuda", peephole=True) == "bptt"
+    assert auto("gru") == auto("gru", training=True) == auto("gru", "cuda") == "native"  # no bptt for the GRU
+    assert auto("rnn", "cuda") == auto("lstm", "cuda", training=True) == "native"
+    for cell in ("rnn", "lstm"):
+        for verdict in (True, False):
+            monkeypatch.setitem(CELLS, cell, dataclasses.replace(CELLS[cell], bptt_on_cpu=lambda t, b, h, v=verdict: v))
+            assert auto(cell, training=True) == ("bptt" if verdict else "native")
+    assert resolve_impl("bptt", CELLS["lstm"], None) == "bptt"  # anything but auto is kept
+
+
+def test_lstm_cpu_rule_needs_training_a_big_step_and_the_loops(monkeypatch):
+    from seqmodels import cells
+
+    big = dict(batch=cells.BPTT_MIN_UNITS // cells.BPTT_MIN_HIDDEN, hidden=cells.BPTT_MIN_HIDDEN)
     assert fused.kernels() is not None
-    assert resolve_impl("auto", False, "lstm", "cpu", training=True) == "bptt"
-    assert resolve_impl("auto", False, "lstm", "cpu", training=True, batch=64, hidden=256) == "bptt"
-    assert resolve_impl("auto", False, "lstm", "cpu", training=True, batch=64, hidden=32) == "native"  # oneDNN faster
-    assert resolve_impl("auto", False, "rnn", "cpu", training=True, batch=64, hidden=32) == "bptt"
-    assert resolve_impl("auto", False, "lstm", "cuda", training=True) == "native"
-    assert resolve_impl("auto", True, "lstm", "cpu") == "bptt"
-    assert resolve_impl("auto", True, "lstm", "cuda") == "bptt"
-    assert resolve_impl("auto", False, "rnn", "cuda") == "native"
-    assert resolve_impl("bptt", False, "lstm", "cpu") == "bptt"
-    with pytest.raises(ValueError, match="native"):
-        RecurrentStack("lstm", 2, 3, peephole=True, impl="native")
-    RecurrentStack("lstm", 2, 3, peephole=True, impl="bptt")  # fine
+    assert cells.lstm_bptt_on_cpu(True, **big)
+    assert not cells.lstm_bptt_on_cpu(False, **big)  # inference: oneDNN
+    assert not cells.lstm_bptt_on_cpu(True, batch=big["batch"] - 1, hidden=big["hidden"])
+    assert not cells.lstm_bptt_on_cpu(True, batch=10 ** 6, hidden=cells.BPTT_MIN_HIDDEN - 1)
+    monkeypatch.setattr(fused, "kernels", lambda: None)
+    assert not cells.lstm_bptt_on_cpu(True, **big)  # no C++ loops: the Python ones are slower

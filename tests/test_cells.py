@@ -1,69 +1,72 @@
 """The cells against torch.nn: equal outputs and states in float64 after loading a torch
-state dict (and equal torch outputs after exporting back); shapes and the state API."""
+state dict (and equal torch outputs after exporting back); shapes, the state API and the
+registry."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from seqmodels import LSTMCell, RecurrentStack, RNNCell
+from seqmodels import CELLS, GRUCell, LSTMCell, RecurrentStack, RNNCell
+from seqmodels.errors import ConfigError
 
 B, T, I, H = 4, 7, 5, 6
+TORCH = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+TORCH_CELLS = {"rnn": torch.nn.RNNCell, "lstm": torch.nn.LSTMCell, "gru": torch.nn.GRUCell}
+CASES = [("rnn", "tanh"), ("rnn", "relu"), ("lstm", "tanh"), ("gru", "tanh")]
 
 
 def torch_reference(cell: str, num_layers: int, nonlinearity: str = "tanh") -> torch.nn.Module:
-    if cell == "lstm":
-        return torch.nn.LSTM(I, H, num_layers, batch_first=True).double()
-    return torch.nn.RNN(I, H, num_layers, nonlinearity=nonlinearity, batch_first=True).double()
+    extra = {"nonlinearity": nonlinearity} if cell == "rnn" else {}
+    return TORCH[cell](I, H, num_layers, batch_first=True, **extra).double()
 
 
-def random_state(cell: str, num_layers: int):
-    h = torch.randn(num_layers, B, H, dtype=torch.float64)
-    return (h, torch.randn_like(h)) if cell == "lstm" else h
+def ours(cell: str, num_layers: int, nonlinearity: str = "tanh", impl: str = "autograd") -> RecurrentStack:
+    return RecurrentStack(cell, I, H, num_layers, nonlinearity=nonlinearity, impl=impl).double()
 
 
-CASES = [("rnn", "tanh"), ("rnn", "relu"), ("lstm", "tanh")]
+def random_state(cell: str, num_layers: int) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.randn(num_layers, B, H, dtype=torch.float64) for _ in CELLS[cell].state)
 
 
+def as_torch(state: tuple):
+    """torch.nn's convention: h alone, or (h, c)."""
+    return state if len(state) > 1 else state[0]
+
+
+@pytest.mark.parametrize("impl", ["autograd", "native"])
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("cell,nonlinearity", CASES)
-def test_torch_state_dict_gives_torch_outputs(cell, nonlinearity, num_layers):
+def test_torch_state_dict_gives_torch_outputs(cell, nonlinearity, num_layers, impl):
     torch.manual_seed(0)
     ref = torch_reference(cell, num_layers, nonlinearity)
-    ours = RecurrentStack(cell, I, H, num_layers, nonlinearity=nonlinearity, impl="autograd").double()
-    ours.load_torch_state_dict(ref.state_dict())
+    stack = ours(cell, num_layers, nonlinearity, impl)
+    stack.load_torch_state_dict(ref.state_dict())
     x = torch.randn(B, T, I, dtype=torch.float64)
     for state in (None, random_state(cell, num_layers)):
-        out_ref, state_ref = ref(x, state)
-        out, final = ours(x, state)
+        out_ref, state_ref = ref(x, None if state is None else as_torch(state))
+        out, final = stack(x, state)
+        assert isinstance(final, tuple) and len(final) == len(CELLS[cell].state)
         torch.testing.assert_close(out, out_ref, atol=1e-6, rtol=0)
-        if cell == "lstm":
-            torch.testing.assert_close(final[0], state_ref[0], atol=1e-6, rtol=0)
-            torch.testing.assert_close(final[1], state_ref[1], atol=1e-6, rtol=0)
-        else:
-            torch.testing.assert_close(final, state_ref, atol=1e-6, rtol=0)
+        for a, b in zip(final, state_ref if isinstance(state_ref, tuple) else (state_ref,)):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("num_layers", [1, 3])
 @pytest.mark.parametrize("cell,nonlinearity", CASES)
 def test_export_to_torch_gives_our_outputs(cell, nonlinearity, num_layers):
     torch.manual_seed(1)
-    ours = RecurrentStack(cell, I, H, num_layers, nonlinearity=nonlinearity, impl="autograd").double()
+    stack = ours(cell, num_layers, nonlinearity)
     ref = torch_reference(cell, num_layers, nonlinearity)
-    ref.load_state_dict(ours.torch_state_dict())
+    ref.load_state_dict(stack.torch_state_dict())
     x = torch.randn(B, T, I, dtype=torch.float64)
-    torch.testing.assert_close(ours(x)[0], ref(x)[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(stack(x)[0], ref(x)[0], atol=1e-6, rtol=0)
 
 
-def test_parameter_names_and_shapes_match_torch():
-    rnn = RNNCell(I, H)
-    assert {n: tuple(p.shape) for n, p in rnn.named_parameters()} == {
-        "weight_ih": (H, I), "weight_hh": (H, H), "bias_ih": (H,), "bias_hh": (H,)}
-    torch_rnn = torch.nn.RNN(I, H)
-    assert {n.removesuffix("_l0"): tuple(p.shape) for n, p in torch_rnn.named_parameters()} == {
-        n: tuple(p.shape) for n, p in rnn.named_parameters()}
-    lstm, torch_lstm = LSTMCell(I, H), torch.nn.LSTM(I, H)
-    assert {n.removesuffix("_l0"): tuple(p.shape) for n, p in torch_lstm.named_parameters()} == {
-        n: tuple(p.shape) for n, p in lstm.named_parameters()}
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_parameter_names_and_shapes_match_torch(cell):
+    mine, theirs = CELLS[cell].cell(I, H), TORCH[cell](I, H)
+    assert {n.removesuffix("_l0"): tuple(p.shape) for n, p in theirs.named_parameters()} == {
+        n: tuple(p.shape) for n, p in mine.named_parameters()}
 
 
 @pytest.mark.parametrize("forget_bias", [1.0, 2.5, 0.0])
@@ -74,26 +77,41 @@ def test_forget_gate_bias_initialisation(forget_bias):
     assert not torch.allclose(total[:H], torch.full((H,), forget_bias))  # only the f slice
 
 
-def test_cell_steps_match_torch_cells():
+@pytest.mark.parametrize("cell", [LSTMCell, RNNCell, GRUCell])
+def test_cell_steps_match_torch_cells(cell):
+    """One step in float64: our tuple state against torch's cells."""
     torch.manual_seed(2)
-    x, h, c = torch.randn(B, I), torch.randn(B, H), torch.randn(B, H)
-    ours, ref = LSTMCell(I, H), torch.nn.LSTMCell(I, H)
-    ref.load_state_dict(ours.state_dict())
-    for a, b in zip(ours(x, (h, c)), ref(x, (h, c))):
-        torch.testing.assert_close(a, b)
-    ours, ref = RNNCell(I, H, "relu"), torch.nn.RNNCell(I, H, nonlinearity="relu")
-    ref.load_state_dict(ours.state_dict())
-    torch.testing.assert_close(ours(x, h), ref(x, h))
+    name = {LSTMCell: "lstm", RNNCell: "rnn", GRUCell: "gru"}[cell]
+    x = torch.randn(B, I, dtype=torch.float64)
+    state = tuple(torch.randn(B, H, dtype=torch.float64) for _ in CELLS[name].state)
+    mine, ref = cell(I, H).double(), TORCH_CELLS[name](I, H).double()
+    ref.load_state_dict(mine.state_dict())
+    expected = ref(x, as_torch(state))
+    for a, b in zip(mine(x, state), expected if isinstance(expected, tuple) else (expected,)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_relu_rnn_step_matches_torch():
+    torch.manual_seed(2)
+    x, h = torch.randn(B, I), torch.randn(B, H)
+    mine, ref = RNNCell(I, H, "relu"), torch.nn.RNNCell(I, H, nonlinearity="relu")
+    ref.load_state_dict(mine.state_dict())
+    torch.testing.assert_close(mine(x, (h,))[0], ref(x, h))
 
 
 @pytest.mark.parametrize("impl", ["autograd", "native"])
-def test_state_api_shapes(impl):
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_state_api_shapes(cell, impl):
     x = torch.randn(B, T, I)
-    out, h = RecurrentStack("rnn", I, H, 2, impl=impl)(x)
-    assert out.shape == (B, T, H) and h.shape == (2, B, H)
-    out, (h, c) = RecurrentStack("lstm", I, H, 3, dropout=0.2, impl=impl)(x)
-    assert out.shape == (B, T, H) and h.shape == c.shape == (3, B, H)
-    torch.testing.assert_close(out[:, -1], h[-1])  # the last output is the top layer's final h
+    out, state = RecurrentStack(cell, I, H, 3, dropout=0.2, impl=impl)(x)
+    assert out.shape == (B, T, H) and isinstance(state, tuple) and len(state) == len(CELLS[cell].state)
+    assert all(s.shape == (3, B, H) for s in state)
+    torch.testing.assert_close(out[:, -1], state[0][-1])  # the last output is the top layer's final h
+
+
+def test_a_bare_tensor_state_is_refused():
+    with pytest.raises(TypeError, match=r"state must be a tuple \('h',\)"):
+        RecurrentStack("rnn", I, H)(torch.randn(B, T, I), torch.zeros(1, B, H))
 
 
 def test_dropout_between_layers_only_in_training():
@@ -106,12 +124,46 @@ def test_dropout_between_layers_only_in_training():
     assert not torch.allclose(stack(x)[0], stack(x)[0])
 
 
-def test_state_carries_over_between_calls():
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_state_carries_over_between_calls(cell):
     torch.manual_seed(4)
-    stack = RecurrentStack("lstm", I, H, 2, impl="autograd")
+    stack = RecurrentStack(cell, I, H, 2, impl="autograd")
     x = torch.randn(B, T, I)
     whole, final = stack(x)
     first, state = stack(x[:, :3])
     second, final_split = stack(x[:, 3:], state)
     torch.testing.assert_close(torch.cat([first, second], 1), whole)
-    torch.testing.assert_close(final_split[1], final[1])
+    for a, b in zip(final_split, final):
+        torch.testing.assert_close(a, b)
+
+
+# ---- the registry decides; nothing else branches on the cell's name ---------------------------
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_every_impl_the_registry_offers_computes_the_same_function(cell):
+    torch.manual_seed(5)
+    kind = CELLS[cell]
+    impls = ["autograd", "native"] + (["bptt"] if kind.bptt else [])
+    stacks = {impl: RecurrentStack(cell, I, H, 2, impl=impl).double() for impl in impls}
+    for stack in stacks.values():
+        stack.load_state_dict(stacks["autograd"].state_dict())
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    lengths = torch.tensor([7, 3, 5, 1])
+    want = stacks["autograd"](x, lengths=lengths)
+    for impl, stack in stacks.items():
+        out, state = stack(x, lengths=lengths)
+        torch.testing.assert_close(out, want[0], atol=1e-10, rtol=0, msg=impl)
+        for a, b in zip(state, want[1]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=impl)
+
+
+def test_options_and_impls_a_cell_cannot_take_are_one_line_errors():
+    with pytest.raises(ConfigError, match="peephole: True does not apply to cell: gru"):
+        RecurrentStack("gru", I, H, peephole=True)
+    with pytest.raises(ConfigError, match="nonlinearity: 'relu' does not apply to cell: lstm"):
+        RecurrentStack("lstm", I, H, nonlinearity="relu")
+    with pytest.raises(ConfigError, match="impl: native cannot run cell: lstm with peephole: True"):
+        RecurrentStack("lstm", I, H, peephole=True, impl="native")
+    with pytest.raises(ConfigError, match="impl: bptt has no hand-written backward for cell: gru"):
+        RecurrentStack("gru", I, H, impl="bptt")
+    with pytest.raises(ConfigError, match=r"cell must be one of \['rnn', 'lstm', 'gru'\]"):
+        RecurrentStack("transformer", I, H)

@@ -48,12 +48,11 @@ def direct_norms(model, x, layers: int) -> np.ndarray:
     B = x.shape[0]
     for layer in model.stack.layers:
         H = layer.cell.hidden_size
-        h = torch.zeros(B, H)
-        state = (h, torch.zeros(B, H)) if model.stack.is_lstm else h
+        state = tuple(torch.zeros(B, H) for _ in model.stack.kind.state)
         hs = []
         for t in range(x.shape[1]):
             state = layer.cell(inputs[:, t], state)
-            hs.append(state[0] if isinstance(state, tuple) else state)
+            hs.append(state[0])
         hs_all.append(hs)
         inputs = torch.stack(hs, 1)
     loss = torch.nn.functional.mse_loss(model.head(inputs[:, -1]), model._y)

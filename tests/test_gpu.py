@@ -34,7 +34,8 @@ DEVICES = ["cpu", CUDA]
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 # precisions each device runs: float16 autocast needs CUDA's loss scaler (the CLI falls back on CPU)
 PRECISIONS = {"cpu": ["32-true", "bf16-mixed"], "cuda": ["32-true", "bf16-mixed", "16-mixed"]}
-CELLS = {"rnn": dict(cell="rnn"), "lstm": dict(cell="lstm"), "peephole": dict(cell="lstm", peephole=True)}
+CELLS = {"rnn": dict(cell="rnn"), "lstm": dict(cell="lstm"), "peephole": dict(cell="lstm", peephole=True),
+         "gru": dict(cell="gru")}
 LOSS_SCALE = 2.0 ** 16  # what 16-mixed's GradScaler starts with
 
 
@@ -74,8 +75,8 @@ def stack_cases():
         for precision in PRECISIONS[name]:
             for cell in CELLS:
                 for impl in ("autograd", "bptt", "native"):
-                    if cell == "peephole" and impl == "native":
-                        continue  # torch's LSTM has no peepholes (a one-line ConfigError, tested elsewhere)
+                    if (cell, impl) in (("peephole", "native"), ("gru", "bptt")):
+                        continue  # no such op, no hand-written backward: one-line ConfigErrors (test_cells.py)
                     marks = device.marks if not isinstance(device, str) else ()
                     yield pytest.param(name, precision, cell, impl, marks=marks,
                                        id=f"{name}-{precision}-{cell}-{impl}")
@@ -94,7 +95,7 @@ def test_stack_matches_float32_autograd(device, precision, cell, impl, padded, e
     stack.load_state_dict(reference.state_dict())
     x = torch.randn(B, T, I, device=device)
     lengths = torch.tensor([9, 3, 7, 1, 9]) if padded else None
-    n_states = 2 if reference.is_lstm else 1
+    n_states = len(reference.kind.state)
     weights = [torch.randn(B, T, H, device=device)] + [torch.randn(2, B, H, device=device) for _ in range(n_states)]
 
     want_out, want_state, want_grads = run_stack(reference, x, lengths, weights, "32-true", device)
@@ -112,7 +113,7 @@ def test_stack_matches_float32_autograd(device, precision, cell, impl, padded, e
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_native_with_tf32_stays_close_to_float32(cell):
     """cuDNN's default float32 math (TF32 tensor cores allowed): about 3 decimal digits."""
     torch.manual_seed(0)
@@ -133,7 +134,7 @@ def native_weights(stack: RecurrentStack) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_cudnn_gets_the_modules_own_parameters(device, cell):
     """On a GPU the native weights are views of one buffer (cuDNN's layout): no per-call copy
     and no 'not part of single contiguous chunk of memory' warning, under every precision.
@@ -159,7 +160,7 @@ def test_cudnn_gets_the_modules_own_parameters(device, cell):
             out, _, _ = run_stack(stack, x, None, [torch.ones(4, 6, 5, device=device)], precision, device)
         assert not [w for w in caught if "contiguous chunk" in str(w.message)], [str(w.message) for w in caught]
         outputs[precision] = out.detach()
-    for impl in ("autograd", "bptt"):  # the same function of the same (flattened) parameters
+    for impl in ["autograd"] + (["bptt"] if stack.kind.bptt else []):  # the same function, flattened parameters
         stack.impl = impl
         assert torch.allclose(stack(x)[0], outputs["32-true"], atol=1e-5), impl
     stack.impl = "native"

@@ -28,7 +28,7 @@ CARRIED_KEY = "tbptt_carried_state"  # the training stream's state, in every che
 
 
 def detach_state(state: State) -> State:
-    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    return tuple(s.detach() for s in state)
 
 
 def describe_vocab_mismatch(saved: list[str], current: list[str]) -> str:
@@ -83,10 +83,10 @@ class CharLanguageModel(SequenceModel):
     def _step(self, batch: tuple[Tensor, Tensor, bool], split: str) -> tuple[Tensor, Tensor]:
         x, y, reset = batch
         state = None if reset else self._carried.get(split)
-        if state is not None and (state[0] if isinstance(state, tuple) else state).shape[1] != x.shape[0]:
+        if state is not None and state[0].shape[1] != x.shape[0]:
             state = None  # a different number of streams: start afresh
         if state is not None:  # a state restored from a checkpoint is on the CPU (else a no-op)
-            state = tuple(s.to(x.device) for s in state) if isinstance(state, tuple) else state.to(x.device)
+            state = tuple(s.to(x.device) for s in state)
         logits, state = self(x, state)
         self._carried[split] = detach_state(state)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -129,12 +129,11 @@ class CharLanguageModel(SequenceModel):
         state = self._carried.get("train")
         if state is None:
             return
-        tensors = list(state) if isinstance(state, tuple) else [state]
+        tensors = list(state)
         world = self.trainer.world_size if self._trainer is not None else 1
         if world > 1:
             tensors = [self.all_gather(t) for t in tensors]
-        checkpoint[CARRIED_KEY] = {"tensors": [t.cpu() for t in tensors], "world_size": world,
-                                   "tuple": isinstance(state, tuple)}
+        checkpoint[CARRIED_KEY] = {"tensors": [t.cpu() for t in tensors], "world_size": world}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("vocab")
@@ -149,8 +148,8 @@ class CharLanguageModel(SequenceModel):
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self._trainer is not None else (1, 0)
         if carried is None or carried["world_size"] != world:
             return  # nothing carried, or another number of processes: the next batch starts from zeros
-        tensors = [t[rank] if world > 1 else t for t in carried["tensors"]]
-        self._carried["train"] = tuple(tensors) if carried["tuple"] else tensors[0]
+        # a tuple of state tensors, h first (checkpoints before the state was always a tuple say so too)
+        self._carried["train"] = tuple(t[rank] if world > 1 else t for t in carried["tensors"])
 
     # -- generation --
     def encode(self, text: str) -> list[int]:
