@@ -13,6 +13,8 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from seqmodels import compat
+
 
 class ResumableLoader(StatefulDataLoader):
     """A ``StatefulDataLoader`` whose state, once the epoch's last batch is out, is that of a
@@ -23,7 +25,7 @@ class ResumableLoader(StatefulDataLoader):
     def state_dict(self) -> dict:
         state = super().state_dict()
         try:
-            finished = state.get("_num_yielded", 0) >= len(self)
+            finished = compat.batches_yielded(state) >= len(self)
         except TypeError:  # no length: cannot tell, keep the position
             finished = False
         return {} if finished else state

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seqmodels import fused
+from seqmodels import compat, fused
 
 _aten = torch.ops.aten
 _sigmoid_backward = _aten.sigmoid_backward  # (grad, y) -> grad ⊙ y(1 - y)
@@ -94,7 +94,7 @@ class _RecurrentMatmul:
 
     On CPU in float32, for weights of at least ``PACKED_GEMM_MIN_NUMEL`` entries (2^16 with
     AVX-512, 2^18 without), W is reordered ONCE per call into
-    oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``) and each step runs
+    oneDNN's blocked layout (``compat.onednn_pack_weight``) and each step runs
     oneDNN's JIT GEMM with the addition fused (``_linear_pointwise.binary(..., "add")``).
     What pays depends on the CPU. On an AVX-512 AMD host oneDNN was 2x-2.6x faster than MKL's
     ``addmm`` for (B, H) @ (H, 4H) at H = 256 / 512. On this project's AVX2 AMD host it is
@@ -109,13 +109,13 @@ class _RecurrentMatmul:
         self.packed = None
         if (weight.device.type == "cpu" and weight.dtype == torch.float32
                 and weight.numel() >= PACKED_GEMM_MIN_NUMEL and _HAS_MKLDNN_LINEAR):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_size)
+            self.packed = compat.onednn_pack_weight(weight, batch_size)
         else:
             self.weight_t = weight.t()
 
     def __call__(self, h: Tensor, add: Tensor) -> Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(h, add, self.packed, None, "add")
+            return compat.onednn_linear_add(h, add, self.packed)
         return torch.addmm(add, h, self.weight_t)
 
 
@@ -198,7 +198,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     there, and elsewhere, ``torch.nn.functional.linear``.
     """
     if _use_onednn(x):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return compat.onednn_linear(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -220,19 +220,10 @@ def _grad_weight(dz: Tensor, inputs: Tensor) -> Tensor:
     """
     if _use_onednn(dz):
         inputs_t = _POOL.empty(inputs.shape[::-1], inputs).copy_(inputs.t())
-        grad_t = torch.ops.mkldnn._linear_pointwise(inputs_t, dz.t(), None, "none", [], "")
+        grad_t = compat.onednn_linear(inputs_t, dz.t())
         _POOL.release(inputs_t)
         return grad_t.t()
     return dz.t() @ inputs
-
-
-def _has_mkldnn_linear() -> bool:
-    try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"))
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def _fused_kernels(x: Tensor):
@@ -242,7 +233,7 @@ def _fused_kernels(x: Tensor):
     return fused.kernels()
 
 
-_HAS_MKLDNN_LINEAR = _has_mkldnn_linear()
+_HAS_MKLDNN_LINEAR = compat.has_onednn_linear()
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 # _RecurrentMatmul: oneDNN's packed GEMM from this weight size (measured per ISA, see there)
 PACKED_GEMM_MIN_NUMEL = 1 << 16 if _AVX512 else 1 << 18

@@ -1,18 +1,77 @@
-"""Private torch internals this project relies on, gathered here with the versions they were
-read against, so an upgrade has one place to look.
+"""Every private torch, Lightning and torchdata internal this project relies on, in one place,
+with the versions they were read against. Importing this module checks those versions and
+fails loudly on an untested one (``SEQMODELS_ALLOW_UNTESTED=1`` turns that into a warning).
 
-cuDNN weight layout: ``torch._cudnn_rnn_flatten_weight`` is what ``torch.nn.LSTM``'s
-``flatten_parameters`` calls. It copies the weights into one buffer in cuDNN's layout and
-makes each parameter a view of it; cuDNN then runs on the parameters themselves. Without
-it every call warns "RNN module weights are not part of single contiguous chunk of memory"
-and copies all weights into a fresh buffer (aten/src/ATen/native/cudnn/RNN.cpp,
-``try_get_weight_buf``). Read against torch 2.2-2.13.
+torch
+    ``torch._VF.<rnn_tanh | rnn_relu | lstm | gru>``: the fused RNN ops behind torch.nn.RNN /
+    LSTM / GRU (oneDNN on CPU, cuDNN on GPU), called on the stack's own parameters.
+    ``torch._cudnn_rnn_flatten_weight``: what ``torch.nn.LSTM.flatten_parameters`` calls. It
+    copies the weights into one buffer in cuDNN's layout and makes each parameter a view of it;
+    cuDNN then runs on the parameters themselves. Without it every call warns "RNN module
+    weights are not part of single contiguous chunk of memory" and copies all weights
+    (aten/src/ATen/native/cudnn/RNN.cpp, ``try_get_weight_buf``).
+    ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``: oneDNN's GEMM with a
+    pre-packed weight and a fused addition (the hand-written BPTT's CPU GEMMs, bptt.py).
+Lightning
+    ``fit_loop.epoch_loop._batches_that_stepped``: the logging step (exact resume).
+    ``ModelCheckpoint._should_skip_saving_checkpoint`` / ``_save_last_checkpoint`` /
+    ``_monitor_candidates``: saving ``last.ckpt`` at a moment of our choosing.
+    ``LightningCLI._parse_ckpt_path``: replaced, so the config stays the source of truth.
+torchdata
+    ``StatefulDataLoader.state_dict()["_num_yielded"]``: batches handed out this epoch.
 """
 from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+# (lowest tested, first untested) per package
+TESTED = {"torch": ("2.2", "2.14"), "lightning": ("2.4", "2.7"), "torchdata": ("0.8", "0.12")}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    """Raise RuntimeError (or warn, with SEQMODELS_ALLOW_UNTESTED=1) when an installed package
+    is outside the versions whose internals this module was checked against."""
+    if installed is None:
+        import lightning
+        import torchdata
+
+        installed = {"torch": torch.__version__, "lightning": lightning.__version__,
+                     "torchdata": torchdata.__version__}
+    for name, version in installed.items():
+        low, high = TESTED[name]
+        if not _version(low) <= _version(version) < _version(high):
+            message = (f"seqmodels uses private internals of {name} checked with versions >= {low} and < {high}, "
+                       f"but {name} {version} is installed: install a tested version (pip install '{name}>={low},<{high}') "
+                       "or set SEQMODELS_ALLOW_UNTESTED=1 to try anyway (seqmodels/compat.py lists what to check)")
+            if os.environ.get("SEQMODELS_ALLOW_UNTESTED") == "1":
+                warnings.warn(message, stacklevel=2)
+            else:
+                raise RuntimeError(message)
+
+
+check_versions()
+
+
+# ---- torch: the fused RNN ops -----------------------------------------------------------------
+def native_rnn_op(name: str) -> Callable:
+    """torch's fused op for a cell: ``rnn_tanh``, ``rnn_relu``, ``lstm`` or ``gru``."""
+    return getattr(torch._VF, name)
+
+
+# ---- torch: cuDNN's weight layout -------------------------------------------------------------
 def cudnn_can_flatten(weights: list[Tensor]) -> bool:
     """The conditions of ``torch.nn.RNNBase.flatten_parameters``: every weight on one CUDA
     device in one cuDNN dtype (float16/32/64), none aliasing another, cuDNN enabled."""
@@ -44,3 +103,57 @@ def cudnn_flatten_(weights: list[Tensor], per_layer: int, input_size: int, mode:
         if torch._use_cudnn_rnn_flatten_weight():
             torch._cudnn_rnn_flatten_weight(weights, per_layer, input_size, rnn.get_cudnn_mode(mode),
                                             hidden_size, 0, num_layers, True, False)
+
+
+# ---- torch: oneDNN's GEMMs on the CPU ---------------------------------------------------------
+def has_onednn_linear() -> bool:
+    """oneDNN's packed-weight linear ops are there (a CPU build of torch with mkldnn)."""
+    try:
+        return (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def onednn_pack_weight(weight: Tensor, batch_size: int) -> Tensor:
+    """W (N, K) reordered once into oneDNN's blocked layout for inputs of ``batch_size`` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_size)
+
+
+def onednn_linear_add(x: Tensor, add: Tensor, packed: Tensor) -> Tensor:
+    """``x @ Wᵀ + add`` with a weight packed by ``onednn_pack_weight``, the addition fused."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, None, "add")
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weightᵀ + bias`` through oneDNN's GEMM."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# ---- Lightning -----------------------------------------------------------------------------
+def set_logging_step(trainer, step: int) -> None:
+    """The step Lightning logs metrics at (it counts batches that stepped the optimizer)."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = step
+
+
+def save_last_checkpoint(callback, trainer) -> None:
+    """``last.ckpt`` of a ModelCheckpoint now, unless this step is saved already (or
+    Lightning says not to save now, e.g. while sanity checking)."""
+    if not callback._should_skip_saving_checkpoint(trainer):
+        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+class ConfigFirstCLI:
+    """A LightningCLI mixin: Lightning would overwrite the model's config with a checkpoint's
+    hyperparameters (``_parse_ckpt_path``). Here the config stays the source of truth; the
+    CLI checks that a checkpoint fits it and refuses one that does not, in one line."""
+
+    def _parse_ckpt_path(self) -> None:
+        pass
+
+
+# ---- torchdata -----------------------------------------------------------------------------
+def batches_yielded(loader_state: dict) -> int:
+    """Batches a StatefulDataLoader handed out this epoch, from its ``state_dict()``."""
+    return loader_state.get("_num_yielded", 0)

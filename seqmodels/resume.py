@@ -18,6 +18,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from seqmodels import compat
+
 
 def collect_rng_states() -> dict[str, Any]:
     """torch (CPU and CUDA), numpy and Python generator states, as tensors, ints and tuples
@@ -50,7 +52,7 @@ class ExactResume(Callback):
     """Puts the random generators' states into every checkpoint and, on resume, restores them
     right before the first training batch, where the uninterrupted run had them.
 
-    It also sets Lightning's logging step (``_batches_that_stepped``) to the global step on
+    It also sets Lightning's logging step (``compat.set_logging_step``) to the global step on
     resume: Lightning 2.6 adds one too many after a checkpoint taken at the end of an epoch,
     which shifts every later point of the W&B/CSV curves by one step.
 
@@ -81,7 +83,7 @@ class ExactResume(Callback):
         if self._pending is None:
             return
         states, self._pending = self._pending, None
-        trainer.fit_loop.epoch_loop._batches_that_stepped = trainer.global_step  # one logged step per step
+        compat.set_logging_step(trainer, trainer.global_step)  # one logged step per step
         per_rank = states.pop("torch_per_rank", None)
         if trainer.world_size > 1:
             if per_rank is None or len(per_rank) != trainer.world_size:
@@ -128,6 +130,4 @@ class LastCheckpoint(ModelCheckpoint):
         self._save_unless_saved(trainer)
 
     def _save_unless_saved(self, trainer: Trainer) -> None:
-        """``last.ckpt`` now, unless this step is saved already (or Lightning says not to)."""
-        if not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        compat.save_last_checkpoint(self, trainer)

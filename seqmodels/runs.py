@@ -1,0 +1,39 @@
+"""Where a run's files go, and how its figures reach the loggers. Imports nothing from the CLI,
+the tasks or the callbacks, so every one of them can use it."""
+from __future__ import annotations
+
+import os
+import re
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+
+def run_dir(trainer: Trainer) -> str:
+    """The run's own directory, ``save_dir/name/version`` (where checkpoints go too)."""
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    logger = trainer.loggers[0]
+    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+    return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
+
+
+def log_image(trainer: Trainer, key: str, path: str, caption: str | None = None) -> None:
+    """An image file to every W&B logger of the run, at the current step."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=trainer.global_step,
+                             **({"caption": [caption]} if caption else {}))
+
+
+def save_figure(fig, trainer: Trainer, name: str) -> str:
+    """Write ``fig`` as ``<run dir>/plots/<name>.png``, log it to W&B if present, close it."""
+    import matplotlib.pyplot as plt
+
+    folder = os.path.join(run_dir(trainer), "plots")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.png")
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    log_image(trainer, "diagnostics/" + re.sub(r"_epoch\d+$", "", name), path)  # one panel per kind of plot
+    return path
