@@ -40,7 +40,7 @@ from lightning.pytorch import Callback  # noqa: E402
 PAPER = {"RNN": 8.91, "LSTM": 8.45, "GRU": 8.43, "TCN": 8.10}
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
-RNN_OVERRIDES = ["--model.init_args.cell=rnn", "--model.init_args.nonlinearity=tanh",
+RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.network.nonlinearity=tanh",
                  "--optimizer.init_args.lr=0.002", "--lr_scheduler=null"]
 
 
@@ -48,14 +48,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", required=True, help="a Boulanger-Lewandowski pickle or TCN .mat file")
-    parser.add_argument("--model", choices=("lstm", "rnn"), default="lstm")
+    parser.add_argument("--model", choices=("lstm", "rnn", "gru"), default="lstm")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "jsb_lstm.yaml"))
+    parser.add_argument("--config", default=None, help="default: configs/jsb_gru.yaml for --model gru, else jsb_lstm.yaml")
     parser.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
     parser.add_argument("--patience", type=int, default=None,
                         help="stop N epochs after the best val/nll (default: train for the whole budget)")
-    parser.add_argument("overrides", nargs="*", help="more CLI overrides, e.g. --model.init_args.hidden_size=128")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="more CLI overrides, e.g. --model.init_args.network.hidden_size=128")
+    args, extra = parser.parse_known_args(argv)
+    args.overrides += extra  # CLI overrides start with --
+    return args
 
 
 def baselines(path: str) -> dict[str, float]:
@@ -76,7 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     base = baselines(args.path)
     seconds = int(round(args.minutes * 60))
-    cli_args = ["fit", "--config", args.config, f"--data.path={args.path}",
+    config = args.config or str(ROOT / "configs" / ("jsb_gru.yaml" if args.model == "gru" else "jsb_lstm.yaml"))
+    cli_args = ["fit", "--config", config, f"--data.path={args.path}",
                 f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
                 "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false"]
     if args.model == "rnn":

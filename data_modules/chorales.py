@@ -432,8 +432,6 @@ class ChoralesDataModule(LightningDataModule):
     buckets apply with one process only.
     """
 
-    input_size = N_PITCHES
-
     def __init__(
         self,
         path: str | None = None,
@@ -477,6 +475,11 @@ class ChoralesDataModule(LightningDataModule):
         if self.url:
             return self.url
         return "music21 Bach chorales"
+
+    @property
+    def input_size(self) -> int:
+        """Pitches per frame (88): linked into the model by the CLI."""
+        return N_PITCHES
 
     def load(self) -> Rolls:
         """All three splits as lists of (T, 88) uint8 rolls (read once, then kept)."""

@@ -42,7 +42,6 @@ class SumsDataModule(LightningDataModule):
         seed: the data seed (independent of ``seed_everything``).
     """
 
-    input_size = 1
     output_size = 1
 
     def __init__(
@@ -78,6 +77,11 @@ class SumsDataModule(LightningDataModule):
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config once
         self.seq_len, self.test_lengths = seq_len, list(test_lengths)
         self.batch_size, self.num_workers = batch_size, num_workers
+
+    @property
+    def input_size(self) -> int:
+        """Features per time step (one number): linked into the model by the CLI."""
+        return 1
 
     @property
     def target_variance(self) -> float:

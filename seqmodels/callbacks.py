@@ -1,13 +1,18 @@
-"""Lightning callbacks that show what a model does while it trains."""
+"""Lightning callbacks that show what a model writes while it trains: ``TextSamples`` (the
+character LM) and ``PianoRollSamples`` (the music model)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from seqmodels.cli import run_dir
+from seqmodels.music import plot_roll
+from seqmodels.runs import log_image, run_dir
+from seqmodels.sampling import generate_roll, generate_text
+from seqmodels.tasks import CharLanguageModel, PolyphonicMusicModel
 
 
 class TextSamples(Callback):
@@ -29,9 +34,9 @@ class TextSamples(Callback):
 
     @rank_zero_only
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(pl_module, "generate"):
+        if trainer.sanity_checking or not isinstance(pl_module, CharLanguageModel):
             return
-        samples = [pl_module.generate(p, self.length, self.temperature, self.top_k, self.seed)
+        samples = [generate_text(pl_module, p, self.length, self.temperature, self.top_k, self.seed)
                    for p in self.primes]
         header = f"--- samples at epoch {trainer.current_epoch}, step {trainer.global_step} ---"
         print("\n".join([header, *samples]), flush=True)
@@ -43,3 +48,36 @@ class TextSamples(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):  # the whole table so far: W&B keeps the last
                 logger.log_text(key="samples", columns=["epoch", "step", "prime", "sample"], data=self.rows)
+
+
+class PianoRollSamples(Callback):
+    """At the end of each validation (every ``every_n_epochs``), generate a piano roll from
+    scratch (``sampling.generate_roll``) with a fixed seed, write it as a PNG into the run's
+    directory (``<run>/samples/epochNNN.png``) and log it to W&B when the logger is a
+    WandbLogger (key ``samples/piano_roll``). The global random state is left untouched.
+
+    Args:
+        length: frames to generate.
+        temperature: sigmoid(logits / temperature).
+        seed: the sampling seed (the same every epoch, so epochs compare).
+        every_n_epochs: how often.
+    """
+
+    def __init__(self, length: int = 64, temperature: float = 1.0, seed: int = 0,
+                 every_n_epochs: int = 1) -> None:
+        super().__init__()
+        self.length, self.temperature, self.seed = length, temperature, seed
+        self.every_n_epochs = max(1, every_n_epochs)
+        self.last_path: Path | None = None
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or not isinstance(pl_module, PolyphonicMusicModel):
+            return
+        if trainer.current_epoch % self.every_n_epochs or not trainer.is_global_zero:
+            return
+        roll = generate_roll(pl_module, self.length, temperature=self.temperature, seed=self.seed)
+        epoch = trainer.current_epoch
+        path = Path(run_dir(trainer)) / "samples" / f"epoch{epoch:03d}.png"
+        plot_roll(roll, path, title=f"epoch {epoch}, seed {self.seed}, temperature {self.temperature:g}")
+        self.last_path = path
+        log_image(trainer, "samples/piano_roll", str(path), caption=f"epoch {epoch}")

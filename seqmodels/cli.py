@@ -21,7 +21,10 @@ import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from seqmodels import compat
 from seqmodels.errors import ConfigError, find_user_error
+from seqmodels.runs import run_dir
+from seqmodels.sampling import sample
 from seqmodels.schedules import WarmupCosineLR, size_to_trainer
 from seqmodels.tasks import SequenceModel
 
@@ -32,15 +35,6 @@ warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be over
 warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
 
 CONFIG_FILENAME = "cli_config.yaml"  # not config.yaml: wandb writes its own file of that name
-
-
-def run_dir(trainer: Trainer) -> str:
-    """The run's own directory, ``save_dir/name/version`` (where checkpoints go too)."""
-    if not trainer.loggers:
-        return trainer.default_root_dir
-    logger = trainer.loggers[0]
-    version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
-    return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), version)
 
 
 def wandb_has_credentials() -> bool:
@@ -172,9 +166,9 @@ class SeqTrainer(Trainer):
         if top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
         load_weights(model, ckpt_path)
-        result = model.sample(datamodule, prime=prime, prime_frames=prime_frames, length=length,
-                              temperature=temperature, top_k=top_k, seed=seed,
-                              output=output or os.path.dirname(os.path.abspath(ckpt_path)))
+        result = sample(model, datamodule, prime=prime, prime_frames=prime_frames, length=length,
+                        temperature=temperature, top_k=top_k, seed=seed,
+                        output=output or os.path.dirname(os.path.abspath(ckpt_path)))
         print(result)
         return result
 
@@ -229,10 +223,25 @@ def check_writable(directory: str) -> None:
                           "--trainer.logger.init_args.save_dir or --trainer.default_root_dir") from None
 
 
-class SeqCLI(LightningCLI):
+BASE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "base.yaml"
+
+
+def with_base_config(parser_kwargs: dict) -> dict:
+    """Every subcommand reads ``configs/base.yaml`` first (trainer, logger, callbacks shared by
+    every config), when the project's configs are there."""
+    if not BASE_CONFIG.is_file():
+        return parser_kwargs
+    kwargs = dict(parser_kwargs)
+    for subcommand in (*LightningCLI.subcommands(), "sample"):
+        kwargs[subcommand] = {"default_config_files": [str(BASE_CONFIG)], **kwargs.get(subcommand, {})}
+    return kwargs
+
+
+class SeqCLI(compat.ConfigFirstCLI, LightningCLI):
     """LightningCLI over every SequenceModel and LightningDataModule, by ``class_path``."""
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
+        kwargs["parser_kwargs"] = with_base_config(kwargs.get("parser_kwargs", {}))
         kwargs.setdefault("save_config_callback", LoggedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
         super().__init__(SequenceModel, LightningDataModule, subclass_mode_model=True,
@@ -259,11 +268,8 @@ class SeqCLI(LightningCLI):
         # Sizes that only the data knows go into the model; models without them ignore it.
         parser.link_arguments("data", "model.init_args.vocab", apply_on="instantiate",
                               compute_fn=lambda data: getattr(data, "vocab", None))
-
-    def _parse_ckpt_path(self) -> None:
-        """Lightning would overwrite the model's config with a checkpoint's hyperparameters.
-        Here the config stays the source of truth, and a checkpoint that does not fit it is
-        refused in one line (``_check_before_run``)."""
+        parser.link_arguments("data", "model.init_args.input_size", apply_on="instantiate",
+                              compute_fn=lambda data: getattr(data, "input_size", None))
 
     def _check_before_run(self) -> None:
         """Before fit/validate/test/predict: the checkpoint fits and the output is writable."""
@@ -312,6 +318,7 @@ def condense_parser_error(message: str) -> str:
             class_path, line = match.group(1), match.group(2)
         if line and reason is None:
             reason = line
+    reason = re.sub(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", r"must be one of [\1], got '\2'", reason or "")
     text = f"{'.'.join(keys)}: {reason or message.strip()}" if keys else (reason or message.strip())
     if class_path:
         text += f" (in {class_path}; see `--{keys[0] if keys else 'model'}.help {class_path}`)"

@@ -1,6 +1,5 @@
-"""Piano rolls: the published frame-level metrics, the two reference baselines, MIDI (music21)
-and PNG (matplotlib, Agg) writers, and ``PianoRollSamples``, a callback that draws a
-generated piano roll at each validation and logs it.
+"""Piano rolls: the published frame-level metrics, the two reference baselines, and the MIDI
+(music21) and PNG (matplotlib, Agg) writers.
 
 A piano roll is a (T, 88) 0/1 array, column i = MIDI note 21 + i, one row per time step.
 """
@@ -13,12 +12,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor
 from torchmetrics import Metric
 
-LOWEST_NOTE = 21
-N_PITCHES = 88
+from data_modules.chorales import LOWEST_NOTE, N_PITCHES  # the piano-roll format is the data's
 
 
 # ---- metrics -------------------------------------------------------------------------------
@@ -180,44 +177,3 @@ def plot_roll(roll: np.ndarray, path: str | Path, title: str = "", prime_frames:
     fig.tight_layout()
     fig.savefig(str(path))
     return path
-
-
-# ---- the callback -------------------------------------------------------------------------------
-class PianoRollSamples(Callback):
-    """At the end of each validation (every ``every_n_epochs``), generate a piano roll from
-    scratch with the model's ``generate`` and a fixed seed, write it as a PNG into the run's
-    directory (``<run>/samples/epochNNN.png``) and log it to W&B when the logger is a
-    WandbLogger (key ``samples/piano_roll``). The global random state is left untouched.
-
-    Args:
-        length: frames to generate.
-        temperature: sigmoid(logits / temperature).
-        seed: the sampling seed (the same every epoch, so epochs compare).
-        every_n_epochs: how often.
-    """
-
-    def __init__(self, length: int = 64, temperature: float = 1.0, seed: int = 0,
-                 every_n_epochs: int = 1) -> None:
-        super().__init__()
-        self.length, self.temperature, self.seed = length, temperature, seed
-        self.every_n_epochs = max(1, every_n_epochs)
-        self.last_path: Path | None = None
-
-    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or not hasattr(pl_module, "generate"):
-            return
-        if trainer.current_epoch % self.every_n_epochs or not trainer.is_global_zero:
-            return
-        from seqmodels.cli import run_dir
-
-        roll = pl_module.generate(self.length, temperature=self.temperature, seed=self.seed)
-        epoch = trainer.current_epoch
-        path = Path(run_dir(trainer)) / "samples" / f"epoch{epoch:03d}.png"
-        plot_roll(roll, path, title=f"epoch {epoch}, seed {self.seed}, temperature {self.temperature:g}")
-        self.last_path = path
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="samples/piano_roll", images=[str(path)], step=trainer.global_step,
-                                 caption=[f"epoch {epoch}"])

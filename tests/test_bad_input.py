@@ -17,22 +17,22 @@ TINY_SUMS = ["--data.init_args.train_size=64", "--data.init_args.val_size=32", "
 
 HYPERPARAMETERS = {
     "--data.init_args.seq_len=0": "data.seq_len must be an integer >= 1, got 0",
-    "--model.init_args.hidden_size=0": "model.hidden_size must be an integer >= 1, got 0",
-    "--model.init_args.num_layers=0": "model.num_layers must be an integer >= 1, got 0",
-    "--model.init_args.dropout=1.0": "model.dropout must be in [0, 1), got 1.0",
-    "--model.init_args.dropout=-0.1": "model.dropout must be in [0, 1), got -0.1",
-    "--model.init_args.cell=gru2": "model.cell must be one of ['rnn', 'lstm', 'gru'], got 'gru2'",
-    "--model.init_args.nonlinearity=relu": "model.nonlinearity: 'relu' does not apply to cell: lstm (its options: forget_bias, peephole)",
+    "--model.init_args.network.hidden_size=0": "model.network.hidden_size must be an integer >= 1, got 0",
+    "--model.init_args.network.num_layers=0": "model.network.num_layers must be an integer >= 1, got 0",
+    "--model.init_args.network.dropout=1.0": "model.network.dropout must be in [0, 1), got 1.0",
+    "--model.init_args.network.dropout=-0.1": "model.network.dropout must be in [0, 1), got -0.1",
+    "--model.init_args.network.cell=gru2": "model.network.cell: must be one of ['rnn', 'lstm', 'gru'], got 'gru2'",
+    "--model.init_args.network.nonlinearity=relu": "model.network.nonlinearity: 'relu' does not apply to cell: lstm (its options: forget_bias, peephole)",
     "--data.init_args.test_lengths=[]": "data.test_lengths must list at least one length",
-    "--model.init_args.nonlinearity=sigmoid": "model.nonlinearity must be one of ['tanh', 'relu']",
-    "--model.init_args.impl=fast": "model.impl must be one of",
-    "--model.init_args.recurrent_init=zeros": "model.recurrent_init must be one of",
+    "--model.init_args.network.nonlinearity=sigmoid": "model.network.nonlinearity: must be one of ['tanh', 'relu'], got 'sigmoid'",
+    "--model.init_args.network.impl=fast": "model.network.impl: must be one of ['auto', 'autograd', 'bptt', 'native'], got 'fast'",
+    "--model.init_args.network.recurrent_init=zeros": "model.network.recurrent_init: must be one of",
     '--lr_scheduler={"class_path": "seqmodels.schedules.WarmupCosineLR", "init_args": {"warmup_steps": -1}}':
         "lr_scheduler.warmup_steps must be >= 0, got -1",
     '--lr_scheduler={"class_path": "seqmodels.schedules.WarmupCosineLR", "init_args": {"final_fraction": 2}}':
         "lr_scheduler.final_fraction is a fraction of the peak lr, in [0, 1]; got 2",
     "--model.init_args.hiden_size=3": "model: Option 'hiden_size' is not accepted",
-    "--model.init_args.hidden_size=abc": "model.hidden_size: Expected a <class 'int'>",
+    "--model.init_args.network.hidden_size=abc": "model.network.hidden_size: Expected a <class 'int'>",
     "--trainer.no_such_option=1": "unrecognized arguments: --trainer.no_such_option",
     "--config=no_such_config.yaml": "config: File does not exist",
 }
@@ -106,7 +106,7 @@ def test_corrupt_truncated_or_missing_checkpoints(subcommand, trained, in_tmp_di
 
 def test_checkpoint_of_another_size_cell_or_task(trained, in_tmp_dir, capsys):
     before = digest(trained)
-    line = run_failing(["test", "--config", SUMS, *TINY_SUMS, "--model.init_args.hidden_size=7",
+    line = run_failing(["test", "--config", SUMS, *TINY_SUMS, "--model.init_args.network.hidden_size=7",
                         f"--ckpt_path={trained}"], capsys)
     assert "trained with another cell or other sizes" in line and "(128, 1)" in line
     line = run_failing(["test", "--config", str(ROOT / "configs" / "sums_rnn.yaml"), *TINY_SUMS,
@@ -159,7 +159,7 @@ def test_gpu_config_without_a_gpu_runs_on_the_cpu_with_a_notice(in_tmp_dir, caps
     corpus = in_tmp_dir / "corpus.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 200)
     cli = main(["fit", "--config", GPU_TEXT, f"--data.init_args.path={corpus}", "--trainer.max_steps=2",
-                "--model.init_args.hidden_size=8", "--model.init_args.num_layers=1", "--data.init_args.batch_size=4",
+                "--model.init_args.network.hidden_size=8", "--model.init_args.network.num_layers=1", "--data.init_args.batch_size=4",
                 "--data.init_args.eval_batch_size=4", "--data.init_args.bptt=16", "--trainer.val_check_interval=2",
                 f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}", "--trainer.enable_progress_bar=false",
                 "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])

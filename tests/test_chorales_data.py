@@ -102,15 +102,18 @@ def test_length_buckets_cover_every_sequence_once_with_similar_lengths():
     from data_modules.chorales import LengthBucketSampler
 
     lengths = list(np.random.default_rng(0).integers(2, 200, size=103))
-    torch.manual_seed(0)
-    sampler = LengthBucketSampler(lengths, batch_size=8, bucket=4)
+    epoch = [0]
+    sampler = LengthBucketSampler(lengths, batch_size=8, bucket=4, seed=5, epoch=lambda: epoch[0])
     batches = list(sampler)
     assert len(batches) == len(sampler) == 13
     assert sorted(i for b in batches for i in b) == list(range(103))
     spread = np.mean([max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches])
     assert spread < 60  # random batches of 8 spread over ~150
-    torch.manual_seed(0)
-    assert list(sampler) == batches  # seeded by torch's global generator
+    torch.rand(10)  # the global generator moves on: the sampler has its own, seeded by (seed, epoch)
+    assert list(sampler) == batches
+    epoch[0] = 1
+    assert list(sampler) != batches  # a new order every epoch
+    assert list(LengthBucketSampler(lengths, batch_size=8, bucket=4, seed=6)) != batches
 
 
 @pytest.mark.skipif(not SHARED_JSB.is_file(), reason="shared/data/JSB_Chorales.mat not beside the repo")

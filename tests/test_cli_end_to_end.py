@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 TINY = ["--trainer.max_epochs=2", "--data.init_args.train_size=256", "--data.init_args.val_size=64",
         "--data.init_args.test_size=32", "--data.init_args.test_lengths=[5, 40]",
-        "--model.init_args.hidden_size=8", "--trainer.enable_progress_bar=false"]
+        "--model.init_args.network.hidden_size=8", "--trainer.enable_progress_bar=false"]
 
 
 def run_cli(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
@@ -38,7 +38,7 @@ def test_fit_twice_then_test_with_wandb_offline_and_no_key(tmp_path):
         assert (run_dir / "checkpoints" / "last.ckpt").is_file()
         assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
         saved = yaml.safe_load((run_dir / "cli_config.yaml").read_text())
-        assert saved["model"]["init_args"]["hidden_size"] == 8 and saved["seed_everything"] == 1234
+        assert saved["model"]["init_args"]["network"]["hidden_size"] == 8 and saved["seed_everything"] == 1234
 
     best = next((run_dirs[0] / "checkpoints").glob("best-*.ckpt"))
     tested = run_cli("test", "--config", config, *TINY, f"--ckpt_path={best}", cwd=tmp_path, env=env)
@@ -71,6 +71,6 @@ def test_config_is_logged_once_not_as_flat_hyperparameters(in_tmp_dir):
     assert len(hparams_files) == 1
     logged = yaml.safe_load(hparams_files[0].read_text())
     assert list(logged) == ["cli_config"]
-    assert logged["cli_config"]["model"]["init_args"]["hidden_size"] == 8
+    assert logged["cli_config"]["model"]["init_args"]["network"]["hidden_size"] == 8
     run_dir = hparams_files[0].parent
     assert (run_dir / "cli_config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -17,13 +17,13 @@ import torch
 from lightning.pytorch import Trainer
 
 from data_modules import ChoralesDataModule, CharTextDataModule, SumsDataModule
-from seqmodels.tasks import CharLanguageModel, PolyphonicMusicModel, SumsRegressor
+from seqmodels.tasks import CharLanguageModel, Network, PolyphonicMusicModel, SumsRegressor
 from tests.conftest import ROOT
 from tests.test_chorales_data import write_pickle
 
 SUMS = ["--trainer.max_epochs=4", "--data.init_args.train_size=1024", "--data.init_args.val_size=256",
         "--data.init_args.test_size=256", "--data.init_args.test_lengths=[20]",
-        "--model.init_args.hidden_size=16", "--trainer.enable_progress_bar=false",
+        "--model.init_args.network.hidden_size=16", "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false", "--lr_scheduler.init_args.T_max=4"]
 
 
@@ -87,7 +87,7 @@ def one_bf16_step(model, data) -> None:
 
 @pytest.mark.parametrize("cell,impl", CELLS_IMPLS)
 def test_bf16_mixed_sums(cell, impl):
-    one_bf16_step(SumsRegressor(cell=cell, hidden_size=8, impl=impl),
+    one_bf16_step(SumsRegressor(network=Network(cell=cell, hidden_size=8, impl=impl)),
                   SumsDataModule(train_size=64, val_size=8, test_size=8, batch_size=16, seq_len=6))
 
 
@@ -98,8 +98,7 @@ def test_bf16_mixed_text(cell, impl, tmp_path):
     data = CharTextDataModule(path=str(path), batch_size=4, eval_batch_size=2, bptt=12,
                               cache_dir=str(tmp_path / "cache"))
     data.prepare()
-    one_bf16_step(CharLanguageModel(vocab=data.vocab, cell=cell, hidden_size=8, embedding_dim=4,
-                                    num_layers=2, impl=impl), data)
+    one_bf16_step(CharLanguageModel(vocab=data.vocab, embedding_dim=4, network=Network(cell=cell, hidden_size=8, num_layers=2, impl=impl)), data)
 
 
 @pytest.mark.parametrize("cell,impl", CELLS_IMPLS)
@@ -108,9 +107,9 @@ def test_bf16_mixed_music(cell, impl, tmp_path):
              for s, n in (("train", 4), ("valid", 2), ("test", 2))}
     data = ChoralesDataModule(path=str(write_pickle(tmp_path / "tiny.pickle", songs)), batch_size=4,
                               cache_dir=str(tmp_path / "cache"), progress=False)
-    one_bf16_step(PolyphonicMusicModel(cell=cell, hidden_size=8, impl=impl), data)
+    one_bf16_step(PolyphonicMusicModel(network=Network(cell=cell, hidden_size=8, impl=impl)), data)
 
 
 def test_bf16_mixed_peephole_lstm_bptt():
-    one_bf16_step(SumsRegressor(cell="lstm", peephole=True, hidden_size=8, impl="bptt"),
+    one_bf16_step(SumsRegressor(network=Network(cell="lstm", peephole=True, hidden_size=8, impl="bptt")),
                   SumsDataModule(train_size=64, val_size=8, test_size=8, batch_size=16, seq_len=6))

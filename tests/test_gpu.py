@@ -26,7 +26,7 @@ from lightning.pytorch import Trainer, seed_everything
 from data_modules import CharTextDataModule, ChoralesDataModule, SumsDataModule
 from seqmodels import compat
 from seqmodels.recurrent import RecurrentStack
-from seqmodels.tasks import CharLanguageModel, PolyphonicMusicModel, SumsRegressor
+from seqmodels.tasks import CharLanguageModel, Network, PolyphonicMusicModel, SumsRegressor
 from tests.test_chorales_data import write_pickle
 
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
@@ -189,7 +189,7 @@ def pitch_frequency_nll(train: list[np.ndarray], val: list[np.ndarray]) -> float
 
 def sums_task(tmp_path):
     data = SumsDataModule(train_size=1024, val_size=256, test_size=64, batch_size=32, seq_len=8, test_lengths=[8])
-    return SumsRegressor(cell="lstm", hidden_size=32), data, "val/loss", data.target_variance
+    return SumsRegressor(network=Network(cell="lstm", hidden_size=32)), data, "val/loss", data.target_variance
 
 
 def text_task(tmp_path):
@@ -199,7 +199,7 @@ def text_task(tmp_path):
     data = CharTextDataModule(path=str(tmp_path / "text.txt"), batch_size=16, eval_batch_size=16, bptt=32,
                               cache_dir=str(tmp_path / "cache"))
     data.prepare()
-    model = CharLanguageModel(vocab=data.vocab, embedding_dim=16, hidden_size=64, num_layers=1)
+    model = CharLanguageModel(vocab=data.vocab, embedding_dim=16, network=Network(hidden_size=64, num_layers=1))
     return model, data, "val/loss", unigram_loss(data.split_ids("train"), data.split_ids("val"), data.vocab_size)
 
 
@@ -215,7 +215,7 @@ def music_task(tmp_path):
     data = ChoralesDataModule(path=str(write_pickle(tmp_path / "songs.pickle", songs)), batch_size=8,
                               cache_dir=str(tmp_path / "cache"), progress=False)
     rolls = data.load()
-    return (PolyphonicMusicModel(cell="lstm", hidden_size=32), data, "val/nll",
+    return (PolyphonicMusicModel(network=Network(cell="lstm", hidden_size=32)), data, "val/nll",
             pitch_frequency_nll(rolls["train"], rolls["valid"]))
 
 

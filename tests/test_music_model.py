@@ -14,7 +14,8 @@ from data_modules.chorales import ChoralesDataModule, RollDataset, pad_rolls
 from seqmodels.errors import ConfigError
 from seqmodels.music import (FrameAccuracy, FrameNLL, plot_roll, read_midi_roll, roll_to_notes,
                              write_midi)
-from seqmodels.tasks import PolyphonicMusicModel
+from seqmodels.sampling import generate_roll, sample
+from seqmodels.tasks import Network, PolyphonicMusicModel
 from tests.conftest import ROOT
 from tests.test_chorales_data import write_mat, write_pickle
 
@@ -40,7 +41,7 @@ def metrics_over(model, rolls, batch_size, pack=False):
 @pytest.mark.parametrize("cell,impl", [("lstm", "native"), ("lstm", "autograd"), ("rnn", "bptt")])
 def test_nll_is_the_published_definition_whatever_the_batching(cell, impl):
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(cell=cell, hidden_size=16, impl=impl)
+    model = PolyphonicMusicModel(network=Network(cell=cell, hidden_size=16, impl=impl))
     rolls = random_rolls(13)
     # by hand: Σ over sequences of the summed BCE of frames 2..T, over Σ (T_i - 1)
     total, frames = 0.0, 0
@@ -60,7 +61,7 @@ def test_nll_is_the_published_definition_whatever_the_batching(cell, impl):
 
 def test_nll_is_not_a_mean_of_per_sequence_means():
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(hidden_size=8)
+    model = PolyphonicMusicModel(network=Network(hidden_size=8))
     rolls = [random_rolls(1, seed=1, low=40, high=41)[0], random_rolls(1, seed=2, low=2, high=3)[0]]
     nll, _ = metrics_over(model, rolls, batch_size=2)
     per_seq = [metrics_over(model, [r], batch_size=1)[0] for r in rolls]
@@ -85,7 +86,7 @@ def test_frame_accuracy_counts_tp_fp_fn_over_all_frames():
 
 def test_training_loss_is_the_nll_of_the_batch_and_masks_padding():
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(hidden_size=8)
+    model = PolyphonicMusicModel(network=Network(hidden_size=8))
     rolls = random_rolls(3, seed=5)
     batch = pad_rolls([torch.from_numpy(r).float() for r in rolls])
     model.eval()
@@ -101,15 +102,15 @@ def test_training_loss_is_the_nll_of_the_batch_and_masks_padding():
 def test_bad_model_settings():
     with pytest.raises(ConfigError, match="model.input_dropout must be in"):
         PolyphonicMusicModel(input_dropout=1.0)
-    with pytest.raises(ConfigError, match="model.hidden_size"):
-        PolyphonicMusicModel(hidden_size=0)
-    with pytest.raises(ConfigError, match="model.recurrent_init must be one of"):
-        PolyphonicMusicModel(recurrent_init="zeros")
+    with pytest.raises(ConfigError, match="model.network.hidden_size"):
+        PolyphonicMusicModel(network=Network(hidden_size=0))
+    with pytest.raises(ConfigError, match="model.network.recurrent_init must be one of"):
+        PolyphonicMusicModel(network=Network(recurrent_init="zeros"))
 
 
 def test_recurrent_init_reaches_the_music_model():
     """Like every task: ``recurrent_init: orthogonal`` makes each W_hh gate block orthogonal × gain."""
-    model = PolyphonicMusicModel(cell="lstm", hidden_size=16, recurrent_init="orthogonal", recurrent_gain=0.5)
+    model = PolyphonicMusicModel(network=Network(cell="lstm", hidden_size=16, recurrent_init="orthogonal", recurrent_gain=0.5))
     for block in model.stack.layers[0].cell.weight_hh.detach().split(16, dim=0):
         torch.testing.assert_close(block @ block.T, 0.25 * torch.eye(16), atol=1e-5, rtol=0)
 
@@ -117,43 +118,43 @@ def test_recurrent_init_reaches_the_music_model():
 # ---- generation ---------------------------------------------------------------------------
 def test_generate_is_seeded_primed_and_respects_top_k():
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(hidden_size=8)
+    model = PolyphonicMusicModel(network=Network(hidden_size=8))
     torch.nn.init.constant_(model.head.bias, 0.0)  # p = 0.5 everywhere: plenty of notes
-    a = model.generate(20, seed=7)
-    b = model.generate(20, seed=7)
-    c = model.generate(20, seed=8)
+    a = generate_roll(model, 20, seed=7)
+    b = generate_roll(model, 20, seed=7)
+    c = generate_roll(model, 20, seed=8)
     assert a.shape == (20, 88) and a.dtype == np.uint8
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
     prime = random_rolls(1, seed=3, low=6, high=7)[0]
-    primed = model.generate(10, prime, seed=1)
+    primed = generate_roll(model, 10, prime, seed=1)
     assert primed.shape == (16, 88)
     np.testing.assert_array_equal(primed[:6], prime)
-    top = model.generate(30, seed=2, top_k=3)
+    top = generate_roll(model, 30, seed=2, top_k=3)
     assert top[1:].sum(1).max() <= 3
     with torch.no_grad():
         model.head.weight.mul_(0.01)
         model.head.bias.fill_(-0.5)
         model.head.bias[[39, 43, 46]] = 0.5
     for seed in (1, 2):  # temperature -> 0: each pitch on iff p > 0.5
-        cold = model.generate(30, prime[:1], seed=seed, temperature=1e-3)
+        cold = generate_roll(model, 30, prime[:1], seed=seed, temperature=1e-3)
         assert (cold[1:].sum(0) > 0).nonzero()[0].tolist() == [39, 43, 46] and cold[1:].sum() == 30 * 3
-    hot = model.generate(30, prime[:1], seed=1, temperature=100.0)
+    hot = generate_roll(model, 30, prime[:1], seed=1, temperature=100.0)
     assert 0.3 < hot[1:].mean() < 0.7  # temperature -> inf: every pitch a fair coin
     state = torch.get_rng_state()
-    model.generate(5, seed=1)
+    generate_roll(model, 5, seed=1)
     assert torch.equal(state, torch.get_rng_state()), "generation must not touch the global RNG"
 
 
 def test_openings_seen_in_training_start_generation_from_scratch():
-    model = PolyphonicMusicModel(hidden_size=8)
+    model = PolyphonicMusicModel(network=Network(hidden_size=8))
     chord = torch.zeros(2, 88)
     chord[:, [39, 43, 46]] = 1  # C major
     model._remember_openings(chord)
     assert int(model.n_openings) == 2
-    roll = model.generate(5, seed=0)
+    roll = generate_roll(model, 5, seed=0)
     assert sorted(np.flatnonzero(roll[0])) == [39, 43, 46]
-    restored = PolyphonicMusicModel(hidden_size=8)
+    restored = PolyphonicMusicModel(network=Network(hidden_size=8))
     restored.load_state_dict(model.state_dict())
     assert int(restored.n_openings) == 2
 
@@ -178,25 +179,25 @@ def test_midi_round_trip_and_png(tmp_path):
 
 def test_sample_writes_midi_and_png_and_reports(tmp_path):
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(hidden_size=8)
+    model = PolyphonicMusicModel(network=Network(hidden_size=8))
     dm = ChoralesDataModule(path=str(write_mat(tmp_path / "songs.mat")))
-    text = model.sample(dm, prime=None, prime_frames=3, length=12, temperature=1.0, top_k=0, seed=4,
+    text = sample(model, dm, prime=None, prime_frames=3, length=12, temperature=1.0, top_k=0, seed=4,
                         output=str(tmp_path / "out"))
     assert "15 frames (3 primed + 12 generated)" in text and "test sequence" in text
     assert (tmp_path / "out" / "sample-seed4-prime3.mid").is_file()
     assert (tmp_path / "out" / "sample-seed4-prime3.png").is_file()
     with pytest.raises(ConfigError, match="longer than every test sequence"):
-        model.sample(dm, prime=None, prime_frames=50, length=5, temperature=1.0, top_k=0, seed=0,
+        sample(model, dm, prime=None, prime_frames=50, length=5, temperature=1.0, top_k=0, seed=0,
                      output=str(tmp_path))
     with pytest.raises(ConfigError, match="prime_frames"):
-        model.sample(dm, prime="ROMEO:", prime_frames=0, length=5, temperature=1.0, top_k=0, seed=0,
+        sample(model, dm, prime="ROMEO:", prime_frames=0, length=5, temperature=1.0, top_k=0, seed=0,
                      output=str(tmp_path))
 
 
 # ---- the CLI end to end ----------------------------------------------------------------------
-TINY = ["--model.init_args.hidden_size=8", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
+TINY = ["--model.init_args.network.hidden_size=8", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false",
         "--trainer.max_time=null", "--data.init_args.batch_size=2",
-        "--trainer.callbacks+=seqmodels.music.PianoRollSamples",
+        "--trainer.callbacks+=seqmodels.callbacks.PianoRollSamples",
         "--trainer.callbacks.length=12", "--trainer.callbacks.every_n_epochs=1"]
 
 
@@ -220,7 +221,7 @@ def test_cli_fit_then_sample_on_a_tiny_file(in_tmp_dir, capsys):
 
     wandb.finish()
     capsys.readouterr()
-    main(["sample", "--config", config, f"--data.path={data}", "--model.init_args.hidden_size=8",
+    main(["sample", "--config", config, f"--data.path={data}", "--model.init_args.network.hidden_size=8",
           f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--prime_frames=2", "--length=10",
           "--seed=5", "--output=out"])
     printed = capsys.readouterr().out
@@ -228,7 +229,7 @@ def test_cli_fit_then_sample_on_a_tiny_file(in_tmp_dir, capsys):
     assert (in_tmp_dir / "out" / "sample-seed5-prime2.mid").is_file()
     assert (in_tmp_dir / "out" / "sample-seed5-prime2.png").is_file()
 
-    cli = main(["test", "--config", config, f"--data.path={data}", "--model.init_args.hidden_size=8",
+    cli = main(["test", "--config", config, f"--data.path={data}", "--model.init_args.network.hidden_size=8",
                 "--trainer.enable_progress_bar=false",
                 f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     assert "test/nll" in cli.trainer.callback_metrics and "test/acc" in cli.trainer.callback_metrics

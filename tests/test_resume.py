@@ -20,20 +20,26 @@ N_STEPS, EVERY, STALL_AT = 25, 5, 12  # the kill comes 2 steps after the checkpo
 
 
 def write_config(base: str, path: Path, overrides: dict, callbacks_extra: list | None = None) -> Path:
-    """A copy of configs/<base>.yaml: CSV or W&B logging under runs/, checkpoints every EVERY
-    steps, no diagnostics plots (speed), deterministic, N_STEPS steps."""
+    """A copy of configs/<base>.yaml (over configs/base.yaml, as the CLI reads it): CSV or W&B
+    logging under runs/, checkpoints every EVERY steps, no diagnostics plots (speed),
+    deterministic, N_STEPS steps."""
     config = yaml.safe_load((ROOT / "configs" / f"{base}.yaml").read_text())
+    shared = yaml.safe_load((ROOT / "configs" / "base.yaml").read_text())
     trainer = config["trainer"]
+    trainer.pop("callbacks+", None)
     trainer.update(max_steps=N_STEPS, max_epochs=-1, deterministic=True, log_every_n_steps=1,
                    enable_progress_bar=False, enable_model_summary=False)
     keep = ("DivergenceGuard", "ExactResume", "LastCheckpoint", "ModelCheckpoint")
-    trainer["callbacks"] = [c for c in trainer["callbacks"] if c["class_path"].endswith(keep)]
+    trainer["callbacks"] = [c for c in shared["trainer"]["callbacks"] if c["class_path"].endswith(keep)]
     for callback in trainer["callbacks"]:
         if callback["init_args"].get("every_n_train_steps") if "init_args" in callback else False:
             callback["init_args"]["every_n_train_steps"] = EVERY
     trainer["callbacks"] += callbacks_extra or []
     for section, values in overrides.items():
-        target = config[section]["init_args"] if section in ("model", "data") else config[section]
+        if section == "network":
+            target = config["model"]["init_args"]["network"]
+        else:
+            target = config[section]["init_args"] if section in ("model", "data") else config[section]
         target.update(values)
     path.write_text(yaml.safe_dump(config))
     return path
@@ -118,7 +124,7 @@ CSV_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": 
 def test_sums_resume_after_sigkill_equals_uninterrupted(tmp_path):
     # 2 layers with dropout between them: the RNG states must come back too. 10 steps per epoch,
     # so the kill falls mid-epoch (step 12) and the run crosses two epoch boundaries.
-    overrides = {"model": {"num_layers": 2, "dropout": 0.3, "hidden_size": 16},
+    overrides = {"network": {"num_layers": 2, "dropout": 0.3, "hidden_size": 16},
                  "data": {"train_size": 640, "val_size": 64, "test_size": 32, "test_lengths": [5]}}
     a_dir, b_dir = run_killed_and_resumed("sums_lstm", overrides, tmp_path, CSV_LOGGER)
     assert_same_end(a_dir, b_dir)
@@ -136,12 +142,12 @@ def test_text_resume_after_sigkill_equals_uninterrupted(tmp_path):
     lines = [" ".join(words[i] for i in torch.randint(0, len(words), (8,), generator=gen).tolist())
              for _ in range(100)]
     text.write_text("\n".join(lines) + "\n")
-    overrides = {"model": {"hidden_size": 16, "embedding_dim": 8, "num_layers": 2, "dropout": 0.2},
+    overrides = {"model": {"embedding_dim": 8}, "network": {"hidden_size": 16, "num_layers": 2, "dropout": 0.2},
                  "data": {"path": str(text), "batch_size": 4, "eval_batch_size": 2, "bptt": 16,
                           "cache_dir": str(tmp_path / "cache")}}
     wandb_logger = {"class_path": "lightning.pytorch.loggers.WandbLogger",
                     "init_args": {"project": "seqmodels", "save_dir": "runs"}}
-    config = yaml.safe_load((ROOT / "configs" / "shakespeare_lstm.yaml").read_text())
+    config = yaml.safe_load((ROOT / "configs" / "base.yaml").read_text())
     assert config["trainer"]["logger"]["class_path"].endswith("WandbLogger")
     a_dir, b_dir = run_killed_and_resumed("shakespeare_lstm", overrides, tmp_path, wandb_logger)
     assert_same_end(a_dir, b_dir)

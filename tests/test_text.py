@@ -15,7 +15,8 @@ from data_modules.text import (CharTextDataModule, RandomWindows, StreamBatches,
                                embedded_plays, encode, markdown_play_to_text)
 from seqmodels.cli import main
 from seqmodels.errors import ConfigError
-from seqmodels.tasks import CharLanguageModel
+from seqmodels.sampling import generate_text
+from seqmodels.tasks import CharLanguageModel, Network
 from tests.conftest import ROOT
 
 SNIPPET = """# Macbeth
@@ -114,11 +115,11 @@ def test_unknown_characters_map_to_unk_and_never_crash(tmp_path):
     assert dm.vocab == ["<unk>", "a", "b", "c"]
     assert (np.asarray(dm.split_ids("test")) == 0).any()
     assert encode("abz", dm.vocab).tolist() == [1, 2, 0]
-    model = CharLanguageModel(vocab=dm.vocab, hidden_size=8, num_layers=1, embedding_dim=4)
+    model = CharLanguageModel(vocab=dm.vocab, embedding_dim=4, network=Network(hidden_size=8, num_layers=1))
     x, y, _ = next(iter(StreamBatches(dm.split_ids("test"), 2, 8)))
     logits, _ = model(x)
     assert torch.isfinite(torch.nn.functional.cross_entropy(logits.reshape(-1, 4), y.reshape(-1)))
-    sample = model.generate("zab", length=30, seed=0)
+    sample = generate_text(model, "zab", length=30, seed=0)
     assert sample.startswith("zab") and set(sample[3:]) <= set("abc")  # <unk> is never sampled
 
 
@@ -137,7 +138,7 @@ def test_stream_batches_continue_each_stream():
 
 def test_tbptt_carries_the_detached_state_between_batches():
     torch.manual_seed(0)
-    model = CharLanguageModel(vocab=["<unk>", *"abcdefg"], hidden_size=8, num_layers=2, embedding_dim=4)
+    model = CharLanguageModel(vocab=["<unk>", *"abcdefg"], embedding_dim=4, network=Network(hidden_size=8, num_layers=2))
     model.log = lambda *args, **kwargs: None  # no Trainer here
     ids = np.random.default_rng(0).integers(1, 8, size=400)
     batches = list(StreamBatches(ids, batch_size=3, bptt=12))
@@ -181,15 +182,15 @@ def test_random_windows_are_seeded_per_epoch():
 
 def test_sampling_is_reproducible_with_a_seed():
     torch.manual_seed(0)
-    model = CharLanguageModel(vocab=build_vocab("abcdefgh \n"), hidden_size=16, num_layers=1, embedding_dim=8)
-    a = model.generate("ab", length=50, temperature=1.0, seed=7)
-    assert a == model.generate("ab", length=50, temperature=1.0, seed=7)
-    assert a != model.generate("ab", length=50, temperature=1.0, seed=8)
+    model = CharLanguageModel(vocab=build_vocab("abcdefgh \n"), embedding_dim=8, network=Network(hidden_size=16, num_layers=1))
+    a = generate_text(model, "ab", length=50, temperature=1.0, seed=7)
+    assert a == generate_text(model, "ab", length=50, temperature=1.0, seed=7)
+    assert a != generate_text(model, "ab", length=50, temperature=1.0, seed=8)
     assert len(a) == 52
-    top1 = model.generate("ab", length=20, top_k=1, seed=1)
-    assert top1 == model.generate("ab", length=20, top_k=1, seed=2)  # top_k=1 is greedy
+    top1 = generate_text(model, "ab", length=20, top_k=1, seed=1)
+    assert top1 == generate_text(model, "ab", length=20, top_k=1, seed=2)  # top_k=1 is greedy
     with pytest.raises(ConfigError, match="temperature must be > 0"):
-        model.generate("ab", temperature=0)
+        generate_text(model, "ab", temperature=0)
 
 
 def test_hub_dataset_through_a_local_dataset_folder(tmp_path):
@@ -259,7 +260,7 @@ def run_cli(*args, cwd):
 def test_cli_fit_then_sample_and_vocab_mismatch(text_file, tmp_path):
     tiny = ["--config", str(ROOT / "configs" / "shakespeare_rnn.yaml"), f"--data.init_args.path={text_file}",
             "--data.init_args.batch_size=4", "--data.init_args.bptt=32", "--data.init_args.eval_batch_size=4",
-            f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--model.init_args.hidden_size=16",
+            f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--model.init_args.network.hidden_size=16",
             "--model.init_args.embedding_dim=8"]
     fit = run_cli("fit", *tiny, "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", cwd=tmp_path)
     assert fit.returncode == 0, fit.stderr[-3000:]

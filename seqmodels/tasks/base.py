@@ -1,18 +1,25 @@
-"""LightningModules: one shared base (stack, optimizer fallback, sampling hook) and one
+"""LightningModules: one shared base (the recurrent stack, the optimizer fallback) and one
 small module per task. A task knows nothing of how a cell is computed.
 
 Metric names: ``{split}/loss`` for train/val/test, then task metrics such as ``val/mse``.
 """
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Literal
+
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningModule
 
+from seqmodels.cells import CELLS
 from seqmodels.errors import ConfigError
-from seqmodels.recurrent import RecurrentStack
-
+from seqmodels.recurrent import IMPLS, RecurrentStack
 
 RECURRENT_INITS = ("default", "identity", "orthogonal")
+# the allowed values come from the registry and the stack, so `--help` lists them and a new cell
+# needs no edit here
+CellName = Literal[tuple(CELLS)]
+Impl = Literal[IMPLS]
 
 
 @torch.no_grad()
@@ -27,57 +34,67 @@ def init_recurrent_weights(stack: RecurrentStack, kind: str, gain: float) -> Non
                 torch.nn.init.orthogonal_(block, gain=gain)
 
 
-class SequenceModel(LightningModule):
-    """Base for every task: owns ``self.stack`` (a RecurrentStack) and the shared plumbing.
+@dataclass(frozen=True)
+class Network:
+    """The recurrent stack of every task, in one place (``model.init_args.network`` in a config).
 
     Args:
-        cell: ``rnn`` or ``lstm``.
-        input_size: features per time step (set by the data for most tasks).
-        hidden_size, num_layers: stack size.
-        dropout: between stacked layers, in [0, 1).
-        impl: ``auto``, ``autograd``, ``native`` (see ``seqmodels.recurrent``).
-        nonlinearity: ``tanh`` or ``relu`` (vanilla RNN only).
-        forget_bias: initial forget-gate bias (LSTM only).
+        cell: a cell of the registry (``seqmodels.cells.CELLS``).
+        hidden_size, num_layers: the stack's size.
+        dropout: between stacked layers, in [0, 1) (the text model also applies it to its
+            embedding and before its read-out).
+        impl: how the recurrence is computed (``seqmodels.recurrent``); ``auto`` picks.
+        nonlinearity: the vanilla RNN's.
+        forget_bias: the LSTM's initial forget-gate bias.
         peephole: LSTM with peephole connections.
-        recurrent_init: ``default`` (torch's uniform), ``identity`` (IRNN, Le et al. 2015) or
-            ``orthogonal``, for every W_hh (each gate block for the LSTM), times ``recurrent_gain``.
+        recurrent_init: every W_hh (each gate block): ``default`` (torch's uniform),
+            ``identity`` (IRNN, Le et al. 2015) or ``orthogonal``, times ``recurrent_gain``.
+    """
+
+    cell: CellName = "lstm"
+    hidden_size: int = 64
+    num_layers: int = 1
+    dropout: float = 0.0
+    impl: Impl = "auto"
+    nonlinearity: Literal["tanh", "relu"] = "tanh"
+    forget_bias: float = 1.0
+    peephole: bool = False
+    recurrent_init: Literal["default", "identity", "orthogonal"] = "default"
+    recurrent_gain: float = 1.0
+
+
+class SequenceModel(LightningModule):
+    """Base for every task: builds ``self.stack`` (a RecurrentStack) from ``network`` with the
+    input size the task gives it. A task adds its input and output layers, its loss and its
+    metrics, and nothing else.
 
     The optimizer and LR scheduler come from the CLI (``optimizer:`` / ``lr_scheduler:``
     in the config); ``configure_optimizers`` here is only the fallback (Adam, lr 1e-3)
     for use without the CLI.
     """
 
-    def __init__(
-        self,
-        cell: str = "lstm",
-        input_size: int = 1,
-        hidden_size: int = 64,
-        num_layers: int = 1,
-        dropout: float = 0.0,
-        impl: str = "auto",
-        nonlinearity: str = "tanh",
-        forget_bias: float = 1.0,
-        peephole: bool = False,
-        recurrent_init: str = "default",
-        recurrent_gain: float = 1.0,
-    ) -> None:
+    def __init__(self, network: Network, input_size: int) -> None:
         super().__init__()
+        if isinstance(network, dict):  # as a checkpoint's hyperparameters hold it
+            network = Network(**network)
+        self.network = network
+        options = asdict(network)
+        init, gain = options.pop("recurrent_init"), options.pop("recurrent_gain")
         try:
-            self.stack = RecurrentStack(cell, input_size, hidden_size, num_layers, dropout,
-                                        nonlinearity, forget_bias, peephole, impl)
+            self.stack = RecurrentStack(input_size=input_size, **options)
         except ConfigError as err:
-            raise ConfigError(f"model.{err}") from None
-        if recurrent_init not in RECURRENT_INITS:
-            raise ConfigError(f"model.recurrent_init must be one of {list(RECURRENT_INITS)}, got {recurrent_init!r}")
-        if recurrent_init != "default":
-            init_recurrent_weights(self.stack, recurrent_init, recurrent_gain)
+            raise ConfigError(f"model.network.{err}") from None
+        if init not in RECURRENT_INITS:
+            raise ConfigError(f"model.network.recurrent_init must be one of {list(RECURRENT_INITS)}, got {init!r}")
+        if init != "default":
+            init_recurrent_weights(self.stack, init, gain)
+
+    def save_hyperparameters(self, *args, **kwargs) -> None:  # noqa: D102
+        """Lightning's, with the network as a plain dict: checkpoints stay loadable with
+        ``weights_only=True`` (no classes of this package inside)."""
+        super().save_hyperparameters(*args, **kwargs)
+        if isinstance(self.hparams.get("network"), Network):
+            self.hparams["network"] = asdict(self.hparams["network"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-    def sample(self, datamodule: LightningDataModule | None, *, prime: str | None,
-               prime_frames: int, length: int, temperature: float, top_k: int, seed: int,
-               output: str) -> str:
-        """Generate (``python cli.py sample``); returns what to print. Generative tasks override it."""
-        raise ConfigError(f"{type(self).__name__} does not generate; `sample` works with the "
-                          "text and music models")

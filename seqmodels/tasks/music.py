@@ -1,19 +1,14 @@
 """Polyphonic music modeling: predict the next frame of a binary piano roll."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningDataModule
 from torch import Tensor, nn
 
 from seqmodels.errors import ConfigError
-from seqmodels.music import FrameAccuracy, FrameNLL, plot_roll, write_midi
+from seqmodels.music import FrameAccuracy, FrameNLL
 from seqmodels.recurrent import State
-from seqmodels.tasks.base import SequenceModel
+from seqmodels.tasks.base import Network, SequenceModel
 
 MAX_OPENINGS = 128
 
@@ -29,7 +24,9 @@ class PolyphonicMusicModel(SequenceModel):
     are the published frame-level NLL (Σ BCE / Σ (T_i − 1) over the whole split, whatever the
     batching) and ``{val,test}/acc`` the frame-level accuracy TP / (TP + FP + FN).
 
-    Args (beyond ``SequenceModel``'s):
+    Args:
+        network: the recurrent stack (``Network``).
+        input_size: pitches per frame (linked from the data by the CLI).
         input_dropout: dropout on the input frames.
         output_dropout: dropout on the top layer's output, before the read-out.
         pack: pass the batch's lengths to the stack (``lengths=``; packed sequences with
@@ -40,19 +37,16 @@ class PolyphonicMusicModel(SequenceModel):
             kernel (3-6x slower per batch).
     """
 
-    def __init__(self, cell: str = "lstm", input_size: int = 88, hidden_size: int = 256,
-                 num_layers: int = 1, dropout: float = 0.0, impl: str = "auto",
-                 nonlinearity: str = "tanh", forget_bias: float = 1.0, peephole: bool = False,
-                 input_dropout: float = 0.0, output_dropout: float = 0.0, pack: bool = False,
-                 recurrent_init: str = "default", recurrent_gain: float = 1.0) -> None:
-        super().__init__(cell, input_size, hidden_size, num_layers, dropout, impl,
-                         nonlinearity, forget_bias, peephole, recurrent_init, recurrent_gain)
+    def __init__(self, network: Network = Network(hidden_size=256), input_size: int = 88,
+                 input_dropout: float = 0.0, output_dropout: float = 0.0, pack: bool = False) -> None:
+        """input_size: pitches per frame (linked from the data by the CLI)."""
+        super().__init__(network, input_size)
         for name, value in (("input_dropout", input_dropout), ("output_dropout", output_dropout)):
             if not 0.0 <= value < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {value!r}")
         self.save_hyperparameters(logger=False)
         self.input_dropout, self.output_dropout, self.pack = input_dropout, output_dropout, pack
-        self.head = nn.Linear(hidden_size, input_size)
+        self.head = nn.Linear(self.network.hidden_size, input_size)
         # Opening frames of training sequences, seen while training: generation "from scratch"
         # starts from one of them (the model predicts frame t+1 from frames <= t, so it needs a
         # first frame). Saved in the checkpoint.
@@ -122,81 +116,3 @@ class PolyphonicMusicModel(SequenceModel):
         take = first_frames[: MAX_OPENINGS - n].detach()
         self.openings[n:n + len(take)] = take
         self.n_openings += len(take)
-
-    # ---- generation ------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, length: int, prime: Tensor | np.ndarray | None = None, temperature: float = 1.0,
-                 top_k: int = 0, seed: int = 0) -> np.ndarray:
-        """A piano roll (k + length, 88) uint8: the k prime frames, then ``length`` frames,
-        each pitch an independent Bernoulli of sigmoid(logits / temperature) (with top_k > 0,
-        only the k most likely pitches of a frame can sound).
-
-        Without a prime, the first frame is one of the training openings the model saw
-        (chosen by the seed; silence if it has seen none) and counts among the ``length``.
-        Uses its own generator: the global random state is untouched.
-        """
-        gen = torch.Generator().manual_seed(int(seed))
-        was_training = self.training
-        self.eval()
-        device = self.head.weight.device
-        if prime is None or len(prime) == 0:
-            n = int(self.n_openings)
-            pick = int(torch.randint(n, (1,), generator=gen)) if n else None
-            first = self.openings[pick] if pick is not None else torch.zeros(self.hparams.input_size)
-            prime = first.reshape(1, -1)
-            length = length - 1
-        frames = [torch.as_tensor(np.asarray(prime) if not isinstance(prime, Tensor) else prime,
-                                  dtype=torch.float32).to(device)]
-        logits, state = self(frames[0].unsqueeze(0))
-        logits = logits[:, -1]
-        for _ in range(max(0, length)):
-            probs = torch.sigmoid(logits.float().cpu() / temperature)[0]
-            if top_k and top_k < probs.numel():
-                keep = torch.zeros_like(probs, dtype=torch.bool)
-                keep[probs.topk(top_k).indices] = True
-                probs = probs * keep
-            frame = torch.bernoulli(probs, generator=gen).to(device)
-            frames.append(frame.unsqueeze(0))
-            logits, state = self(frame.reshape(1, 1, -1), state)
-            logits = logits[:, -1]
-        self.train(was_training)
-        return (torch.cat(frames).cpu().numpy() > 0.5).astype(np.uint8)
-
-    def sample(self, datamodule: LightningDataModule | None, *, prime: str | None,
-               prime_frames: int, length: int, temperature: float, top_k: int, seed: int,
-               output: str) -> str:
-        """``python cli.py sample``: a chorale from scratch, or continuing the first
-        ``prime_frames`` frames of a test sequence (chosen by the seed); writes a MIDI file and a
-        piano-roll PNG into ``output`` and returns what to print."""
-        if prime:
-            raise ConfigError("prime is text; for music use --prime_frames k (the first k frames "
-                              "of a test chorale)")
-        if prime_frames < 0:
-            raise ConfigError(f"prime_frames must be >= 0, got {prime_frames}")
-        if top_k > self.hparams.input_size:
-            raise ConfigError(f"top_k must be <= {self.hparams.input_size} (pitches), got {top_k}")
-        steps_per_quarter = float(getattr(datamodule, "steps_per_quarter", 1.0) or 1.0)
-        prime_roll, origin = None, "from scratch (an opening chord seen in training)"
-        if prime_frames:
-            if datamodule is None or not hasattr(datamodule, "load"):
-                raise ConfigError("prime_frames needs the music data (--data / the config's data section)")
-            tests = datamodule.load()["test"]
-            fits = [i for i, r in enumerate(tests) if len(r) >= prime_frames]
-            if not fits:
-                raise ConfigError(f"prime_frames {prime_frames} is longer than every test sequence "
-                                  f"(longest {max(len(r) for r in tests)} frames)")
-            index = fits[int(np.random.default_rng(seed).integers(len(fits)))]
-            prime_roll = tests[index][:prime_frames]
-            names = getattr(datamodule, "names", None)
-            label = names["test"][index] if names else f"#{index}"
-            origin = f"primed with the first {prime_frames} frames of test sequence {label}"
-        roll = self.generate(length, prime_roll, temperature=temperature, top_k=top_k, seed=seed)
-        out = Path(output)
-        stem = f"sample-seed{seed}" + (f"-prime{prime_frames}" if prime_frames else "")
-        midi = write_midi(roll, out / f"{stem}.mid", steps_per_quarter)
-        png = plot_roll(roll, out / f"{stem}.png", title=f"{stem}, temperature {temperature:g}",
-                        prime_frames=prime_frames)
-        notes = int(roll.sum())
-        return (f"{len(roll)} frames ({prime_frames} primed + {len(roll) - prime_frames} generated), "
-                f"{notes} note-steps, {origin}, seed {seed}, temperature {temperature:g}\n"
-                f"MIDI: {os.path.relpath(midi)}\nPNG:  {os.path.relpath(png)}")

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from seqmodels.recurrent import State
-from seqmodels.tasks.base import SequenceModel
+from seqmodels.tasks.base import Network, SequenceModel
 
 
 class SumsRegressor(SequenceModel):
@@ -15,15 +15,11 @@ class SumsRegressor(SequenceModel):
     length, ``test/mse_len_{T}`` and ``test/mae_len_{T}``, T read from the batch itself.
     """
 
-    def __init__(self, cell: str = "lstm", input_size: int = 1, hidden_size: int = 64,
-                 num_layers: int = 1, dropout: float = 0.0, impl: str = "auto",
-                 nonlinearity: str = "tanh", forget_bias: float = 1.0, peephole: bool = False,
-                 recurrent_init: str = "default", recurrent_gain: float = 1.0,
-                 output_size: int = 1) -> None:
-        super().__init__(cell, input_size, hidden_size, num_layers, dropout, impl,
-                         nonlinearity, forget_bias, peephole, recurrent_init, recurrent_gain)
+    def __init__(self, network: Network = Network(), input_size: int = 1, output_size: int = 1) -> None:
+        """input_size: features per step (linked from the data by the CLI)."""
+        super().__init__(network, input_size)
         self.save_hyperparameters(logger=False)
-        self.head = nn.Linear(hidden_size, output_size)
+        self.head = nn.Linear(network.hidden_size, output_size)
         metrics = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()})
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")

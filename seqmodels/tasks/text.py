@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
+from data_modules.text import UNK  # the vocabulary's format is the data's
 from seqmodels.errors import ConfigError
 from seqmodels.recurrent import State
-from seqmodels.tasks.base import SequenceModel
+from seqmodels.tasks.base import Network, SequenceModel
 
-UNK = "<unk>"
 CARRIED_KEY = "tbptt_carried_state"  # the training stream's state, in every checkpoint
 
 
@@ -50,28 +50,25 @@ class CharLanguageModel(SequenceModel):
 
     Args:
         vocab: the symbols, id = position; id 0 is ``<unk>``.
+        network: the recurrent stack; its ``dropout`` also applies to the embedding output and
+            before the head.
         embedding_dim: size of the character embedding (the stack's input size).
-        dropout: on the embedding output, between stacked layers, and before the head.
-        cell, hidden_size, num_layers, impl, nonlinearity, forget_bias, peephole: the stack.
     """
 
-    def __init__(self, vocab: list[str] | None = None, embedding_dim: int = 64, cell: str = "lstm",
-                 hidden_size: int = 256, num_layers: int = 2, dropout: float = 0.0,
-                 impl: str = "auto", nonlinearity: str = "tanh", forget_bias: float = 1.0,
-                 peephole: bool = False, recurrent_init: str = "default", recurrent_gain: float = 1.0) -> None:
+    def __init__(self, vocab: list[str] | None = None, network: Network = Network(hidden_size=256, num_layers=2),
+                 embedding_dim: int = 64) -> None:
         if not vocab or vocab[0] != UNK:
             raise ConfigError("model.vocab must list the symbols with '<unk>' first; it comes from the "
                               "data (the CLI links data.vocab), so run through `python cli.py`")
         if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
             raise ConfigError(f"model.embedding_dim must be an integer >= 1, got {embedding_dim!r}")
-        super().__init__(cell, embedding_dim, hidden_size, num_layers, dropout, impl,
-                         nonlinearity, forget_bias, peephole, recurrent_init, recurrent_gain)
+        super().__init__(network, embedding_dim)
         self.save_hyperparameters(logger=False)  # the vocabulary goes into every checkpoint
         self.vocab = list(vocab)
         self.char_to_id = {c: i for i, c in enumerate(self.vocab)}
         self.embedding = nn.Embedding(len(vocab), embedding_dim)
-        self.drop = nn.Dropout(dropout)
-        self.head = nn.Linear(hidden_size, len(vocab))
+        self.drop = nn.Dropout(self.network.dropout)
+        self.head = nn.Linear(self.network.hidden_size, len(vocab))
         self.val_ppl, self.test_ppl = Perplexity(), Perplexity()
         self._carried: dict[str, State | None] = {}
 
@@ -150,36 +147,3 @@ class CharLanguageModel(SequenceModel):
             return  # nothing carried, or another number of processes: the next batch starts from zeros
         # a tuple of state tensors, h first (checkpoints before the state was always a tuple say so too)
         self._carried["train"] = tuple(t[rank] if world > 1 else t for t in carried["tensors"])
-
-    # -- generation --
-    def encode(self, text: str) -> list[int]:
-        return [self.char_to_id.get(c, 0) for c in text]
-
-    @torch.no_grad()
-    def generate(self, prime: str = "\n", length: int = 500, temperature: float = 1.0,
-                 top_k: int = 0, seed: int = 1) -> str:
-        """Sample ``length`` characters after ``prime``: c ~ softmax(logits / temperature),
-        restricted to the ``top_k`` most likely (0: all); ``<unk>`` is never sampled."""
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        was_training = self.training
-        self.eval()
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        ids = self.encode(prime or "\n")
-        x = torch.tensor([ids], device=self.device)
-        logits, state = self(x)
-        out = []
-        for _ in range(length):
-            step = logits[0, -1].float().cpu() / temperature
-            step[0] = -math.inf
-            if 0 < top_k < step.numel():
-                threshold = torch.topk(step, top_k).values[-1]
-                step[step < threshold] = -math.inf
-            next_id = int(torch.multinomial(torch.softmax(step, -1), 1, generator=generator))
-            out.append(next_id)
-            logits, state = self(torch.tensor([[next_id]], device=self.device), state)
-        self.train(was_training)
-        return prime + "".join(self.vocab[i] for i in out)
-
-    def sample(self, datamodule, *, prime, prime_frames, length, temperature, top_k, seed, output) -> str:
-        return self.generate(prime if prime is not None else "\n", length, temperature, top_k, seed)
