@@ -10,7 +10,6 @@ numbers) to whatever logger the run has — W&B online, offline or disabled, CSV
 from __future__ import annotations
 
 import math
-import os
 import re
 
 import matplotlib
@@ -24,21 +23,7 @@ from lightning.pytorch.loggers import WandbLogger  # noqa: E402
 from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from seqmodels.cli import run_dir  # noqa: E402
-
-
-def save_figure(fig, trainer: Trainer, name: str) -> str:
-    """Write ``fig`` as ``<run dir>/plots/<name>.png``, log it to W&B if present, close it."""
-    folder = os.path.join(run_dir(trainer), "plots")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}.png")
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    key = "diagnostics/" + re.sub(r"_epoch\d+$", "", name)  # one W&B panel per kind of plot
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[path], step=trainer.global_step)
-    return path
+from seqmodels.runs import save_figure  # noqa: E402
 
 
 # ---- gradient distributions ---------------------------------------------------------------

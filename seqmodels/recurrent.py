@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, _VF, nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seqmodels import compat
@@ -236,10 +236,10 @@ class RecurrentStack(nn.Module):
         return result
 
     def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """torch.nn.RNN / nn.LSTM / nn.GRU's own call (``torch._VF``), on this module's parameters."""
+        """torch.nn.RNN / nn.LSTM / nn.GRU's own op (``compat.native_rnn_op``), on this module's parameters."""
         if x.is_cuda:
             self.flatten_parameters()  # a no-op once flat; covers modules built on the GPU
-        fn = getattr(_VF, self.kind.native(self.layers[0].cell))
+        fn = compat.native_rnn_op(self.kind.native(self.layers[0].cell))
         pack = (lambda s: s) if len(state) > 1 else (lambda s: s[0])  # torch: (h, c), or h alone
         args = (self._flat_weights(), True, self.num_layers, self.dropout, self.training, False)
         if lengths is None:
