@@ -10,8 +10,8 @@ torch
     cuDNN then runs on the parameters themselves. Without it every call warns "RNN module
     weights are not part of single contiguous chunk of memory" and copies all weights
     (aten/src/ATen/native/cudnn/RNN.cpp, ``try_get_weight_buf``).
-    ``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``: oneDNN's GEMM with a
-    pre-packed weight and a fused addition (the hand-written BPTT's CPU GEMMs, bptt.py).
+    ``torch.ops.mkldnn._linear_pointwise``: oneDNN's GEMM (the hand-written BPTT's big CPU
+    GEMMs on AVX-512, bptt/fast.py).
 Lightning
     ``fit_loop.epoch_loop._batches_that_stepped``: the logging step (exact resume).
     ``ModelCheckpoint._should_skip_saving_checkpoint`` / ``_save_last_checkpoint`` /
@@ -107,23 +107,11 @@ def cudnn_flatten_(weights: list[Tensor], per_layer: int, input_size: int, mode:
 
 # ---- torch: oneDNN's GEMMs on the CPU ---------------------------------------------------------
 def has_onednn_linear() -> bool:
-    """oneDNN's packed-weight linear ops are there (a CPU build of torch with mkldnn)."""
+    """oneDNN's linear op is there (a CPU build of torch with mkldnn)."""
     try:
-        return (torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-                and hasattr(torch.ops.mkldnn._linear_pointwise, "binary"))
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     except (AttributeError, RuntimeError):
         return False
-
-
-def onednn_pack_weight(weight: Tensor, batch_size: int) -> Tensor:
-    """W (N, K) reordered once into oneDNN's blocked layout for inputs of ``batch_size`` rows."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), batch_size)
-
-
-def onednn_linear_add(x: Tensor, add: Tensor, packed: Tensor) -> Tensor:
-    """``x @ Wᵀ + add`` with a weight packed by ``onednn_pack_weight``, the addition fused."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, add, packed, None, "add")
 
 
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -4,8 +4,8 @@
 lstm_backward) once the extension is built and loaded, or None. It is built once per machine
 with torch.utils.cpp_extension (a C++ compiler and ninja; ~1 min on 2 cores, then cached
 under ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) for the CPU it runs on
-(``-march=native``). Where it cannot be built, bptt.py runs its Python loops (same math, more
-kernel calls per step) after one warning that says why. ``SEQMODELS_FUSED=0`` turns it off.
+(``-march=native``). Where it cannot be built, the bptt impl runs ``bptt/reference.py`` (same
+math, plain torch, slower) after one warning that says why. ``SEQMODELS_FUSED=0`` turns it off.
 """
 from __future__ import annotations
 
@@ -43,12 +43,12 @@ def _build():
                 extra_cflags=["-O3", "-march=native", "-fno-trapping-math", *omp_cflags],
                 extra_ldflags=list(omp_ldflags))  # a new list: load() appends to it
             return torch.ops.seqmodels_fused
-        except Exception as exc:  # noqa: BLE001 - any build failure means: use the Python loops
+        except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
             error = exc
     lines = str(error).strip().splitlines() or [type(error).__name__]
     reason = next((line.strip() for line in lines if "error:" in line), lines[-1])
     warnings.warn(f"seqmodels: the fused C++ BPTT loops could not be built ({reason}); "
-                  "the bptt impl runs its Python loops (correct, slower). Install a C++ "
+                  "the bptt impl runs its plain-torch reference (correct, slower). Install a C++ "
                   "compiler and `pip install ninja` for the fast path.", stacklevel=3)
     return None
 

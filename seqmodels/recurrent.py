@@ -8,7 +8,8 @@ state always a tuple, h first: ``(h,)`` for the RNN and the GRU, ``(h, c)`` for 
 Implementations (``impl``), all on the very same parameters:
     autograd  the readable loop over ``cells.py``; autograd derives the backward pass
     bptt      one ``torch.autograd.Function`` per layer with a hand-written backward through
-              time (``bptt.py``, derivations in docs/bptt.md); cells that have one
+              time (``bptt/``: a readable reference and the C++ fast path, derivations in
+              docs/bptt.md); cells that have one
     native    torch's fused kernels (oneDNN on CPU, cuDNN on GPU); cells torch has
     auto      the fastest correct one for the cell and the call (see ``resolve_impl``)
 

@@ -1,4 +1,4 @@
-"""The hand-written BPTT (seqmodels/bptt.py) against autograd, torch's own RNN/LSTM and a
+"""The hand-written BPTT (seqmodels/bptt/: reference and fast path) against autograd, torch's RNN/LSTM and a
 closed-form scalar example. CPU, tiny sizes, a few seconds in all."""
 from __future__ import annotations
 
@@ -102,17 +102,14 @@ def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
 
 
 # ---- gradcheck in float64 ------------------------------------------------------------
-@pytest.fixture(params=["fused", "python", "python_per_step"])
+@pytest.fixture(params=["fast", "reference"])
 def loops(request, monkeypatch):
-    """Every way bptt.py runs its time loops: in C++ (fused.py; it must build here, a failed
-    build fails the test), or in Python with the LSTM's backward factors computed after the
-    loop or at each step."""
-    if request.param == "fused":
+    """Both layers of the hand-written BPTT: the fast path (the C++ loops; they must build
+    here, a failed build fails the test) and the plain-torch reference."""
+    if request.param == "fast":
         assert fused.kernels() is not None, "the fused C++ loops did not build (see the warning)"
     else:
-        monkeypatch.setattr(bptt, "_fused_kernels", lambda x: None)
-    if request.param == "python_per_step":
-        monkeypatch.setattr(bptt, "BATCHED_FACTORS_MAX_BH", -1)
+        monkeypatch.setattr(bptt.fast, "fused_kernels", lambda x: None)
     return request.param
 
 
@@ -163,13 +160,9 @@ def test_impls_agree_float32(variant, padded, loops):
 @pytest.mark.parametrize("variant,hidden", [("rnn_tanh", 512), ("lstm", 256), ("lstm_peephole", 256)])
 @pytest.mark.parametrize("avx512", [False, True])
 def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch):
-    """Big recurrent weights take the oneDNN pre-packed GEMM path in float32 on CPU (Python
-    loops); the big GEMMs take oneDNN on AVX-512 CPUs and MKL otherwise (both paths run on any
-    x86 CPU)."""
-    monkeypatch.setattr(bptt, "_AVX512", avx512)
-    monkeypatch.setattr(bptt, "_fused_kernels", lambda x: None)
-    gates = 1 if variant.startswith("rnn") else 4
-    assert gates * hidden * hidden >= bptt.PACKED_GEMM_MIN_NUMEL
+    """The fast path's big GEMMs (input projection, dX, dW) take oneDNN on AVX-512 CPUs and
+    MKL otherwise: both paths run on any x86 CPU, and both agree with autograd."""
+    monkeypatch.setattr(bptt.fast, "_AVX512", avx512)
     stack = make_stack(variant, input_size=7, hidden_size=hidden, num_layers=1)
     gen = torch.Generator().manual_seed(4)
     B, T = 3, 12
@@ -298,7 +291,7 @@ def test_fused_build_without_openmp_retries_for_one_thread(monkeypatch):
 
 
 def test_fused_build_failure_falls_back_with_one_warning(monkeypatch):
-    """No compiler or no ninja: one warning naming the cause, then the Python loops."""
+    """No compiler or no ninja: one warning naming the cause, then the plain-torch reference."""
     from torch.utils import cpp_extension
 
     def broken(**kwargs):
@@ -307,7 +300,7 @@ def test_fused_build_failure_falls_back_with_one_warning(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", broken)
     fused._build.cache_clear()
     try:
-        with pytest.warns(UserWarning, match="no compiler here.*Python loops"):
+        with pytest.warns(UserWarning, match="no compiler here.*plain-torch reference"):
             assert fused.kernels() is None
         stack = make_stack("lstm", input_size=3, hidden_size=4, num_layers=1)
         gen = torch.Generator().manual_seed(6)
@@ -346,7 +339,7 @@ def test_reused_buffers_never_leak_between_calls(variant, monkeypatch):
     """Buffers go back to a pool and are handed out again: two graphs alive at once, an
     inference pass in between and a backward with retain_graph must all stay exact."""
     from seqmodels import bptt, fused
-    monkeypatch.setattr(bptt._POOL, "min_bytes", 0)  # pool every buffer, however small
+    monkeypatch.setattr(bptt.fast._POOL, "min_bytes", 0)  # pool every buffer, however small
     bptt.clear_buffer_pool()
     stack = make_stack(variant, input_size=3, hidden_size=8, num_layers=2)
     gen = torch.Generator().manual_seed(6)

@@ -30,7 +30,7 @@ inline float exp_(float x) {
 inline double exp_(double x) { return std::exp(x); }
 
 template <typename S> inline S sigmoid_(S x) { return S(1) / (S(1) + exp_(-x)); }
-// tanh(x) = 2σ(2x) - 1, as in bptt.py; exact std::tanh in float64 (gradcheck)
+// tanh(x) = 2σ(2x) - 1; exact std::tanh in float64 (gradcheck)
 inline float tanh_(float x) { return 2.0f * sigmoid_(2.0f * x) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }
 

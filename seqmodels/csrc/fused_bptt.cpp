@@ -1,8 +1,7 @@
-// The time loops of seqmodels/bptt.py in C++, each step's elementwise math fused into one pass.
+// The time loops of seqmodels/bptt/fast.py in C++, each step's elementwise math fused into one pass.
 //
-// Same equations, same buffers and same conventions as the Python loops in bptt.py (time-major,
-// state buffers with T+1 slots, torch's gate order i, f, g, o); see the docstrings there and
-// docs/bptt.md for the derivations. What changes is the cost of a step: one BLAS GEMM that
+// The equations of seqmodels/bptt/reference.py (docs/bptt.md derives them), with the conventions
+// of bptt/fast.py (time-major, state buffers with T+1 slots, torch's gate order i, f, g, o). What changes is the cost of a step: one BLAS GEMM that
 // accumulates straight into the step's pre-activation (forward) or gradient (backward) slot,
 // and one vectorized pass over the B x H units (cell_steps.cpp) that reads the GEMM's output
 // once and writes every activation, instead of 8-13 torch kernels called from Python.
@@ -177,7 +176,7 @@ void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t
   });
 }
 
-// Backward: dy (T+1, B, H) holds ∂L/∂y_t (+ ∂L/∂s_T at slot n_b), as bptt.py prepares it; the
+// Backward: dy (T+1, B, H) holds ∂L/∂y_t (+ ∂L/∂s_T at slot n_b), as bptt/fast.py prepares it; the
 // loop turns slot t-1 into δs_{t-1} in place.
 //   δz_t = δs_t ⊙ f'(z_t),  δs_{t-1} = ∂L/∂y_{t-1} + δz_t W_hh;  writes dz (T, B, H); δs_0 in dy[0].
 template <typename S>
@@ -247,7 +246,7 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
 //   δz^o = δh ⊙ tanh(c̃) ⊙ o(1 - o);   δc̃ = δc + δh ⊙ o(1 - tanh²(c̃)) + p_o ⊙ δz^o
 //   δz^i = δc̃ ⊙ g ⊙ i(1 - i);  δz^f = δc̃ ⊙ c_{t-1} ⊙ f(1 - f);  δz^g = δc̃ ⊙ i ⊙ (1 - g²)
 //   δc_{t-1} = δc̃ ⊙ f + p_i ⊙ δz^i + p_f ⊙ δz^f;   δh_{t-1} = ∂L/∂y_{t-1} + δz_t W_hh
-// Rows past their end have δh = δc = 0 there, and zeros propagate (bptt.py, "Masks").
+// Rows past their end have δh = δc = 0 there, and zeros propagate (docs/bptt.md, "Masks").
 template <typename S>
 void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S* dcT, S* dc,
                         const S* w_hh, const S* peep, const int64_t* len, S* dz, int64_t T,

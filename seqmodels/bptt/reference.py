@@ -1,0 +1,144 @@
+"""Backpropagation through time by hand, the readable way: one ``torch.autograd.Function`` per
+cell kind, written line by line as docs/bptt.md derives it (sections 2-4). Plain torch: no
+buffers, no reordered gates, no fused kernels. It is the reference that the fast path (the C++
+loops of ``fast.py``) is checked against, and what runs where that cannot (a GPU, a machine
+without a C++ compiler).
+
+Conventions: time-major x (T, B, I); masks m (T, B, 1) with m_t = [t ≤ n_b] for a sequence of
+length n_b, or None when every sequence is T long (docs/bptt.md, section 4). The forward keeps
+every state and activation; the backward walks from t = T down to t = 1. Python lists index
+the steps from 0: ``x[t]`` is x_{t+1}, ``s[t]`` is s_t (s[0] the initial state).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+def step_mask(lengths: Optional[Tensor], T: int, like: Tensor) -> Optional[Tensor]:
+    """m (T, B, 1): 1 where step t (1-based) is within its sequence, t ≤ n_b; None without lengths."""
+    if lengths is None:
+        return None
+    t = torch.arange(1, T + 1, device=like.device).view(T, 1, 1)
+    return (t <= lengths.to(like.device).view(1, -1, 1)).to(like.dtype)
+
+
+class RNNReference(torch.autograd.Function):
+    """One Elman layer (docs/bptt.md, section 2), masks as in section 4.
+
+    Forward:   z_t = x_t W_ihᵀ + b_ih + b_hh + s_{t-1} W_hhᵀ,   h̃_t = f(z_t)
+               s_t = m_t h̃_t + (1 − m_t) s_{t-1},   y_t = m_t h̃_t
+    Backward, δs_t the gradient reaching s_t from later steps (δs_T = ∂L/∂s_T):
+               δh̃_t = m_t (δs_t + ∂L/∂y_t),   δz_t = δh̃_t ⊙ f'(z_t)
+               δs_{t-1} = (1 − m_t) δs_t + δz_t W_hh
+    and, stacking the steps as rows: dW_hh = dZᵀ S_prev, dW_ih = dZᵀ X, db_ih = db_hh =
+    Σ_rows dZ, dX = dZ W_ih, ds_0 = δs_0.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                bias_hh: Tensor, mask: Optional[Tensor], nonlinearity: str):
+        f = torch.tanh if nonlinearity == "tanh" else torch.relu
+        s, h, y = [s0], [], []
+        for t in range(x.shape[0]):
+            h.append(f(x[t] @ weight_ih.T + bias_ih + bias_hh + s[t] @ weight_hh.T))
+            m = 1 if mask is None else mask[t]
+            s.append(m * h[t] + (1 - m) * s[t])
+            y.append(m * h[t])
+        ctx.save_for_backward(x, torch.stack(s), torch.stack(h), weight_ih, weight_hh, mask)
+        ctx.nonlinearity = nonlinearity
+        return torch.stack(y), s[-1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_y: Tensor, d_sT: Tensor):
+        x, s, h, weight_ih, weight_hh, mask = ctx.saved_tensors
+        T = x.shape[0]
+        ds, dz = d_sT, [None] * T
+        for t in reversed(range(T)):
+            m = 1 if mask is None else mask[t]
+            dh = m * (ds + d_y[t])
+            f_prime = 1 - h[t] ** 2 if ctx.nonlinearity == "tanh" else (h[t] > 0).to(h.dtype)
+            dz[t] = dh * f_prime
+            ds = (1 - m) * ds + dz[t] @ weight_hh
+        dZ = torch.stack(dz).flatten(0, 1)  # (T·B, H): the rows of every step
+        d_b = dZ.sum(0)
+        return ((dZ @ weight_ih).view_as(x), ds, dZ.T @ x.flatten(0, 1), dZ.T @ s[:-1].flatten(0, 1),
+                d_b, d_b.clone(), None, None)
+
+
+class LSTMReference(torch.autograd.Function):
+    """One LSTM layer (docs/bptt.md, section 3), optional peepholes p_i, p_f, p_o (None: no
+    peepholes), masks as in section 4.
+
+    Forward:   z_t = x_t W_ihᵀ + b_ih + b_hh + h_{t-1} W_hhᵀ     (gates i, f, g, o)
+               i = σ(z^i + p_i c_{t-1}),  f = σ(z^f + p_f c_{t-1}),  g = tanh(z^g)
+               c̃_t = f c_{t-1} + i g,  o = σ(z^o + p_o c̃_t),  h̃_t = o tanh(c̃_t)
+               (h_t, c_t) = m_t (h̃_t, c̃_t) + (1 − m_t)(h_{t-1}, c_{t-1}),  y_t = m_t h̃_t
+    Backward, δh_t, δc_t the gradients reaching h_t, c_t from later steps:
+               δh̃ = m_t (δh_t + ∂L/∂y_t),   δĉ = m_t δc_t
+               δz^o = δh̃ tanh(c̃_t) o(1 − o)
+               δĉ += δh̃ o (1 − tanh²(c̃_t)) + p_o δz^o
+               δz^i = δĉ g i(1 − i),  δz^f = δĉ c_{t-1} f(1 − f),  δz^g = δĉ i (1 − g²)
+               δc_{t-1} = (1 − m_t) δc_t + δĉ f + p_i δz^i + p_f δz^f
+               δh_{t-1} = (1 − m_t) δh_t + δz_t W_hh
+    and over all steps: dW_hh = dZᵀ H_prev, dW_ih = dZᵀ X, db = Σ_rows dZ, dX = dZ W_ih,
+    dp_i = Σ δz^i c_{t-1}, dp_f = Σ δz^f c_{t-1}, dp_o = Σ δz^o c̃_t.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                bias_ih: Tensor, bias_hh: Tensor, p_i: Optional[Tensor], p_f: Optional[Tensor],
+                p_o: Optional[Tensor], mask: Optional[Tensor]):
+        peep = p_i is not None
+        h, c, gates, c_new, y = [h0], [c0], [], [], []
+        for t in range(x.shape[0]):
+            z_i, z_f, z_g, z_o = (x[t] @ weight_ih.T + bias_ih + bias_hh + h[t] @ weight_hh.T).chunk(4, 1)
+            i = torch.sigmoid(z_i + p_i * c[t] if peep else z_i)
+            f = torch.sigmoid(z_f + p_f * c[t] if peep else z_f)
+            g = torch.tanh(z_g)
+            c_tilde = f * c[t] + i * g
+            o = torch.sigmoid(z_o + p_o * c_tilde if peep else z_o)
+            h_tilde = o * torch.tanh(c_tilde)
+            m = 1 if mask is None else mask[t]
+            h.append(m * h_tilde + (1 - m) * h[t])
+            c.append(m * c_tilde + (1 - m) * c[t])
+            gates.append(torch.stack((i, f, g, o)))
+            c_new.append(c_tilde)
+            y.append(m * h_tilde)
+        ctx.save_for_backward(x, torch.stack(h), torch.stack(c), torch.stack(gates), torch.stack(c_new),
+                              weight_ih, weight_hh, p_i, p_f, p_o, mask)
+        return torch.stack(y), h[-1], c[-1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_y: Tensor, d_hT: Tensor, d_cT: Tensor):
+        x, h, c, gates, c_new, weight_ih, weight_hh, p_i, p_f, p_o, mask = ctx.saved_tensors
+        peep = p_i is not None
+        T = x.shape[0]
+        dh, dc, dz = d_hT, d_cT, [None] * T
+        for t in reversed(range(T)):
+            i, f, g, o = gates[t]
+            tanh_c = torch.tanh(c_new[t])
+            m = 1 if mask is None else mask[t]
+            dh_tilde, dc_tilde = m * (dh + d_y[t]), m * dc
+            dz_o = dh_tilde * tanh_c * o * (1 - o)
+            dc_tilde = dc_tilde + dh_tilde * o * (1 - tanh_c ** 2) + (p_o * dz_o if peep else 0)
+            dz_i = dc_tilde * g * i * (1 - i)
+            dz_f = dc_tilde * c[t] * f * (1 - f)
+            dz_g = dc_tilde * i * (1 - g ** 2)
+            dc = (1 - m) * dc + dc_tilde * f + (p_i * dz_i + p_f * dz_f if peep else 0)
+            dz[t] = torch.cat((dz_i, dz_f, dz_g, dz_o), 1)
+            dh = (1 - m) * dh + dz[t] @ weight_hh
+        dZ = torch.stack(dz)  # (T, B, 4H)
+        rows = dZ.flatten(0, 1)
+        d_b = rows.sum(0)
+        d_p = (None,) * 3
+        if peep:
+            dz_i, dz_f, _, dz_o = dZ.chunk(4, -1)
+            d_p = ((dz_i * c[:-1]).sum((0, 1)), (dz_f * c[:-1]).sum((0, 1)), (dz_o * c_new).sum((0, 1)))
+        return ((rows @ weight_ih).view_as(x), dh, dc, rows.T @ x.flatten(0, 1), rows.T @ h[:-1].flatten(0, 1),
+                d_b, d_b.clone(), *d_p, None)
