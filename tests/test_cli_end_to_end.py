@@ -1,6 +1,8 @@
 """The CLI as a user runs it: fit twice in one folder, then test from the checkpoint."""
 from __future__ import annotations
 
+import pytest
+
 import os
 import subprocess
 import sys
@@ -19,6 +21,7 @@ def run_cli(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_fit_twice_then_test_with_wandb_offline_and_no_key(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), PYTHONPATH=str(ROOT))
@@ -47,6 +50,7 @@ def test_fit_twice_then_test_with_wandb_offline_and_no_key(tmp_path):
         assert name in tested.stdout, tested.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_print_config_shows_the_resolved_config(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = run_cli("fit", "--config", str(ROOT / "configs" / "sums_lstm.yaml"), "--print_config",

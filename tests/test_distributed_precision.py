@@ -41,6 +41,7 @@ def fit_sums(tmp_path, name: str, *extra: str) -> tuple[dict, subprocess.Complet
     return torch.load(ckpt, map_location="cpu", weights_only=True), fit
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     single, _ = fit_sums(tmp_path, "single", "--data.init_args.batch_size=64")
     ddp, run = fit_sums(tmp_path, "ddp", "--data.init_args.batch_size=32", "--trainer.strategy=ddp",

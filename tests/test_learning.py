@@ -2,10 +2,13 @@
 below 1% of the target variance (Var Σ_{t≤20} U(-1, 1) = 20/3)."""
 from __future__ import annotations
 
+import pytest
+
 from seqmodels.cli import main
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_sums_lstm_config_learns(in_tmp_dir):
     cli = main(["fit", "--config", str(ROOT / "configs" / "sums_lstm.yaml"),
                 "--trainer.enable_progress_bar=false"])

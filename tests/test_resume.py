@@ -3,6 +3,8 @@ from outside after a periodic checkpoint, then resumed with ``--ckpt_path last``
 weights, optimizer state and loss equal A's (deterministic mode, CPU)."""
 from __future__ import annotations
 
+import pytest
+
 import csv
 import os
 import signal
@@ -121,6 +123,7 @@ def assert_same_end(a_dir: Path, b_dir: Path) -> None:
 CSV_LOGGER = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "sums"}}
 
 
+@pytest.mark.slow
 def test_sums_resume_after_sigkill_equals_uninterrupted(tmp_path):
     # 2 layers with dropout between them: the RNG states must come back too. 10 steps per epoch,
     # so the kill falls mid-epoch (step 12) and the run crosses two epoch boundaries.
@@ -131,6 +134,7 @@ def test_sums_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert abs(final_loss(a_dir) - final_loss(b_dir)) <= 1e-6
 
 
+@pytest.mark.slow
 def test_text_resume_after_sigkill_equals_uninterrupted(tmp_path):
     # Stateful TBPTT: the resumed run must continue the same streams from the same position
     # with the carried hidden state. 4 streams of ~900 characters, bptt 16: 56 batches per

@@ -80,6 +80,7 @@ def test_cli_steps_it_every_step_and_sizes_it_to_the_run(in_tmp_dir):
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12), "ends at the floor"
 
 
+@pytest.mark.slow
 def test_cli_follows_the_time_limit_without_max_epochs(in_tmp_dir):
     from seqmodels.cli import main
 

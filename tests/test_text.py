@@ -257,6 +257,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_cli_fit_then_sample_and_vocab_mismatch(text_file, tmp_path):
     tiny = ["--config", str(ROOT / "configs" / "shakespeare_rnn.yaml"), f"--data.init_args.path={text_file}",
             "--data.init_args.batch_size=4", "--data.init_args.bptt=32", "--data.init_args.eval_batch_size=4",
