@@ -9,7 +9,9 @@ torch
     copies the weights into one buffer in cuDNN's layout and makes each parameter a view of it;
     cuDNN then runs on the parameters themselves. Without it every call warns "RNN module
     weights are not part of single contiguous chunk of memory" and copies all weights
-    (aten/src/ATen/native/cudnn/RNN.cpp, ``try_get_weight_buf``).
+    (aten/src/ATen/native/cudnn/RNN.cpp, ``try_get_weight_buf``). ``nn.Module._apply`` is
+    overridden to flatten again after ``.to()`` / ``.cuda()`` / ``.half()``, as
+    ``torch.nn.RNNBase`` does (``FlattenOnApply``).
     ``torch.ops.mkldnn._linear_pointwise``: oneDNN's GEMM (the hand-written BPTT's big CPU
     GEMMs on AVX-512, bptt/fast.py).
 Lightning
@@ -90,6 +92,16 @@ def cudnn_is_flat(weights: list[Tensor]) -> bool:
     """True when the weights already share one storage (flattened, and not moved since)."""
     base = weights[0].untyped_storage().data_ptr()
     return all(w.untyped_storage().data_ptr() == base for w in weights)
+
+
+class FlattenOnApply(torch.nn.Module):
+    """A module mixin: after every ``.to()``, ``.cuda()``, ``.half()`` (``nn.Module._apply``,
+    which gives the parameters new storages) call ``self.flatten_parameters()`` again."""
+
+    def _apply(self, fn, *args, **kwargs):
+        result = super()._apply(fn, *args, **kwargs)
+        self.flatten_parameters()
+        return result
 
 
 def cudnn_flatten_(weights: list[Tensor], per_layer: int, input_size: int, mode: str, hidden_size: int,

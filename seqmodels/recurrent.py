@@ -120,7 +120,7 @@ class RecurrentLayer(nn.Module):
         return torch.stack(outputs, 1), state
 
 
-class RecurrentStack(nn.Module):
+class RecurrentStack(compat.FlattenOnApply, nn.Module):
     """``num_layers`` recurrent layers with dropout between them (not after the last).
 
     Parameter names: ``layers.{l}.cell.weight_ih`` etc.; ``torch_state_dict`` /
@@ -229,12 +229,6 @@ class RecurrentStack(nn.Module):
             return
         compat.cudnn_flatten_(weights, len(self._NAMES), self.layers[0].cell.input_size, op.upper(),
                               self.hidden_size, self.num_layers)
-
-    def _apply(self, fn, *args, **kwargs):
-        """``.to()``, ``.cuda()``, ``.half()``: new storages, so flatten again (as torch.nn.LSTM)."""
-        result = super()._apply(fn, *args, **kwargs)
-        self.flatten_parameters()
-        return result
 
     def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
         """torch.nn.RNN / nn.LSTM / nn.GRU's own op (``compat.native_rnn_op``), on this module's parameters."""

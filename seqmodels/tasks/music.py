@@ -37,7 +37,7 @@ class PolyphonicMusicModel(SequenceModel):
             kernel (3-6x slower per batch).
     """
 
-    def __init__(self, network: Network = Network(hidden_size=256), input_size: int = 88,
+    def __init__(self, network: Network = Network(), input_size: int = 88,
                  input_dropout: float = 0.0, output_dropout: float = 0.0, pack: bool = False) -> None:
         """input_size: pitches per frame (linked from the data by the CLI)."""
         super().__init__(network, input_size)

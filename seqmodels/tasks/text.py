@@ -55,7 +55,7 @@ class CharLanguageModel(SequenceModel):
         embedding_dim: size of the character embedding (the stack's input size).
     """
 
-    def __init__(self, vocab: list[str] | None = None, network: Network = Network(hidden_size=256, num_layers=2),
+    def __init__(self, vocab: list[str] | None = None, network: Network = Network(),
                  embedding_dim: int = 64) -> None:
         if not vocab or vocab[0] != UNK:
             raise ConfigError("model.vocab must list the symbols with '<unk>' first; it comes from the "
