@@ -189,7 +189,7 @@ def lstm_bptt_on_cpu(training: bool, batch: Optional[int], hidden: Optional[int]
 
 
 CELLS: dict[str, CellType] = {
-    # torch.nn.RNN's CPU path is not fused: the hand-written backward trains 1.6-2.4x faster
+    # torch.nn.RNN's CPU path is not fused: the hand-written backward trains faster (docs/bptt.md)
     "rnn": CellType(RNNCell, ("h",), ("nonlinearity",), lambda cell: f"rnn_{cell.nonlinearity}",
                     bptt.rnn_layer, lambda training, batch, hidden: True),
     "lstm": CellType(LSTMCell, ("h", "c"), ("forget_bias", "peephole"),

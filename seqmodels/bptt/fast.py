@@ -69,8 +69,7 @@ class _BufferPool:
 
     On CPU torch allocates with malloc, and glibc serves allocations above 32 MB with mmap and
     returns them to the OS on free: every training step then pays page faults for hundreds of
-    MB. Measured at (B, T, I, H) = (64, 256, 64, 512) on one core: ~300 ms of system time per
-    training step, for torch.nn.LSTM as for this module, against ~650 ms of compute. Buffers
+    MB, a large share of a step at the bigger sizes (docs/bptt.md, "Buffer pool"). Buffers
     that never leave a Function (the LSTM's backward factors and cell states, the gradient
     buffers of the backward) come back here when no longer needed and are handed out again;
     buffers smaller than ``min_bytes`` or not on the CPU bypass the pool, at most ``max_bytes``
@@ -138,9 +137,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ weightᵀ + bias`` for the big, once-per-call GEMMs (input projection, dX).
 
     On an AVX-512 CPU in float32 this calls oneDNN's GEMM: torch's own float32 GEMM is MKL,
-    which on an AVX-512 AMD CPU takes a non-AVX-512 path and ran at about half of oneDNN's
-    speed. On AVX2 the two were measured equal, and MKL 10-35% faster for ``_grad_weight``:
-    there, and elsewhere, ``torch.nn.functional.linear``.
+    which on AVX-512 AMD CPUs takes a non-AVX-512 path; on AVX2, and elsewhere,
+    ``torch.nn.functional.linear`` (the measurements: docs/bptt.md, "Implementation details").
     """
     if _use_onednn(x):
         return compat.onednn_linear(x, weight, bias)
@@ -160,8 +158,7 @@ def _grad_weight(dz: Tensor, inputs: Tensor) -> Tensor:
 
     oneDNN wants the summed dimension contiguous in both operands: the smaller one, inputs,
     is transposed into (K, T·B) and dZ is passed as a transposed weight, which gives dWᵀ
-    (1.7-2x faster than MKL's ``dz.t() @ inputs`` on an AVX-512 AMD CPU, copy included; on
-    AVX2 MKL is faster and is used, as on every other device).
+    (AVX-512 only; elsewhere MKL's ``dz.t() @ inputs``, see ``_linear``).
     """
     if _use_onednn(dz):
         inputs_t = _POOL.empty(inputs.shape[::-1], inputs).copy_(inputs.t())

@@ -34,7 +34,7 @@ class PolyphonicMusicModel(SequenceModel):
             padding after a sequence's end cannot reach its real frames and the padded frames
             are masked out of the loss and metrics; the outputs and every metric are the same
             either way (tested), and torch's packed LSTM on CPU does not use oneDNN's fused
-            kernel (3-6x slower per batch).
+            kernel (several times slower per batch, docs/models.md).
     """
 
     def __init__(self, network: Network = Network(), input_size: int = 88,
