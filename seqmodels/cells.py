@@ -157,6 +157,7 @@ class CellType:
     """Everything the rest of the code needs to know about one kind of cell.
 
     cell        the class: the equations of one step, torch's parameter names
+    gates       the blocks of H rows stacked in weight_ih / weight_hh, in torch's order
     state       names of the state tensors, h first
     options     the cell's own constructor options (beyond the sizes), as RecurrentStack names them
     native      cell -> the name of torch's fused op for it (``torch._VF.<name>``, cuDNN mode
@@ -168,6 +169,7 @@ class CellType:
     """
 
     cell: type[nn.Module]
+    gates: tuple[str, ...]
     state: tuple[str, ...]
     options: tuple[str, ...]
     native: Callable[[nn.Module], Optional[str]]
@@ -190,9 +192,9 @@ def lstm_bptt_on_cpu(training: bool, batch: Optional[int], hidden: Optional[int]
 
 CELLS: dict[str, CellType] = {
     # torch.nn.RNN's CPU path is not fused: the hand-written backward trains faster (docs/bptt.md)
-    "rnn": CellType(RNNCell, ("h",), ("nonlinearity",), lambda cell: f"rnn_{cell.nonlinearity}",
+    "rnn": CellType(RNNCell, ("z",), ("h",), ("nonlinearity",), lambda cell: f"rnn_{cell.nonlinearity}",
                     bptt.rnn_layer, lambda training, batch, hidden: True),
-    "lstm": CellType(LSTMCell, ("h", "c"), ("forget_bias", "peephole"),
+    "lstm": CellType(LSTMCell, ("i", "f", "g", "o"), ("h", "c"), ("forget_bias", "peephole"),
                      lambda cell: None if cell.peephole else "lstm", bptt.lstm_layer, lstm_bptt_on_cpu),
-    "gru": CellType(GRUCell, ("h",), (), lambda cell: "gru"),
+    "gru": CellType(GRUCell, ("r", "z", "n"), ("h",), (), lambda cell: "gru"),
 }

@@ -67,6 +67,7 @@ def test_parameter_names_and_shapes_match_torch(cell):
     mine, theirs = CELLS[cell].cell(I, H), TORCH[cell](I, H)
     assert {n.removesuffix("_l0"): tuple(p.shape) for n, p in theirs.named_parameters()} == {
         n: tuple(p.shape) for n, p in mine.named_parameters()}
+    assert mine.weight_hh.shape == (len(CELLS[cell].gates) * H, H)  # the registry's gates, H rows each
 
 
 @pytest.mark.parametrize("forget_bias", [1.0, 2.5, 0.0])

@@ -26,10 +26,9 @@ Impl = Literal[IMPLS]
 def init_recurrent_weights(stack: RecurrentStack, kind: str, gain: float) -> None:
     """W_hh = gain · I (identity) or gain · Q with Q orthogonal, per (H, H) gate block."""
     for layer in stack.layers:
-        w = layer.cell.weight_hh
-        for block in w.split(w.shape[1]):
+        for block in layer.cell.weight_hh.split(stack.hidden_size):  # one per gate of the registry
             if kind == "identity":
-                block.copy_(torch.eye(w.shape[1]) * gain)
+                block.copy_(torch.eye(stack.hidden_size) * gain)
             else:
                 torch.nn.init.orthogonal_(block, gain=gain)
 
