@@ -90,9 +90,10 @@ _VERSION_ARG = {"WandbLogger": "id", "CSVLogger": "version", "TensorBoardLogger"
 def resolve_last_checkpoint(config, loggers: list, resume_run: bool) -> None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of any run under the first logger's folder
     (``save_dir/name/*/checkpoints``). For ``fit`` the run continues in that run's folder (the
-    logger gets its version, W&B its run id). Without one it stays ``last``: Lightning then
+    logger gets its version, W&B its run id); without one it stays ``last``: Lightning then
     looks in the checkpoint callback's own folder and otherwise starts from scratch, so a
-    job script can always pass ``--ckpt_path last``."""
+    job script can always pass ``--ckpt_path last``. Every other subcommand (validate, test,
+    predict, sample) needs a checkpoint: without one, a one-line error."""
     logger = loggers[0] if loggers else None
     kind = str(getattr(logger, "class_path", "")).rsplit(".", 1)[-1]
     if kind not in _VERSION_ARG:
@@ -101,9 +102,12 @@ def resolve_last_checkpoint(config, loggers: list, resume_run: bool) -> None:
     save_dir = args.get("save_dir") or "."
     name = (args.get("project") if kind == "WandbLogger" else args.get("name")) or "lightning_logs"
     found = glob.glob(os.path.join(save_dir, str(name), "*", "checkpoints", "last*.ckpt"))
+    where = f"{os.path.join(save_dir, str(name))}/*/checkpoints"
+    if not found and not resume_run:
+        raise ConfigError(f"--ckpt_path last: no last.ckpt under {where} yet; train first "
+                          "(python cli.py fit --config ...) or pass the path of a .ckpt")
     if not found:
-        print(f"no last.ckpt under {os.path.join(save_dir, str(name))}/*/checkpoints: starting from scratch",
-              file=sys.stderr)
+        print(f"no last.ckpt under {where}: starting from scratch", file=sys.stderr)
         return
     path = max(found, key=os.path.getmtime)
     config["ckpt_path"] = path
@@ -248,15 +252,15 @@ class SeqCLI(compat.ConfigFirstCLI, LightningCLI):
                          subclass_mode_data=True, args=args, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "sample":  # sampling logs nothing
-            return
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         logger = config.get("trainer", {}).get("logger")
         loggers = logger if isinstance(logger, list) else [logger]
-        if config.get("trainer") is not None:
-            fit_to_this_machine(config["trainer"])
         if config.get("ckpt_path") == "last":
             resolve_last_checkpoint(config, loggers, resume_run=self.subcommand == "fit")
+        if self.subcommand == "sample":  # sampling logs nothing and runs where it is
+            return
+        if config.get("trainer") is not None:
+            fit_to_this_machine(config["trainer"])
         for lg in loggers:
             if "WandbLogger" in str(getattr(lg, "class_path", "")):
                 use_wandb_offline_without_key(lg.init_args.get("save_dir") or ".")

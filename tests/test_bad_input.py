@@ -198,3 +198,11 @@ def test_divergence_guard_leaves_non_finite_gradients_to_a_loss_scaler():
                             checkpoint_callbacks=[])
     with pytest.raises(TrainingDiverged, match="the gradient of weight is not finite"):
         DivergenceGuard().on_before_optimizer_step(plain, module, None)
+
+
+@pytest.mark.parametrize("subcommand", ["sample", "test"])
+def test_ckpt_path_last_without_any_run_is_one_line(subcommand, in_tmp_dir, capsys):
+    line = run_failing([subcommand, "--config", SUMS, *([] if subcommand == "sample" else TINY_SUMS),
+                        "--ckpt_path=last"], capsys)
+    assert "--ckpt_path last: no last.ckpt under runs/seqmodels/*/checkpoints yet; train first" in line
+    assert not (in_tmp_dir / "runs").exists()
