@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import netrc
 import os
 import re
@@ -33,6 +34,23 @@ warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be over
 # torchdata 0.11's StatefulDataLoader calls a deprecated torch API at every epoch start and
 # warns about it each time; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")
+# Third-party notes that are not for the user of this project, dropped by their message (never
+# wholesale): Lightning's deprecated pytree call, its multi-worker note on IterableDatasets with a
+# length (the text loaders run in the main process), its model-summary size caveat under mixed
+# precision, and its advertisement for another logger.
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r"Precision .* is not supported by the model summary")
+NOT_FOR_THE_USER = ("try installing [litlogger]",)
+
+
+class _DropMessages(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in NOT_FOR_THE_USER)
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
+    logging.getLogger(_name).addFilter(_DropMessages())
 
 CONFIG_FILENAME = "cli_config.yaml"  # not config.yaml: wandb writes its own file of that name
 

@@ -78,3 +78,26 @@ def test_config_is_logged_once_not_as_flat_hyperparameters(in_tmp_dir):
     assert logged["cli_config"]["model"]["init_args"]["network"]["hidden_size"] == 8
     run_dir = hparams_files[0].parent
     assert (run_dir / "cli_config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_the_first_screen_has_no_third_party_notes(tmp_path):
+    """A fit's console: the project's lines, W&B's, the summary, the progress; the known
+    third-party tips and deprecation notes stay filtered (by their message)."""
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 100)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(PYTHONPATH=str(ROOT), WANDB_MODE="offline", PYTHONWARNINGS="default")
+    run = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config",
+                          str(ROOT / "configs" / "shakespeare_lstm.yaml"), f"--data.init_args.path={corpus}",
+                          f"--data.init_args.cache_dir={tmp_path / 'cache'}", "--data.init_args.batch_size=4",
+                          "--data.init_args.eval_batch_size=4", "--data.init_args.bptt=16", "--trainer.max_steps=2",
+                          "--model.init_args.network.hidden_size=8", "--trainer.precision=bf16-mixed"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    screen = run.stdout + run.stderr
+    for note in ("litlogger", "LeafSpec", "IterableDataset", "not supported by the model summary"):
+        assert note not in screen, note
+    assert "Trainable params" in screen and "wandb sync" in screen  # what the user does see
