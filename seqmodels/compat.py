@@ -14,6 +14,8 @@ torch
     ``torch.nn.RNNBase`` does (``FlattenOnApply``).
     ``torch.ops.mkldnn._linear_pointwise``: oneDNN's GEMM (the hand-written BPTT's big CPU
     GEMMs on AVX-512, bptt/fast.py).
+    ``torch.utils.cpp_extension._get_build_directory``: where ``load`` builds an extension
+    (to say, before a first build, that one is coming).
 Lightning
     ``fit_loop.epoch_loop._batches_that_stepped``: the logging step (exact resume).
     ``ModelCheckpoint._should_skip_saving_checkpoint`` / ``_save_last_checkpoint`` /
@@ -129,6 +131,15 @@ def has_onednn_linear() -> bool:
 def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weightᵀ + bias`` through oneDNN's GEMM."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# ---- torch: C++ extensions ------------------------------------------------------------------
+def extension_is_built(name: str) -> bool:
+    """Whether ``cpp_extension.load(name=...)`` finds a library already built (a rebuild after a
+    change to the sources is not foreseen: it only says whether this is the first build)."""
+    from torch.utils import cpp_extension
+
+    return os.path.isfile(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
 
 
 # ---- Lightning -----------------------------------------------------------------------------

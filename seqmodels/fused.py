@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 from pathlib import Path
 
 import torch
+
+from seqmodels import compat
 
 CSRC = Path(__file__).with_name("csrc")
 
@@ -35,10 +38,13 @@ def _build():
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability().lower()
+    name = f"seqmodels_fused_{isa}"
+    if not compat.extension_is_built(name):
+        print(f"seqmodels: compiling the BPTT loops for this CPU ({isa}), ~30 s, once", file=sys.stderr, flush=True)
     for omp_cflags, omp_ldflags in _OPENMP_FLAGS:
         try:
             cpp_extension.load(
-                name=f"seqmodels_fused_{isa}", is_python_module=False, verbose=False,
+                name=name, is_python_module=False, verbose=False,
                 sources=[str(CSRC / "fused_bptt.cpp"), str(CSRC / "cell_steps.cpp")],
                 extra_cflags=["-O3", "-march=native", "-fno-trapping-math", *omp_cflags],
                 extra_ldflags=list(omp_ldflags))  # a new list: load() appends to it

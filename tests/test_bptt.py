@@ -102,7 +102,7 @@ def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
 
 
 # ---- gradcheck in float64 ------------------------------------------------------------
-@pytest.fixture(params=["fast", "reference"])
+@pytest.fixture(params=[pytest.param("fast", marks=pytest.mark.cxx), "reference"])
 def loops(request, monkeypatch):
     """Both layers of the hand-written BPTT: the fast path (the C++ loops; they must build
     here, a failed build fails the test) and the plain-torch reference."""
@@ -157,6 +157,7 @@ def test_impls_agree_float32(variant, padded, loops):
             assert rel_err(g, r) < 1e-5, (impl, name, rel_err(g, r))
 
 
+@pytest.mark.cxx
 @pytest.mark.parametrize("variant,hidden", [("rnn_tanh", 512), ("lstm", 256), ("lstm_peephole", 256)])
 @pytest.mark.parametrize("avx512", [False, True])
 def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch):
@@ -185,6 +186,7 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.cxx
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_fused_loops_split_across_threads(variant, two_threads):
     """The C++ loops share each step's units among torch's threads (a step big enough for it):
@@ -218,6 +220,7 @@ def test_bptt_keeps_nan_and_saturates(variant, loops):
     assert torch.allclose(out[0], ref[0], atol=1e-6)
 
 
+@pytest.mark.cxx
 def test_fused_tanh_and_sigmoid_match_torch_over_a_wide_range():
     """The C++ loops' own exp (a polynomial, vectorized) against torch's tanh and sigmoid, on
     4001 pre-activations in [-30, 30]: an RNN step h = tanh(w x) with x = 1, W_hh = 0 and an
@@ -242,6 +245,7 @@ def test_fused_tanh_and_sigmoid_match_torch_over_a_wide_range():
                                rtol=0, atol=3e-7)
 
 
+@pytest.mark.cxx
 def test_fused_loops_leave_torch_rng_alone():
     """Their first call in a process checks the BLAS against at::mm; that check must not draw
     from torch's RNG (it would shift dropout masks: a resumed run would not match). A fresh
@@ -263,6 +267,7 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+@pytest.mark.cxx
 def test_fused_build_without_openmp_retries_for_one_thread(monkeypatch):
     """A compiler without OpenMP (clang on macOS): the loops are built again without it (one
     thread per step), silently."""
@@ -288,6 +293,24 @@ def test_fused_build_without_openmp_retries_for_one_thread(monkeypatch):
             (True, False, ["-fopenmp"]), (False, True, [])]
     finally:
         fused._build.cache_clear()
+
+
+def test_first_build_says_so_in_one_line(monkeypatch, capsys):
+    """Before the first compile (no library built yet) one line says what is coming; a cached
+    build says nothing."""
+    from seqmodels import compat
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: None)  # the build itself is not the point here
+    for built, expected in ((False, 1), (True, 0)):
+        monkeypatch.setattr(compat, "extension_is_built", lambda name, b=built: b)
+        fused._build.cache_clear()
+        try:
+            fused.kernels()
+        finally:
+            fused._build.cache_clear()
+        lines = [line for line in capsys.readouterr().err.splitlines() if "compiling the BPTT loops" in line]
+        assert len(lines) == expected and (not lines or "once" in lines[0])
 
 
 def test_fused_build_failure_falls_back_with_one_warning(monkeypatch):
@@ -541,6 +564,7 @@ def test_resolve_impl_asks_the_registry(monkeypatch):
     assert resolve_impl("bptt", CELLS["lstm"], None) == "bptt"  # anything but auto is kept
 
 
+@pytest.mark.cxx
 def test_lstm_cpu_rule_needs_training_a_big_step_and_the_loops(monkeypatch):
     from seqmodels import cells
 

@@ -80,6 +80,7 @@ def test_config_is_logged_once_not_as_flat_hyperparameters(in_tmp_dir):
     assert (run_dir / "cli_config.yaml").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_the_first_screen_has_no_third_party_notes(tmp_path):
     """A fit's console: the project's lines, W&B's, the summary, the progress; the known
     third-party tips and deprecation notes stay filtered (by their message)."""

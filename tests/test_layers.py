@@ -68,7 +68,7 @@ def test_only_runs_py_knows_where_run_folders_are():
 
 PRIVATE = ("torch._VF", "torch.ops.mkldnn", "_cudnn_rnn_flatten_weight", "_batches_that_stepped",
            "_save_last_checkpoint", "_should_skip_saving_checkpoint", "_monitor_candidates",
-           "_parse_ckpt_path", "_num_yielded", "from torch import _VF", "def _apply(")
+           "_parse_ckpt_path", "_num_yielded", "from torch import _VF", "def _apply(", "_get_build_directory")
 
 
 def test_private_internals_only_in_compat():
