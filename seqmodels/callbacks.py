@@ -1,11 +1,13 @@
-"""Lightning callbacks that show what a model writes while it trains: ``TextSamples`` (the
-character LM) and ``PianoRollSamples`` (the music model)."""
+"""Lightning callbacks that show what a model writes: ``TextSamples`` (the character LM) and
+``PianoRollSamples`` (the music model) while it trains, ``PredictionFiles`` after ``predict``."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -81,3 +83,39 @@ class PianoRollSamples(Callback):
         plot_roll(roll, path, title=f"epoch {epoch}, seed {self.seed}, temperature {self.temperature:g}")
         self.last_path = path
         log_image(trainer, "samples/piano_roll", str(path), caption=f"epoch {epoch}")
+
+
+class PredictionFiles(BasePredictionWriter):
+    """``python cli.py predict``: what the task's ``predict_step`` returned for the whole predict
+    split, in one ``predictions.npz`` in the run's folder of the checkpoint (beside
+    ``checkpoints/``), and one line that says where. Tensors are concatenated along their first
+    dimension over all batches; lists (one music sequence each) are numbered in order
+    (``frame_probs_0``, ...); a text model's vocabulary goes in as ``vocab``."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions, batch_indices) -> None:
+        if not predictions or not trainer.is_global_zero:
+            return
+        loaders = predictions if isinstance(predictions[0], list) else [predictions]
+        tensors: dict[str, list] = {}
+        items: dict[str, list] = {}  # lists returned by predict_step: one array per item
+        for outputs in loaders:
+            for out in outputs:
+                for key, value in out.items():
+                    if isinstance(value, list):
+                        items.setdefault(key, []).extend(value)
+                    else:
+                        tensors.setdefault(key, []).append(value)
+        arrays = {key: np.concatenate([v.detach().cpu().numpy() for v in values]) for key, values in tensors.items()}
+        for key, values in items.items():
+            arrays.update({f"{key}_{i}": v.detach().cpu().numpy() for i, v in enumerate(values)})
+        parts = {**tensors, **items}
+        if hasattr(pl_module, "vocab"):
+            arrays["vocab"] = np.array(pl_module.vocab)
+        folder = Path(trainer.ckpt_path).resolve().parents[1] if trainer.ckpt_path else Path(run_dir(trainer))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / "predictions.npz"
+        np.savez_compressed(path, **arrays)
+        print(f"predictions: {', '.join(sorted(parts))} for the predict split -> {os.path.relpath(path)}")

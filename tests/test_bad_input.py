@@ -206,3 +206,17 @@ def test_ckpt_path_last_without_any_run_is_one_line(subcommand, in_tmp_dir, caps
                         "--ckpt_path=last"], capsys)
     assert "--ckpt_path last: no last.ckpt under runs/seqmodels/*/checkpoints yet; train first" in line
     assert not (in_tmp_dir / "runs").exists()
+
+
+def test_predict_writes_beside_the_checkpoint_and_refuses_another_tasks(trained, in_tmp_dir, capsys):
+    import numpy as np
+
+    main(["predict", "--config", SUMS, *TINY_SUMS, f"--ckpt_path={trained}",
+          "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
+    saved = np.load(trained.parents[1] / "predictions.npz")
+    assert saved["y_hat_len_5"].shape == saved["y_len_5"].shape == (16, 1)  # test_size sequences of length 5
+    corpus = in_tmp_dir / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    line = run_failing(["predict", "--config", TEXT, f"--data.init_args.path={corpus}", f"--ckpt_path={trained}",
+                        f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}"], capsys)
+    assert "was written by another model or task" in line

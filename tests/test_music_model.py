@@ -233,6 +233,22 @@ def test_cli_fit_then_sample_on_a_tiny_file(in_tmp_dir, capsys):
                 "--trainer.enable_progress_bar=false",
                 f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     assert "test/nll" in cli.trainer.callback_metrics and "test/acc" in cli.trainer.callback_metrics
+    nll = float(cli.trainer.callback_metrics["test/nll"])
+
+    # predict: p(pitch on) for every predicted frame of every test sequence, to a file
+    capsys.readouterr()
+    main(["predict", "--config", config, f"--data.path={data}", "--model.init_args.network.hidden_size=8",
+          "--trainer.enable_progress_bar=false", "--ckpt_path=last"])
+    assert "predictions.npz" in capsys.readouterr().out
+    saved = np.load(run / "predictions.npz")
+    tests = [r for r in ChoralesDataModule(path=str(data), cache_dir=str(in_tmp_dir / "c"), progress=False).load()["test"]]
+    probs = [saved[f"frame_probs_{i}"] for i in range(len(tests))]
+    assert sorted(len(p) for p in probs) == sorted(len(r) - 1 for r in tests)
+    assert all(p.shape[1] == 88 and ((p > 0) & (p < 1)).all() for p in probs)
+    frames = [saved[f"frames_{i}"] for i in range(len(tests))]
+    # the published NLL from the predicted probabilities equals what `test` reported
+    bce = sum(-(f * np.log(p) + (1 - f) * np.log(1 - p)).sum() for p, f in zip(probs, frames))
+    assert abs(bce / sum(len(p) for p in probs) - nll) < 1e-3 * nll
 
 
 def test_cli_bad_data_path_is_one_line(in_tmp_dir, capsys):

@@ -290,3 +290,29 @@ def test_cli_fit_then_sample_and_vocab_mismatch(text_file, tmp_path):
         assert "error: vocabulary mismatch" in mismatch.stderr and "only in the data" in mismatch.stderr
     bad_temperature = run_cli("sample", *tiny, f"--ckpt_path={ckpt}", "--temperature=0", cwd=tmp_path)
     assert bad_temperature.returncode == 2 and "error: temperature must be > 0" in bad_temperature.stderr
+
+
+def test_predict_writes_next_character_probabilities_that_match_the_test_loss(tmp_path):
+    """predict: every test character's most likely successor, its probability and the true
+    successor's, in predictions.npz; −mean log p(true) is the test loss (same streams, same
+    carried state)."""
+    from lightning.pytorch import Trainer
+
+    from seqmodels.callbacks import PredictionFiles
+
+    (tmp_path / "t.txt").write_text("the cat sat on the mat, the dog ran to the park.\n" * 60)
+    dm = CharTextDataModule(path=str(tmp_path / "t.txt"), batch_size=4, eval_batch_size=3, bptt=10,
+                            cache_dir=str(tmp_path / "cache"))
+    dm.prepare()
+    torch.manual_seed(0)
+    model = CharLanguageModel(vocab=dm.vocab, embedding_dim=4, network=Network(hidden_size=8))
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[PredictionFiles()], default_root_dir=str(tmp_path))
+    test_loss = float(trainer.test(model, dm, verbose=False)[0]["test/loss"])
+    trainer.predict(model, dm, return_predictions=False)
+    saved = np.load(tmp_path / "predictions.npz")
+    assert list(saved["vocab"]) == dm.vocab
+    n = len(saved["target"])
+    assert n == len(saved["input"]) == len(saved["predicted"]) and n > 0.9 * len(dm.split_ids("test"))
+    assert ((saved["p_predicted"] >= saved["p_target"] - 1e-6) & (saved["p_target"] > 0)).all()
+    assert abs(-np.log(saved["p_target"]).mean() - test_loss) < 1e-4 * test_loss

@@ -108,6 +108,14 @@ class PolyphonicMusicModel(SequenceModel):
         self.log("test/nll", self.test_nll)
         self.log("test/acc", self.test_acc)
 
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict:
+        """``python cli.py predict``: for every test sequence, p(pitch on) for each predicted
+        frame (frames 2..T_i, from the frames before), the frames that came, and the lengths."""
+        x, lengths = batch
+        probs = torch.sigmoid(self(x[:, :-1])[0].float())
+        n = (lengths - 1).clamp(min=0).tolist()
+        return {"frame_probs": [p[:k] for p, k in zip(probs, n)], "frames": [f[:k] for f, k in zip(x[:, 1:], n)]}
+
     @torch.no_grad()
     def _remember_openings(self, first_frames: Tensor) -> None:
         n = int(self.n_openings)

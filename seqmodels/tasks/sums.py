@@ -51,9 +51,11 @@ class SumsRegressor(SequenceModel):
         self.log("val/loss", nn.functional.mse_loss(y_hat, y), prog_bar=True, sync_dist=True)
         self.log_dict(self.val_metrics)
 
-    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        """``python cli.py predict``: ŷ for every test sequence."""
-        return self(batch[0])
+    def predict_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict:
+        """``python cli.py predict``: ŷ and y for every test sequence, keyed by its length."""
+        x, y = batch
+        T = x.shape[1]
+        return {f"y_hat_len_{T}": self(x), f"y_len_{T}": y}
 
     def _length_metrics(self, T: int) -> nn.ModuleDict:
         """The test metrics of length T, made on first use (lengths come from the batches)."""

@@ -113,6 +113,24 @@ class CharLanguageModel(SequenceModel):
         self.test_ppl.update(logits, batch[1])
         self.log("test/ppl", self.test_ppl)
 
+    def predict_step(self, batch, batch_idx: int) -> dict:
+        """``python cli.py predict``: for every character of the test split (streams carry their
+        state as in test), the model's most likely next character, its probability, and the
+        probability of the character that came (ids into ``vocab``)."""
+        x, y, reset = batch
+        state = None if reset else self._carried.get("predict")
+        logits, state = self(x, state)
+        self._carried["predict"] = detach_state(state)
+        probs = logits.float().softmax(-1)
+        top = probs.max(-1)
+        p_target = probs.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        # flat, batch after batch and stream after stream: batches may differ in length
+        return {k: v.reshape(-1) for k, v in {"input": x, "target": y, "predicted": top.indices,
+                                              "p_predicted": top.values, "p_target": p_target}.items()}
+
+    def on_predict_epoch_start(self) -> None:
+        self._carried.pop("predict", None)
+
     def on_validation_epoch_start(self) -> None:
         self._carried.pop("val", None)
 
