@@ -308,11 +308,12 @@ class SeqCLI(compat.ConfigFirstCLI, LightningCLI):
 
     @staticmethod
     def configure_optimizers(lightning_module: LightningModule, optimizer, lr_scheduler=None):
-        """Lightning's default, except that a scheduler sized in optimizer steps
-        (``WarmupCosineLR``) is stepped every step and sized to the Trainer's run."""
+        """Lightning's default, except that ``WarmupCosineLR`` is sized to the Trainer's run and
+        stepped at its own interval (every optimizer step, or every epoch)."""
         if isinstance(lr_scheduler, WarmupCosineLR):
             size_to_trainer(lr_scheduler, lightning_module.trainer)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": lr_scheduler, "interval": lr_scheduler.interval}}
         return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
     @staticmethod

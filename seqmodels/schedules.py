@@ -8,8 +8,10 @@ of t / S and the share of that time already spent. So the cosine reaches its flo
 ends, by steps or by the clock, whatever the dataset size and the machine's speed.
 
 ``total_steps: null`` (the default) takes S from the Trainer (``estimated_stepping_batches``:
-max_epochs × batches per epoch / accumulation). The CLI steps it every optimizer step
-(``interval: step``). A clock-driven schedule depends on the machine's speed, so runs with
+max_epochs × batches per epoch / accumulation, or max_steps). The CLI steps it every optimizer
+step (``interval: step``), or with ``interval: epoch`` at every epoch start, t then being the
+steps done so far: without warm-up that is torch's ``CosineAnnealingLR`` with T_max =
+max_epochs, to float rounding, but sized to the run by itself. A clock-driven schedule depends on the machine's speed, so runs with
 ``max_time`` are not bit-reproducible (they never are: where they stop depends on it too).
 
     lr_scheduler:
@@ -19,7 +21,7 @@ max_epochs × batches per epoch / accumulation). The CLI steps it every optimize
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 from lightning.pytorch.callbacks import Timer
 from torch.optim import Optimizer
@@ -33,15 +35,20 @@ class WarmupCosineLR(LRScheduler):
     end of the run (``total_steps``, or the Trainer's steps and time limit: see :func:`size_to_trainer`)."""
 
     def __init__(self, optimizer: Optimizer, warmup_steps: int = 100, total_steps: int | None = None,
-                 final_fraction: float = 0.0, last_epoch: int = -1) -> None:
+                 final_fraction: float = 0.0, interval: Literal["step", "epoch"] = "step",
+                 last_epoch: int = -1) -> None:
         if warmup_steps < 0:
             raise ConfigError(f"lr_scheduler.warmup_steps must be >= 0, got {warmup_steps}")
         if total_steps is not None and total_steps < 1:
             raise ConfigError(f"lr_scheduler.total_steps must be >= 1 (or null: the Trainer's number of steps), got {total_steps}")
         if not 0.0 <= final_fraction <= 1.0:
             raise ConfigError(f"lr_scheduler.final_fraction is a fraction of the peak lr, in [0, 1]; got {final_fraction}")
+        if interval not in ("step", "epoch"):
+            raise ConfigError(f"lr_scheduler.interval must be 'step' or 'epoch', got {interval!r}")
         self.warmup_steps, self.total_steps, self.final_fraction = warmup_steps, total_steps, final_fraction
+        self.interval = interval
         self.time_fraction: Callable[[], float] | None = None  # share of the time budget spent
+        self.steps_done: Callable[[], int] | None = None  # interval epoch: the Trainer's global step
         super().__init__(optimizer, last_epoch)
 
     def progress(self, step: int) -> float:
@@ -58,12 +65,14 @@ class WarmupCosineLR(LRScheduler):
         return warm * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * self.progress(step))))
 
     def get_lr(self) -> list[float]:
-        factor = self.factor(self.last_epoch)  # once per step: it may ask the clock (a broadcast)
+        step = self.steps_done() if self.steps_done is not None else self.last_epoch
+        factor = self.factor(step)  # once per call: it may ask the clock (a broadcast)
         return [base * factor for base in self.base_lrs]
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state.pop("time_fraction", None)  # a closure over the Trainer: re-attached on every fit
+        state.pop("time_fraction", None)  # closures over the Trainer: re-attached on every fit
+        state.pop("steps_done", None)
         return state
 
 
@@ -74,6 +83,8 @@ def size_to_trainer(scheduler: WarmupCosineLR, trainer) -> None:
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer) and c.time_remaining() is not None), None)
     if scheduler.total_steps is None and math.isfinite(steps):
         scheduler.total_steps = max(1, int(steps))
+    if scheduler.interval == "epoch":
+        scheduler.steps_done = lambda: trainer.global_step
     if timer is not None:
         def spent() -> float:  # elapsed / (elapsed + remaining) = elapsed / max_time
             elapsed = timer.time_elapsed()

@@ -65,6 +65,7 @@ def test_impossible_settings_are_refused(kwargs, words):
 
 
 SCHEDULE = ["--lr_scheduler=seqmodels.schedules.WarmupCosineLR", "--lr_scheduler.warmup_steps=3",
+            "--lr_scheduler.interval=step",
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"]
 
 
@@ -91,3 +92,33 @@ def test_cli_follows_the_time_limit_without_max_epochs(in_tmp_dir):
     assert scheduler.total_steps is None and scheduler.time_fraction is not None
     assert cli.trainer.global_step > 1
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.05 * scheduler.base_lrs[0], "annealed by the clock"
+
+
+def test_epoch_interval_is_cosine_annealing_sized_to_the_run(in_tmp_dir):
+    """interval: epoch, no warm-up: the learning rate of every epoch is torch's
+    CosineAnnealingLR(T_max = max_epochs), and it follows max_epochs given on the command line
+    (no T_max to edit)."""
+    import math
+
+    from seqmodels.cli import main
+
+    for epochs in (4, 6):
+        main(["fit", "--config", str(ROOT / "configs" / "sums_lstm.yaml"), f"--trainer.max_epochs={epochs}",
+                    "--data.init_args.train_size=64", "--data.init_args.val_size=16", "--data.init_args.test_size=16",
+                    "--data.init_args.test_lengths=[5]", "--trainer.enable_progress_bar=false",
+                    "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs",
+                    "--trainer.callbacks=[]", "--trainer.callbacks+=lightning.pytorch.callbacks.LearningRateMonitor"])
+        import csv
+
+        metrics = max(in_tmp_dir.glob("runs/**/metrics.csv"), key=lambda p: p.stat().st_mtime)  # this run's
+        logged = sorted((int(row["step"]), float(row["lr-Adam"])) for row in csv.DictReader(metrics.open())
+                        if row.get("lr-Adam"))  # one row per epoch start
+        lrs = dict(enumerate(lr for _, lr in logged))
+        reference = torch.optim.lr_scheduler.CosineAnnealingLR(torch.optim.Adam([torch.zeros(1)], lr=0.005), T_max=epochs)
+        expected = []
+        for _ in range(epochs):
+            expected.append(reference.get_last_lr()[0])
+            reference.optimizer.step()
+            reference.step()
+        assert [lrs[e] for e in range(epochs)] == pytest.approx(expected, rel=1e-9), (epochs, lrs)
+        assert lrs[epochs - 1] > 0 and not math.isclose(lrs[epochs - 1], 0.0)
