@@ -93,7 +93,7 @@ def fit_to_this_machine(trainer: dict, cuda_available: bool | None = None) -> No
         return
     if str(trainer.get("accelerator")) in GPU_ACCELERATORS:
         trainer["accelerator"], trainer["devices"] = "cpu", 1
-        print(f"notice: this config asks for a GPU (trainer.accelerator: gpu) and none is available: training "
+        print("notice: this config asks for a GPU (trainer.accelerator: gpu) and none is available: training "
               "on the CPU, which is much slower for GPU-sized models (configs without _gpu suit a CPU)",
               file=sys.stderr)
     if trainer.get("precision") in NEEDS_GPU_PRECISIONS:

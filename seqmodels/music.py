@@ -5,7 +5,6 @@ A piano roll is a (T, 88) 0/1 array, column i = MIDI note 21 + i, one row per ti
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 

@@ -3,7 +3,6 @@ exit code 2, nothing written, and no existing checkpoint altered."""
 from __future__ import annotations
 
 import hashlib
-import shutil
 
 import pytest
 

@@ -361,7 +361,7 @@ def test_zero_length_sequence_keeps_initial_state(variant, loops):
 def test_reused_buffers_never_leak_between_calls(variant, monkeypatch):
     """Buffers go back to a pool and are handed out again: two graphs alive at once, an
     inference pass in between and a backward with retain_graph must all stay exact."""
-    from seqmodels import bptt, fused
+    from seqmodels import bptt
     monkeypatch.setattr(bptt.fast._POOL, "min_bytes", 0)  # pool every buffer, however small
     bptt.clear_buffer_pool()
     stack = make_stack(variant, input_size=3, hidden_size=8, num_layers=2)

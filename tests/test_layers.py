@@ -3,7 +3,6 @@ nothing of Lightning, data that knows nothing of models, run folders owned by on
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from tests.conftest import ROOT
 
