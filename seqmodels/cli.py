@@ -81,15 +81,13 @@ GPU_ACCELERATORS = ("gpu", "cuda")
 NEEDS_GPU_PRECISIONS = ("16-mixed", "16", 16)  # float16 autocast needs CUDA's loss scaler
 
 
-def fit_to_this_machine(trainer: dict, cuda_available: bool | None = None) -> None:
+def fit_to_this_machine(trainer: dict) -> None:
     """A config made for a GPU still runs where there is none: on the CPU, with a one-line
     notice each, instead of Lightning's traceback (``accelerator: gpu``) or float16 autocast
     without a loss scaler (``precision: 16-mixed``, where small gradients flush to zero)."""
-    if cuda_available is None:
-        import torch
+    import torch
 
-        cuda_available = torch.cuda.is_available()
-    if cuda_available:
+    if torch.cuda.is_available():
         return
     if str(trainer.get("accelerator")) in GPU_ACCELERATORS:
         trainer["accelerator"], trainer["devices"] = "cpu", 1

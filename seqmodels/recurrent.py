@@ -158,10 +158,6 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
     def peephole(self) -> bool:
         return bool(getattr(self.layers[0].cell, "peephole", False))
 
-    @property
-    def nonlinearity(self) -> str:
-        return getattr(self.layers[0].cell, "nonlinearity", "tanh")
-
     def initial_state(self, batch_size: int, like: Tensor) -> State:
         """Zeros shaped (num_layers, B, H), one per state tensor, as torch uses when none is given."""
         return tuple(like.new_zeros(self.num_layers, batch_size, self.hidden_size) for _ in self.kind.state)
@@ -225,8 +221,8 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         chunk of memory" warning. Values, names and Parameter objects stay; no-op on CPU."""
         op = self.kind.native(self.layers[0].cell)
         weights = self._flat_weights()
-        if op is None or not compat.cudnn_can_flatten(weights) or compat.cudnn_is_flat(weights):
-            return
+        if op is None or compat.cudnn_is_flat(weights) or not compat.cudnn_can_flatten(weights):
+            return  # the cheap check first: on a GPU this runs before every native call
         compat.cudnn_flatten_(weights, len(self._NAMES), self.layers[0].cell.input_size, op.upper(),
                               self.hidden_size, self.num_layers)
 
