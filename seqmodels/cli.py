@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import glob
 import logging
-import netrc
 import os
 import re
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from urllib.parse import urlparse
 
 import yaml
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -27,6 +25,7 @@ from seqmodels.errors import ConfigError, find_user_error
 from seqmodels.runs import run_dir
 from seqmodels.sampling import sample
 from seqmodels.schedules import WarmupCosineLR, size_to_trainer
+from seqmodels.tracking import describe_run, flat_config, use_wandb_offline_without_key
 from seqmodels.tasks import SequenceModel
 
 # The optimizer and scheduler of the config replace the module's fallback: expected, not news.
@@ -53,28 +52,6 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_DropMessages())
 
 CONFIG_FILENAME = "cli_config.yaml"  # not config.yaml: wandb writes its own file of that name
-
-
-def wandb_has_credentials() -> bool:
-    """True if wandb could log in without asking: an API key in the env or in ~/.netrc."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
-        return False
-
-
-def use_wandb_offline_without_key(save_dir: str = ".") -> None:
-    """With no W&B credentials and no WANDB_MODE chosen, log offline and say so in one line."""
-    if os.environ.get("WANDB_MODE") or wandb_has_credentials():
-        return
-    os.environ["WANDB_MODE"] = "offline"
-    where = os.path.join(save_dir, "wandb")
-    print(f"W&B: no API key configured, logging offline to {where}/ "
-          f"(upload later with `wandb sync {where}/offline-run-*`, or `wandb login` first)",
-          file=sys.stderr)
 
 
 GPU_ACCELERATORS = ("gpu", "cuda")
@@ -133,7 +110,8 @@ def resolve_last_checkpoint(config, loggers: list, resume_run: bool) -> None:
 
 
 class LoggedConfigCallback(SaveConfigCallback):
-    """Logs the resolved config to the logger once and writes it into the run's directory.
+    """Logs the resolved config to the logger once, flat (``model.hidden_size``,
+    ``optimizer.lr``: ``tracking.flat_config``), and writes it into the run's directory.
 
     Nothing goes to ``trainer.log_dir`` (for W&B a fixed folder shared by every run), so a
     second run in the same folder never finds a config file in its way.
@@ -146,7 +124,7 @@ class LoggedConfigCallback(SaveConfigCallback):
         with open(os.path.join(directory, CONFIG_FILENAME), "w") as f:
             f.write(text)
         for logger in trainer.loggers:
-            logger.log_hyperparams({"cli_config": yaml.safe_load(text)})
+            logger.log_hyperparams(flat_config(yaml.safe_load(text)))
 
 
 class SeqTrainer(Trainer):
@@ -279,10 +257,23 @@ class SeqCLI(compat.ConfigFirstCLI, LightningCLI):
             fit_to_this_machine(config["trainer"])
         for lg in loggers:
             if "WandbLogger" in str(getattr(lg, "class_path", "")):
-                use_wandb_offline_without_key(lg.init_args.get("save_dir") or ".")
-                if lg.init_args.get("log_model") and os.environ.get("WANDB_MODE") in ("offline", "dryrun", "disabled"):
-                    lg.init_args["log_model"] = False  # W&B refuses artifacts offline; checkpoints stay on disk
-                    print("W&B: log_model needs W&B online; checkpoints are kept on disk only", file=sys.stderr)
+                use_wandb_offline_without_key()
+                self._describe_run(config, lg)
+
+    @staticmethod
+    def _describe_run(config, logger) -> None:
+        """A readable default name, tags and group for the W&B run (``tracking.describe_run``);
+        whatever the config or the command line set is kept."""
+        import inspect
+
+        from seqmodels.tracking import import_class
+
+        cls = import_class(logger.class_path)
+        accepts = inspect.signature(cls).parameters if cls is not None else {}
+        described = describe_run(config.get("model") or {}, config.get("data") or {}, config.get("config") or [])
+        for key, value in described.items():
+            if key in accepts and not logger.init_args.get(key):
+                logger.init_args[key] = value
 
     def add_arguments_to_parser(self, parser) -> None:
         # Sizes that only the data knows go into the model; models without them ignore it.

@@ -21,6 +21,9 @@ Lightning
     ``ModelCheckpoint._should_skip_saving_checkpoint`` / ``_save_last_checkpoint`` /
     ``_monitor_candidates``: saving ``last.ckpt`` at a moment of our choosing.
     ``LightningCLI._parse_ckpt_path``: replaced, so the config stays the source of truth.
+    ``WandbLogger._wandb_init``: the keyword arguments its ``experiment`` passes to
+    ``wandb.init``. Lightning always puts ``anonymous=None`` there, which wandb >= 0.19
+    answers with "The anonymous setting has no effect" on every run; dropped when unset.
 torchdata
     ``StatefulDataLoader.state_dict()["_num_yielded"]``: batches handed out this epoch.
 """
@@ -153,6 +156,11 @@ def save_last_checkpoint(callback, trainer) -> None:
     Lightning says not to save now, e.g. while sanity checking)."""
     if not callback._should_skip_saving_checkpoint(trainer):
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def wandb_init_kwargs(logger) -> dict:
+    """The dict of keyword arguments a Lightning ``WandbLogger`` will give ``wandb.init``."""
+    return logger._wandb_init
 
 
 class ConfigFirstCLI:

@@ -30,10 +30,11 @@ from seqmodels.runs import save_figure  # noqa: E402
 class GradientDistribution(Callback):
     """Every ``every_n_steps``: a fixed-bin histogram of log10|g| for every parameter.
 
-    To W&B: ``wandb.Histogram`` of each gradient (per iteration). On disk: per-epoch sums of
-    the fixed-bin histograms, and the histograms of the iterations within the current epoch
-    (at most ``max_iterations`` kept, by doubling the stride), so memory stays bounded
-    whatever the run's length. At the end of every ``plot_every_n_epochs``-th epoch (and the
+    To W&B: W&B's own histogram of each gradient through ``WandbLogger.watch`` (the
+    ``gradients/`` panels, every ``every_n_steps``; ``log_histograms: false`` turns them off).
+    On disk, and as images to every logger: per-epoch sums of the fixed-bin histograms, and
+    the histograms of the iterations within the current epoch (at most ``max_iterations``
+    kept, by doubling the stride), so memory stays bounded whatever the run's length. At the end of every ``plot_every_n_epochs``-th epoch (and the
     last) two ridge plots: every parameter's distribution across epochs, and across the
     iterations of that epoch.
     """
@@ -77,13 +78,21 @@ class GradientDistribution(Callback):
                 self.iteration_steps = self.iteration_steps[::2]
                 for name in self.iteration_histograms:
                     self.iteration_histograms[name] = self.iteration_histograms[name][::2]
-        if self.log_histograms and trainer.is_global_zero:
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """W&B's own gradient histograms (``WandbLogger.watch``), every ``every_n_steps``."""
+        if self.log_histograms:
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
-                    import wandb
+                    logger.watch(pl_module, log="gradients", log_freq=self.every_n_steps, log_graph=False)
 
-                    logger.experiment.log({f"gradients/{n}": wandb.Histogram(g.detach().float().cpu().numpy())
-                                           for n, g in grads.items()} | {"trainer/global_step": step})
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """The hooks ``watch`` put on the parameters go with the run (a later test or sample
+        of the same model runs without them)."""
+        if self.log_histograms and stage == "fit":
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.experiment.unwatch(pl_module)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.iteration_histograms, self.iteration_steps, self._current = {}, [], {}

@@ -72,6 +72,8 @@ class SequenceModel(LightningModule):
     for use without the CLI.
     """
 
+    task_name: str | None = None  # the task in W&B run names and tags; None: the class name
+
     def __init__(self, network: Network, input_size: int) -> None:
         super().__init__()
         if isinstance(network, dict):  # as a checkpoint's hyperparameters hold it

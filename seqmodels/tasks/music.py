@@ -37,6 +37,8 @@ class PolyphonicMusicModel(SequenceModel):
             kernel (several times slower per batch, docs/models.md).
     """
 
+    task_name = "music"  # in W&B run names and tags (seqmodels.tracking)
+
     def __init__(self, network: Network = Network(), input_size: int = 88,
                  input_dropout: float = 0.0, output_dropout: float = 0.0, pack: bool = False) -> None:
         """input_size: pitches per frame (linked from the data by the CLI)."""

@@ -15,6 +15,8 @@ class SumsRegressor(SequenceModel):
     length, ``test/mse_len_{T}`` and ``test/mae_len_{T}``, T read from the batch itself.
     """
 
+    task_name = "sums"  # in W&B run names and tags (seqmodels.tracking)
+
     def __init__(self, network: Network = Network(), input_size: int = 1, output_size: int = 1) -> None:
         """input_size: features per step (linked from the data by the CLI)."""
         super().__init__(network, input_size)

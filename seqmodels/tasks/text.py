@@ -54,6 +54,8 @@ class CharLanguageModel(SequenceModel):
         embedding_dim: size of the character embedding (the stack's input size).
     """
 
+    task_name = "char-lm"  # in W&B run names and tags (seqmodels.tracking)
+
     def __init__(self, vocab: list[str] | None = None, network: Network = Network(),
                  embedding_dim: int = 64) -> None:
         if not vocab or vocab[0] != UNK:
