@@ -1,6 +1,6 @@
 """Polyphonic music benchmark: train on a canonical file within a time budget, pick the best
-epoch on validation, and print the test frame-level NLL next to the published numbers and
-two baselines computed on the same file.
+epoch on validation, and print the test frame-level NLL next to the published numbers for that
+file and two baselines computed on the same file.
 
     python benchmarks/chorales.py --path JSB_Chorales.mat --model lstm --minutes 20
     python benchmarks/chorales.py --path JSB_Chorales.mat --model rnn --minutes 20
@@ -14,6 +14,13 @@ Training goes through the CLI with ``configs/jsb_lstm.yaml`` (``--model rnn`` sw
 vanilla RNN settings of ``RNN_OVERRIDES``), so the run is logged like any other (W&B,
 checkpoints under runs/). The NLL is the published one: Σ over sequences of the BCE summed over
 the 88 pitches, divided by Σ (T_i − 1); the first frame of a sequence is never predicted.
+
+The file is identified by its content, the number of sequences in each split (``identify_dataset``:
+JSB Chorales 229/76/77, Nottingham 694/173/170, MuseData 524/135/124, Piano-midi.de 87/12/25,
+the same in the Boulanger-Lewandowski pickles and the TCN .mat files), whatever its name. Published
+test NLLs are printed for that file only, each with its source: JSB Chorales and Nottingham from
+Bai, Kolter & Koltun (2018), Table 1; for MuseData, Piano-midi.de or any other file none are
+printed (one line says so).
 
 Baselines (no training, same file):
     frequency  each pitch on with its Laplace-smoothed frequency over all training frames
@@ -36,8 +43,25 @@ sys.path.insert(0, str(ROOT))
 
 from lightning.pytorch import Callback  # noqa: E402
 
-# Published test NLL on JSB Chorales (Bai, Kolter & Koltun 2018, Table 1).
-PAPER = {"RNN": 8.91, "LSTM": 8.45, "GRU": 8.43, "TCN": 8.10}
+# Sequences per split (train, valid, test) of the canonical files -> their name.
+SPLIT_COUNTS = {
+    (229, 76, 77): "JSB Chorales",
+    (694, 173, 170): "Nottingham",
+    (524, 135, 124): "MuseData",
+    (87, 12, 25): "Piano-midi.de",
+}
+
+# Published test NLL (frame-level, lower is better) per file, each with its source. Only numbers
+# checked against the paper's text: Bai, Kolter & Koltun (2018), "An Empirical Evaluation of
+# Generic Convolutional and Recurrent Networks for Sequence Modeling", Table 1 (rows "Music JSB
+# Chorales (loss)" and "Music Nottingham (loss)"; columns LSTM, GRU, RNN, TCN).
+BAI_2018 = "Bai, Kolter & Koltun 2018, Table 1"
+PUBLISHED = {
+    "JSB Chorales": {"RNN": (8.91, BAI_2018), "LSTM": (8.45, BAI_2018), "GRU": (8.43, BAI_2018),
+                     "TCN": (8.10, BAI_2018)},
+    "Nottingham": {"RNN": (4.05, BAI_2018), "LSTM": (3.29, BAI_2018), "GRU": (3.46, BAI_2018),
+                   "TCN": (3.07, BAI_2018)},
+}
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
 RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.network.nonlinearity=tanh",
@@ -60,11 +84,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def baselines(path: str) -> dict[str, float]:
-    from data_modules.chorales import load_file
+def identify_dataset(rolls: dict) -> str | None:
+    """The canonical file these rolls are (``SPLIT_COUNTS``), by the number of sequences in each
+    split; None for any other data."""
+    return SPLIT_COUNTS.get(tuple(len(rolls[s]) for s in ("train", "valid", "test")))
+
+
+def published_lines(dataset: str | None, width: int = 52) -> list[str]:
+    """The published test NLLs of that file, one line each with its source; else one line saying
+    there are none."""
+    if dataset not in PUBLISHED:
+        return ["(no published numbers known for this file)"]
+    return [f"{model + ' (published, ' + source + ')':<{width}} {nll:>9.2f}"
+            for model, (nll, source) in PUBLISHED[dataset].items()]
+
+
+def baselines(rolls: dict) -> dict[str, float]:
     from seqmodels.music import frequency_baseline, previous_frame_baseline
 
-    rolls = load_file(path)
     return {"frequency": frequency_baseline(rolls["train"], rolls["test"]),
             "previous": previous_frame_baseline(rolls["train"], rolls["test"]),
             "frequency_val": frequency_baseline(rolls["train"], rolls["valid"]),
@@ -76,7 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("WANDB_SILENT", "true")
     from seqmodels.cli import main as cli_main
 
-    base = baselines(args.path)
+    from data_modules.chorales import load_file
+
+    rolls = load_file(args.path)
+    dataset = identify_dataset(rolls)
+    counts = "/".join(str(len(rolls[s])) for s in ("train", "valid", "test"))
+    base = baselines(rolls)
     seconds = int(round(args.minutes * 60))
     config = args.config or str(ROOT / "configs" / ("jsb_gru.yaml" if args.model == "gru" else "jsb_lstm.yaml"))
     cli_args = ["fit", "--config", config, f"--data.path={args.path}",
@@ -106,18 +148,20 @@ def main(argv: list[str] | None = None) -> dict:
     val_nll, test_nll = float(checkpoint.best_model_score), float(results["test/nll"])
 
     name = Path(args.path).name
-    print(f"\nTest frame-level NLL on {name} (lower is better)")
-    print(f"{'model':<44} {'test NLL':>9}")
-    for model, nll in PAPER.items():
-        print(f"{'Bai et al. 2018, ' + model + ' (published, JSB)':<44} {nll:>9.2f}")
-    print(f"{'baseline: per-pitch training frequency':<44} {base['frequency']:>9.2f}")
-    print(f"{'baseline: per-pitch previous-frame model':<44} {base['previous']:>9.2f}")
-    print(f"{'this run: ' + args.model + f' (best epoch {best_epoch}, val {val_nll:.3f})':<44} {test_nll:>9.2f}")
+    what = f"identified as {dataset}" if dataset else "not one of the canonical files"
+    print(f"\nTest frame-level NLL on {name} ({what}: {counts} sequences per split; lower is better)")
+    print(f"{'model':<52} {'test NLL':>9}")
+    for line in published_lines(dataset):
+        print(line)
+    print(f"{'baseline: per-pitch training frequency':<52} {base['frequency']:>9.2f}")
+    print(f"{'baseline: per-pitch previous-frame model':<52} {base['previous']:>9.2f}")
+    print(f"{'this run: ' + args.model + f' (best epoch {best_epoch}, val {val_nll:.3f})':<52} {test_nll:>9.2f}")
     to_best = clock.minutes.get(best_epoch, float("nan"))
     device = str(cli.model.device)
     print(f"test acc {results['test/acc']:.4f}; {trainer.current_epoch} epochs in {trained / 60:.1f} min "
           f"(budget {args.minutes:g}), the best after {to_best:.1f} min, on {device}; checkpoint {checkpoint.best_model_path}")
-    summary = {"model": args.model, "file": name, "test_nll": round(test_nll, 4), "val_nll": round(val_nll, 4),
+    published = {model: nll for model, (nll, _) in PUBLISHED.get(dataset, {}).items()}
+    summary = {"model": args.model, "file": name, "dataset": dataset, "published": published, "test_nll": round(test_nll, 4), "val_nll": round(val_nll, 4),
                "baseline_frequency": round(base["frequency"], 4), "baseline_previous": round(base["previous"], 4),
                "minutes": round(total / 60, 2), "train_minutes": round(trained / 60, 2),
                "epochs": trainer.current_epoch, "best_epoch": best_epoch, "minutes_to_best": round(to_best, 2),

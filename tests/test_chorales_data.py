@@ -128,6 +128,44 @@ def test_canonical_jsb_file_counts_and_baselines():
     assert round(previous_frame_baseline(rolls["train"], rolls["test"]), 2) == 10.49
 
 
+# ---- benchmarks/chorales.py: which file, which published numbers ---------------------------
+def fake_rolls(train: int, valid: int, test: int) -> dict:
+    roll = np.zeros((2, 88), dtype=np.uint8)
+    return {"train": [roll] * train, "valid": [roll] * valid, "test": [roll] * test}
+
+
+def test_the_benchmark_identifies_the_file_by_its_split_sizes_and_prints_only_its_numbers():
+    from benchmarks.chorales import identify_dataset, published_lines
+
+    assert identify_dataset(fake_rolls(229, 76, 77)) == "JSB Chorales"
+    assert identify_dataset(fake_rolls(694, 173, 170)) == "Nottingham"
+    assert identify_dataset(fake_rolls(524, 135, 124)) == "MuseData"
+    assert identify_dataset(fake_rolls(87, 12, 25)) == "Piano-midi.de"
+    assert identify_dataset(fake_rolls(229, 77, 76)) is None  # the counts per split, not in total
+    assert identify_dataset(songs_to_rolls(SONGS)) is None
+
+    def numbers(lines):
+        return {line.split(" (published")[0]: float(line.split()[-1]) for line in lines}
+
+    jsb = published_lines("JSB Chorales")
+    assert numbers(jsb) == {"RNN": 8.91, "LSTM": 8.45, "GRU": 8.43, "TCN": 8.10}
+    assert numbers(published_lines("Nottingham")) == {"RNN": 4.05, "LSTM": 3.29, "GRU": 3.46, "TCN": 3.07}
+    assert all("Bai, Kolter & Koltun 2018, Table 1" in line for line in jsb)  # the source beside each number
+    for other in ("MuseData", "Piano-midi.de", None):
+        assert published_lines(other) == ["(no published numbers known for this file)"]
+
+
+@pytest.mark.skipif(not SHARED_JSB.is_file(), reason="shared/data/*.mat not beside the repo")
+def test_the_benchmark_identifies_the_canonical_files():
+    from benchmarks.chorales import identify_dataset
+
+    for name, dataset in (("JSB_Chorales.mat", "JSB Chorales"), ("MuseData.mat", "MuseData"),
+                          ("Piano_midi.mat", "Piano-midi.de")):
+        path = SHARED_JSB.parent / name
+        if path.is_file():
+            assert identify_dataset(load_file(path)) == dataset
+
+
 # ---- the embedded corpus -----------------------------------------------------------------
 def test_embedded_corpus_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
     import data_modules.chorales as chorales
