@@ -36,6 +36,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
+from data_modules.chorales import default_cache_dir
 from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world
 
 from seqmodels.errors import ConfigError
@@ -129,7 +130,8 @@ def check_text_file(path: Path) -> None:
 
 
 def load_local_text(files: list[Path], cache_dir: str | None) -> list[str]:
-    """The documents of ``files`` through datasets' ``text`` builder, line breaks kept."""
+    """The documents of ``files`` through datasets' ``text`` builder, line breaks kept.
+    ``cache_dir`` None: datasets' own cache (HF_DATASETS_CACHE)."""
     from datasets import load_dataset
 
     dataset = load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
@@ -273,7 +275,9 @@ class CharTextDataModule(LightningDataModule):
         bptt: characters per batch and stream (truncated BPTT length).
         batching: ``stream`` (stateful TBPTT) or ``random`` (random windows).
         random_batches_per_epoch: batches per epoch with ``batching: random``.
-        cache_dir: encoded splits (and datasets' cache); default ~/.cache/seqmodels.
+        cache_dir: the encoded splits; default ``$XDG_CACHE_HOME/seqmodels`` or ~/.cache/seqmodels.
+        datasets_cache_dir: datasets' own cache (Arrow files, downloads); None:
+            datasets' default, which follows HF_DATASETS_CACHE and HF_HOME.
         seed: seed of the random windows.
     """
 
@@ -290,6 +294,7 @@ class CharTextDataModule(LightningDataModule):
         batching: str = "stream",
         random_batches_per_epoch: int = 1000,
         cache_dir: str | None = None,
+        datasets_cache_dir: str | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -304,7 +309,7 @@ class CharTextDataModule(LightningDataModule):
             raise ConfigError(f"data.fractions must be three numbers >= 0 summing to 1 (train > 0), got {list(fractions)}")
         self.save_hyperparameters(logger=False)
         self.batch_size, self.eval_batch_size, self.bptt = batch_size, eval_batch_size, bptt
-        self.cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "seqmodels")
+        self.cache_dir = os.path.expanduser(cache_dir) if cache_dir else str(default_cache_dir())
         self._splits: dict[str, np.ndarray] | None = None
         self._vocab: list[str] | None = None
 
@@ -313,14 +318,10 @@ class CharTextDataModule(LightningDataModule):
         hp = self.hparams
         if hp.path is not None:
             files = list_text_files(hp.path)
-            return [(str(f), t) for f, t in zip(files, load_local_text(files, self._datasets_cache))]
+            return [(str(f), t) for f, t in zip(files, load_local_text(files, hp.datasets_cache_dir))]
         if hp.hub is not None:
-            return [(hp.hub, t) for t in load_hub_text(hp.hub, hp.column, list(hp.hub_splits), self._datasets_cache)]
+            return [(hp.hub, t) for t in load_hub_text(hp.hub, hp.column, list(hp.hub_splits), hp.datasets_cache_dir)]
         return embedded_plays()
-
-    @property
-    def _datasets_cache(self) -> str:
-        return os.path.join(self.cache_dir, "datasets")
 
     def split_texts(self, documents: list[tuple[str, str]]) -> dict[str, str]:
         """train/val/test by position. The embedded plays split at play boundaries."""

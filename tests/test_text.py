@@ -18,6 +18,7 @@ from seqmodels.errors import ConfigError
 from seqmodels.sampling import generate_text
 from seqmodels.tasks import CharLanguageModel, Network
 from tests.conftest import ROOT
+from tests.test_text_sources import use_tmp_datasets_cache
 
 SNIPPET = """# Macbeth
 
@@ -55,6 +56,11 @@ def test_embedded_corpus_is_clean_play_text():
     text = "".join(t for _, t in plays)
     assert not set("_*#[\\") & set(text)
     assert plays[0][1].startswith("THESEUS:\nNow, fair Hippolyta, our nuptial hour\n")
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    return use_tmp_datasets_cache(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -252,7 +258,7 @@ def test_text_cli_errors_are_one_line(args, message, in_tmp_dir, capsys):
 
 # ---- end to end ---------------------------------------------------------------------------
 def run_cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_DATASETS_CACHE=str(cwd / "hf_datasets"))
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
