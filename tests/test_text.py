@@ -1,5 +1,5 @@
 """Character-level LM: play-text conversion, splits, vocabulary and <unk>, stateful TBPTT,
-sampling, the Hub path through local files, bad input, and the CLI end to end."""
+sampling, bad input, and the CLI end to end (sources and caches: test_text_sources.py)."""
 from __future__ import annotations
 
 import json
@@ -197,27 +197,6 @@ def test_sampling_is_reproducible_with_a_seed():
     assert top1 == generate_text(model, "ab", length=20, top_k=1, seed=2)  # top_k=1 is greedy
     with pytest.raises(ConfigError, match="temperature must be > 0"):
         generate_text(model, "ab", temperature=0)
-
-
-def test_hub_dataset_through_a_local_dataset_folder(tmp_path):
-    folder = tmp_path / "hubds"
-    folder.mkdir()
-    with open(folder / "train.jsonl", "w") as f:
-        for i in range(400):
-            f.write(json.dumps({"content": f"line {i} of the hub text\n"}) + "\n")
-    dm = CharTextDataModule(hub=str(folder), column="content", batch_size=2, bptt=8,
-                            cache_dir=str(tmp_path / "cache"))
-    assert decode(dm.split_ids("train"), dm.vocab).startswith("line 0 of the hub text\nline 1 of")
-    with pytest.raises(ConfigError, match="column 'text' is not in dataset"):
-        CharTextDataModule(hub=str(folder), cache_dir=str(tmp_path / "cache")).prepare()
-
-
-def test_hub_offline_names_the_dataset_and_suggests_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True, raising=False)
-    dm = CharTextDataModule(hub="karpathy/tiny_shakespeare", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ConfigError, match=r"karpathy/tiny_shakespeare.*data\.path"):
-        dm.prepare()
 
 
 # ---- bad input ----------------------------------------------------------------------------

@@ -1,17 +1,22 @@
-"""Where the text's caches go: datasets' cache follows HF_DATASETS_CACHE / HF_HOME, the
-project's own follows data.cache_dir (XDG_CACHE_HOME)."""
+"""Where the text comes from and where its caches go: datasets' cache follows HF_DATASETS_CACHE /
+HF_HOME, the project's own follows data.cache_dir (XDG_CACHE_HOME), and a Hub dataset keeps its
+own splits (re-split only when asked or when it lacks one)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from data_modules.text import CharTextDataModule
+from data_modules.text import CharTextDataModule, decode
+from seqmodels.errors import ConfigError
 from tests.conftest import ROOT
 
 TRAIN = "".join(f"train line {i}: to be or not to be\n" for i in range(60))
+VALID = "".join(f"valid line {i}: the question\n" for i in range(10)) + "\nafter a blank line\n"
+TEST = "".join(f"test line {i}: whether 'tis nobler\n" for i in range(10)) + "Zq\n"  # Z, q only in test
 
 
 def use_tmp_datasets_cache(tmp_path, monkeypatch):
@@ -38,6 +43,16 @@ def datasets_cache(tmp_path, monkeypatch):
 def dm_for(tmp_path, **kwargs) -> CharTextDataModule:
     return CharTextDataModule(**{"batch_size": 2, "eval_batch_size": 2, "bptt": 8,
                                  "cache_dir": str(tmp_path / "own"), **kwargs})
+
+
+def split_text(dm, split):
+    return decode(dm.split_ids(split), dm.vocab)
+
+
+def one_line_error(excinfo) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message, message
+    return message
 
 
 # ---- caches ---------------------------------------------------------------------------------
@@ -75,3 +90,115 @@ def test_hf_home_and_xdg_cache_home_in_a_fresh_process(corpus, tmp_path):
     assert list((tmp_path / "hf_home" / "datasets").rglob("*.arrow"))
     assert len(list((tmp_path / "xdg" / "seqmodels" / "text").glob("*/train.npy"))) == 1
     assert not list((tmp_path / "xdg").rglob("*.arrow"))
+
+
+# ---- Hub datasets: their own splits -----------------------------------------------------------
+def text_dataset(folder, files: dict[str, str]):
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_hub_dataset_with_its_own_splits_keeps_them(tmp_path):
+    folder = text_dataset(tmp_path / "ds", {"train.txt": TRAIN, "validation.txt": VALID, "test.txt": TEST})
+    dm = dm_for(tmp_path, hub=str(folder))
+    assert dm.texts() == {"train": TRAIN, "val": VALID, "test": TEST}
+    assert dm.vocab == ["<unk>", *sorted(set(TRAIN))]  # the training split's characters only
+    for split, text in (("train", TRAIN), ("val", VALID), ("test", TEST)):
+        assert split_text(dm, split) == "".join(c if c in dm.vocab else "\ufffd" for c in text)
+    assert "Z" not in dm.vocab and split_text(dm, "test").endswith("\ufffd\ufffd\n")
+
+
+def test_hub_dataset_resplit_on_request_or_without_val_and_test(tmp_path):
+    folder = text_dataset(tmp_path / "ds", {"train.txt": TRAIN, "validation.txt": VALID, "test.txt": TEST})
+    n = len(TRAIN)
+    expected = {"train": TRAIN[: int(0.8 * n)], "val": TRAIN[int(0.8 * n): int(0.9 * n)], "test": TRAIN[int(0.9 * n):]}
+    assert dm_for(tmp_path, hub=str(folder), resplit=True, fractions=(0.8, 0.1, 0.1)).texts() == expected
+    only_train = text_dataset(tmp_path / "only", {"train.txt": TRAIN})
+    assert dm_for(tmp_path, hub=str(only_train), fractions=(0.8, 0.1, 0.1)).texts() == expected
+    no_val = text_dataset(tmp_path / "noval", {"train.txt": TRAIN, "test.txt": TEST})
+    assert dm_for(tmp_path, hub=str(no_val), fractions=(0.8, 0.1, 0.1)).texts() == expected
+
+
+CONFIGS = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: a.txt
+  - split: valid
+    path: b.txt
+  - split: test
+    path: c.txt
+---
+"""
+
+
+def test_hub_split_names_are_mapped_or_given(tmp_path):
+    folder = text_dataset(tmp_path / "named", {"README.md": CONFIGS, "a.txt": TRAIN, "b.txt": VALID, "c.txt": TEST})
+    assert dm_for(tmp_path, hub=str(folder)).texts() == {"train": TRAIN, "val": VALID, "test": TEST}  # 'valid'
+    swapped = dm_for(tmp_path, hub=str(folder), hub_splits={"train": "train", "val": "test", "test": "valid"})
+    assert swapped.texts() == {"train": TRAIN, "val": TEST, "test": VALID}
+    concatenated = dm_for(tmp_path, hub=str(folder), hub_splits=["valid", "train"], fractions=(1.0, 0.0, 0.0))
+    assert concatenated.texts()["train"] == VALID + TRAIN  # the former list form: concatenated, re-split
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, hub=str(folder), hub_splits={"train": "train", "val": "validation", "test": "test"}).prepare()
+    assert "has no split 'validation' (splits: ['train', 'valid', 'test'])" in one_line_error(excinfo)
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, hub=str(folder), hub_splits={"train": "train", "test": "test"}).prepare()
+    assert "data.hub_splits maps train, val and test" in one_line_error(excinfo)
+    no_train = text_dataset(tmp_path / "notrain", {"validation.txt": VALID, "test.txt": TEST})
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, hub=str(no_train)).prepare()
+    assert "has no train split" in one_line_error(excinfo)
+
+
+def test_hub_rows_are_joined_by_line_breaks(tmp_path):
+    """A text dataset's rows are its lines without their line break: the split is the file again."""
+    folder = text_dataset(tmp_path / "ds", {"train.txt": TRAIN, "validation.txt": VALID, "test.txt": TEST})
+    assert dm_for(tmp_path, hub=str(folder)).texts()["val"] == VALID
+    import datasets
+
+    assert list(datasets.load_dataset(str(folder), split="validation")["text"]) == VALID.splitlines()
+
+
+def test_hub_json_rows_with_their_own_line_breaks_and_another_column(tmp_path):
+    folder = tmp_path / "hubds"
+    folder.mkdir()
+    with open(folder / "train.jsonl", "w") as f:
+        for i in range(400):
+            f.write(json.dumps({"content": f"line {i} of the hub text\n"}) + "\n")
+    dm = dm_for(tmp_path, hub=str(folder), column="content")
+    assert split_text(dm, "train").startswith("line 0 of the hub text\nline 1 of")  # no second line break
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, hub=str(folder)).prepare()
+    assert "data.column 'text' is not in dataset" in one_line_error(excinfo)
+
+
+@pytest.mark.parametrize("variable", ["HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"])
+def test_hub_name_offline_is_one_line(tmp_path, monkeypatch, variable):
+    import datasets
+
+    monkeypatch.setenv(variable, "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, hub="karpathy/tiny_shakespeare").prepare()
+    message = one_line_error(excinfo)
+    assert "'karpathy/tiny_shakespeare'" in message and "data.path" in message
+
+
+def test_cli_parses_the_split_mapping_and_resplit(in_tmp_dir, capsys):
+    """The options as a user writes them on the command line reach the module as they read."""
+    import yaml
+
+    from seqmodels.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "shakespeare_rnn.yaml"), "--data.init_args.hub=some/dataset",
+              "--data.init_args.hub_splits={train: train, val: dev, test: test}", "--data.init_args.resplit=true",
+              "--print_config"])
+    assert exit_info.value.code == 0
+    data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
+    assert data["hub_splits"] == {"train": "train", "val": "dev", "test": "test"} and data["resplit"] is True
+    assert data["datasets_cache_dir"] is None
