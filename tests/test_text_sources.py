@@ -1,16 +1,20 @@
 """Where the text comes from and where its caches go: datasets' cache follows HF_DATASETS_CACHE /
-HF_HOME, the project's own follows data.cache_dir (XDG_CACHE_HOME), and a Hub dataset keeps its
-own splits (re-split only when asked or when it lacks one)."""
+HF_HOME, a Hub dataset keeps its own splits (re-split only when asked or when it lacks one),
+and data.path takes http(s) URLs (served here by a local HTTP server: no test uses the network)."""
 from __future__ import annotations
 
+import functools
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from data_modules.text import CharTextDataModule, decode
+from data_modules.text import CharTextDataModule, decode, list_text_files
 from seqmodels.errors import ConfigError
 from tests.conftest import ROOT
 
@@ -21,7 +25,7 @@ TEST = "".join(f"test line {i}: whether 'tis nobler\n" for i in range(10)) + "Zq
 
 def use_tmp_datasets_cache(tmp_path, monkeypatch):
     """datasets' default cache in this test's folder (the variables are read when datasets is
-    imported, so its config is patched too), online."""
+    imported, so its config is patched too), online, and no proxy for the local server."""
     import datasets
 
     cache = tmp_path / "hf_datasets"
@@ -32,6 +36,7 @@ def use_tmp_datasets_cache(tmp_path, monkeypatch):
     for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     return cache
 
 
@@ -188,6 +193,86 @@ def test_hub_name_offline_is_one_line(tmp_path, monkeypatch, variable):
     assert "'karpathy/tiny_shakespeare'" in message and "data.path" in message
 
 
+# ---- URLs -------------------------------------------------------------------------------------
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    requests: list[str]
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self.requests.append(self.path)
+        super().do_GET()
+
+    def do_HEAD(self):
+        self.requests.append(self.path)
+        super().do_HEAD()
+
+
+@pytest.fixture
+def server(tmp_path):
+    """A local HTTP server on 127.0.0.1 serving tmp_path/www; .requests lists the paths asked for."""
+    root = tmp_path / "www"
+    root.mkdir()
+    requests: list[str] = []
+    handler = functools.partial(type("Handler", (QuietHandler,), {"requests": requests}), directory=str(root))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    httpd.root, httpd.url, httpd.requests = root, f"http://127.0.0.1:{httpd.server_port}", requests
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_is_downloaded_into_datasets_cache_and_read(server, tmp_path, datasets_cache, corpus):
+    (server.root / "plays.txt").write_text(TRAIN, encoding="utf-8")
+    url = f"{server.url}/plays.txt"
+    dm = dm_for(tmp_path, path=url, fractions=(1.0, 0.0, 0.0))
+    assert dm.texts()["train"] == TRAIN
+    assert any(f.name.endswith(".json") for f in (datasets_cache / "downloads").iterdir())  # the download's record
+    mixed = dm_for(tmp_path, path=[str(corpus), url, str(corpus)], fractions=(1.0, 0.0, 0.0))
+    assert mixed.texts()["train"] == TRAIN * 3 + TRAIN + TRAIN * 3  # files and URLs, in the order given
+    assert list_text_files([url, str(corpus)]) == [url, corpus]
+
+
+def test_unreachable_url_is_one_line_and_fast(tmp_path):
+    url = "http://127.0.0.1:9/x.txt"  # the discard port: nothing listens there
+    start = time.perf_counter()
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, path=url).prepare()
+    assert time.perf_counter() - start < 20
+    message = one_line_error(excinfo)
+    assert f"data.path URL {url} cannot be downloaded" in message and "refused" in message.lower()
+    assert "download the file on a machine with network and pass the local file as data.path" in message
+
+
+def test_url_errors_name_the_reason(server, tmp_path):
+    (server.root / "latin1.txt").write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 20)
+    (server.root / "empty.txt").write_text("  \n")
+    for name, reason in [("missing.txt", "(HTTP 404 File not found)"),
+                         ("latin1.txt", "is not UTF-8 (byte 0xe9 at offset 3)"),
+                         ("empty.txt", "is empty")]:
+        with pytest.raises(ConfigError) as excinfo:
+            dm_for(tmp_path, path=f"{server.url}/{name}").prepare()
+        message = one_line_error(excinfo)
+        assert f"data.path URL {server.url}/{name} " in message and reason in message, message
+
+
+@pytest.mark.parametrize("variable", ["HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"])
+def test_url_offline_is_one_line_and_asks_nothing(server, tmp_path, monkeypatch, variable):
+    (server.root / "plays.txt").write_text(TRAIN, encoding="utf-8")
+    monkeypatch.setenv(variable, "1")
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, path=f"{server.url}/plays.txt").prepare()
+    message = one_line_error(excinfo)
+    assert f"{server.url}/plays.txt" in message and "offline mode is on" in message and "data.path" in message
+    assert server.requests == []
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")  # datasets' own variable wins over HF_HUB_OFFLINE
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dm_for(tmp_path, path=f"{server.url}/plays.txt", fractions=(1.0, 0.0, 0.0)).texts()["train"] == TRAIN
+
+
 def test_cli_parses_the_split_mapping_and_resplit(in_tmp_dir, capsys):
     """The options as a user writes them on the command line reach the module as they read."""
     import yaml
@@ -197,8 +282,8 @@ def test_cli_parses_the_split_mapping_and_resplit(in_tmp_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs" / "shakespeare_rnn.yaml"), "--data.init_args.hub=some/dataset",
               "--data.init_args.hub_splits={train: train, val: dev, test: test}", "--data.init_args.resplit=true",
-              "--print_config"])
+              "--data.init_args.path=https://example.org/plays.txt", "--print_config"])
     assert exit_info.value.code == 0
     data = yaml.safe_load(capsys.readouterr().out)["data"]["init_args"]
     assert data["hub_splits"] == {"train": "train", "val": "dev", "test": "test"} and data["resplit"] is True
-    assert data["datasets_cache_dir"] is None
+    assert data["path"] == "https://example.org/plays.txt" and data["datasets_cache_dir"] is None
