@@ -660,6 +660,8 @@ class ChoralesDataModule(LightningDataModule):
     buckets apply with one process only.
     """
 
+    dataset_name = "bach-chorales"  # the embedded corpus, in W&B tags (a file or folder: its name)
+
     def __init__(
         self,
         path: str | None = None,

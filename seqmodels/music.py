@@ -141,14 +141,11 @@ def write_midi(roll: np.ndarray, path: str | Path, steps_per_quarter: float = 1.
 
 
 def read_midi_roll(path: str | Path, steps_per_quarter: float = 1.0) -> np.ndarray:
-    """A MIDI file back to a piano roll (notes sampled at the start of each step)."""
-    from music21 import converter
+    """A MIDI file back to a piano roll: every note at its exact time, sampled at the start of
+    each step (``data_modules.chorales.midi_to_roll``, as for a folder of MIDI files)."""
+    from data_modules.chorales import midi_to_roll
 
-    from data_modules.chorales import score_to_roll
-
-    score = converter.parse(str(path))
-    parts = list(score.parts) if hasattr(score, "parts") and len(score.parts) else [score]
-    return score_to_roll(parts, steps_per_quarter)
+    return midi_to_roll(path, steps_per_quarter)
 
 
 def plot_roll(roll: np.ndarray, path: str | Path, title: str = "", prime_frames: int = 0) -> Path:
