@@ -230,3 +230,24 @@ def test_drums_and_notes_outside_the_piano_are_dropped_and_times_are_sampled(tmp
     on = {t: sorted(int(i) + 21 for i in np.flatnonzero(roll[t])) for t in range(len(roll))}
     assert on == {0: [60], 1: [60, 64], 2: [], 3: [108]}
     assert midi_to_roll(path, steps_per_quarter=4)[10, 67 - 21] == 1  # at 1/16 it is seen (time 2.5)
+
+
+def test_the_music_model_trains_and_samples_from_a_midi_folder_through_the_cli(in_tmp_dir):
+    """The README's "Your own data" commands on a folder the project wrote itself."""
+    from seqmodels.cli import main
+
+    folder = in_tmp_dir / "my_midi"
+    write_rolls(folder, [f"piece{i}.mid" for i in range(6)], steps_per_quarter=2)
+    corrupt(folder / "broken.mid")
+    config = Path(__file__).resolve().parents[1] / "configs" / "chorales_lstm.yaml"
+    args = ["--config", str(config), f"--data.init_args.path={folder}",
+            "--data.init_args.steps_per_quarter=2", f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}",
+            "--model.init_args.network.hidden_size=8"]
+    with pytest.warns(UserWarning, match="skipped 1 of 7 MIDI files"):
+        cli = main(["fit", *args, "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.current_epoch == 2 and np.isfinite(float(cli.trainer.callback_metrics["val/nll"]))
+    assert sorted(cli.datamodule.names["train"] + cli.datamodule.names["valid"] + cli.datamodule.names["test"]) == \
+        [f"piece{i}.mid" for i in range(6)]
+    main(["sample", *args, "--ckpt_path=last", "--prime_frames=2", "--length=6", f"--output={in_tmp_dir / 'out'}"])
+    written = list((in_tmp_dir / "out").glob("*.mid"))
+    assert len(written) == 1 and midi_to_roll(written[0], 2).shape[1] == 88
