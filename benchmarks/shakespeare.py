@@ -92,7 +92,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as cold_cache:  # encoding from nothing
         start = time.perf_counter()
-        CharTextDataModule(path=args.path, cache_dir=cold_cache).prepare()
+        CharTextDataModule(path=args.path, cache_dir=cold_cache, datasets_cache_dir=cold_cache).prepare()
         encode_seconds = time.perf_counter() - start
 
     config = args.config or str(ROOT / "configs" / f"shakespeare_{args.model}.yaml")

@@ -271,17 +271,17 @@ def choose_hub_splits(name: str, available: list[str], hub_splits: dict | list |
 
 
 def load_hub_text(name: str, column: str, hub_splits: dict | list | None, resplit: bool,
-                  cache_dir: str | None) -> dict[str, str] | str:
+                  cache_dir: str | None, config: str | None = None) -> dict[str, str] | str:
     """A Hub dataset (or a local dataset folder): {train, val, test} -> text from its own
     splits, or one text (the splits to re-split by ``fractions``, concatenated)."""
     from datasets import get_dataset_split_names, load_dataset
 
     try:
-        available = [str(s) for s in get_dataset_split_names(name, cache_dir=cache_dir)]
+        available = [str(s) for s in get_dataset_split_names(name, config, cache_dir=cache_dir)]
         chosen, resplit = choose_hub_splits(name, available, hub_splits, resplit)
         texts = {}
         for split in (chosen if resplit else chosen.values()):
-            dataset = load_dataset(name, split=split, cache_dir=cache_dir)
+            dataset = load_dataset(name, config, split=split, cache_dir=cache_dir)
             if column not in dataset.column_names:
                 raise ConfigError(f"data.column {column!r} is not in dataset {name} "
                                   f"(columns: {dataset.column_names})")
@@ -404,6 +404,8 @@ class CharTextDataModule(LightningDataModule):
         path: a text file, an http(s) URL, a folder, or a list of them; None for the embedded
             Shakespeare.
         hub: a Hub dataset name or a local dataset folder (used when ``path`` is None).
+        hub_config: the Hub dataset's configuration, for datasets that have several (e.g.
+            ``wikitext-2-raw-v1`` of ``Salesforce/wikitext``); None: its only or default one.
         column: the Hub dataset's text column.
         hub_splits: the Hub dataset's split names for train, val and test; None: its
             ``train``, ``validation`` (or ``valid``, ``val``, ``dev``) and ``test``. A list: those
@@ -422,10 +424,13 @@ class CharTextDataModule(LightningDataModule):
         seed: seed of the random windows.
     """
 
+    dataset_name = "shakespeare"  # the embedded corpus, in W&B tags (a file, URL or Hub dataset: its name)
+
     def __init__(
         self,
         path: str | list[str] | None = None,
         hub: str | None = None,
+        hub_config: str | None = None,
         column: str = "text",
         hub_splits: dict[str, str] | list[str] | None = None,
         resplit: bool = False,
@@ -463,7 +468,8 @@ class CharTextDataModule(LightningDataModule):
             files = list_text_files(hp.path)
             documents = list(zip(map(str, files), load_local_text(files, hp.datasets_cache_dir)))
         elif hp.hub is not None:
-            loaded = load_hub_text(hp.hub, hp.column, hp.hub_splits, hp.resplit, hp.datasets_cache_dir)
+            loaded = load_hub_text(hp.hub, hp.column, hp.hub_splits, hp.resplit, hp.datasets_cache_dir,
+                                   hp.hub_config)
             if isinstance(loaded, dict):
                 return loaded  # the dataset's own splits
             documents = [(hp.hub, loaded)]

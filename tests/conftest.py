@@ -1,7 +1,10 @@
 """Shared test setup: W&B offline and never prompting, each test in its own folder."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# datasets' cache (text read through its text builder) in a folder of this test session, not
+# the user's ~/.cache/huggingface; set before anything imports datasets, which reads it then.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="seqmodels-tests-hf-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 
 @pytest.fixture

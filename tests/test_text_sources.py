@@ -159,6 +159,41 @@ def test_hub_split_names_are_mapped_or_given(tmp_path):
     assert "has no train split" in one_line_error(excinfo)
 
 
+TWO_CONFIGS = """---
+configs:
+- config_name: small
+  data_files:
+  - split: train
+    path: a.txt
+  - split: validation
+    path: b.txt
+  - split: test
+    path: c.txt
+  default: true
+- config_name: swapped
+  data_files:
+  - split: train
+    path: a.txt
+  - split: validation
+    path: c.txt
+  - split: test
+    path: b.txt
+---
+"""
+
+
+def test_hub_config_picks_one_of_a_datasets_configurations(tmp_path):
+    """data.hub_config is load_dataset's second argument (wikitext's 'wikitext-2-raw-v1')."""
+    folder = text_dataset(tmp_path / "configs", {"README.md": TWO_CONFIGS, "a.txt": TRAIN, "b.txt": VALID,
+                                                 "c.txt": TEST})
+    assert dm_for(tmp_path, hub=str(folder)).texts() == {"train": TRAIN, "val": VALID, "test": TEST}
+    assert dm_for(tmp_path, hub=str(folder), hub_config="swapped").texts() == {"train": TRAIN, "val": TEST,
+                                                                              "test": VALID}
+    with pytest.raises(ConfigError) as excinfo:
+        dm_for(tmp_path, hub=str(folder), hub_config="nope").prepare()
+    assert "nope" in one_line_error(excinfo)
+
+
 def test_hub_rows_are_joined_by_line_breaks(tmp_path):
     """A text dataset's rows are its lines without their line break: the split is the file again."""
     folder = text_dataset(tmp_path / "ds", {"train.txt": TRAIN, "validation.txt": VALID, "test.txt": TEST})
