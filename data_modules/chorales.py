@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world, shuffled_loader
 
+from seqmodels.caches import default_cache_dir
 from seqmodels.errors import ConfigError
 
 LOWEST_NOTE, HIGHEST_NOTE = 21, 108  # A0 .. C8
@@ -71,11 +72,6 @@ def missing_path_message(path: str | Path) -> str:
     return (f"data.path {path} does not exist; pass a JSB_Chorales.pickle/.mat file or a folder of MIDI "
             "files (or leave data.path unset for the embedded music21 Bach chorales); for the canonical "
             f"JSB_Chorales.mat: curl -LO {url}, or --data.url {url} to download it once into the cache")
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "seqmodels"
 
 
 # ---- canonical files -------------------------------------------------------------------

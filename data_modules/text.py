@@ -38,9 +38,9 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
-from data_modules.chorales import default_cache_dir
 from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world
 
+from seqmodels.caches import default_cache_dir
 from seqmodels.errors import ConfigError
 
 UNK = "<unk>"

@@ -59,6 +59,13 @@ def _build():
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def warn_disabled() -> None:
+    """Once per process, when a bptt layer runs on a CPU with the loops turned off."""
+    warnings.warn("seqmodels: SEQMODELS_FUSED=0, so impl bptt runs its plain-torch reference on the CPU "
+                  "(correct, several times slower); unset it for the C++ loops", stacklevel=5)
+
+
 def kernels():
     """``torch.ops.seqmodels_fused``, or None (disabled, or not buildable here)."""
     return _build() if enabled() else None

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqmodels import compat
+from seqmodels import autotune, compat
 from seqmodels.cells import CELLS, NONLINEARITIES, CellType, State
 from seqmodels.errors import ConfigError
 
@@ -142,13 +142,15 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         forget_bias: float = 1.0,
         peephole: bool = False,
         impl: str = "auto",
+        autotune: bool = True,
     ) -> None:
         super().__init__()
         options = dict(nonlinearity=nonlinearity, forget_bias=forget_bias, peephole=peephole)
         check_stack_args(cell, input_size, hidden_size, num_layers, dropout, impl, **options)
         self.kind = CELLS[cell]
         self.cell_type, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
-        self.dropout, self.impl = dropout, impl
+        self.dropout, self.impl, self.autotune = dropout, impl, autotune
+        self.auto_decisions: dict[str, autotune.Decision] = {}  # impl auto's measured choices, by key
         own = {k: v for k, v in options.items() if k in self.kind.options}
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(RecurrentLayer(self.kind.cell(i, hidden_size, **own)) for i in sizes)
@@ -181,6 +183,12 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
         impl = resolve_impl(self.impl, self.kind, self.layers[0].cell, x.device.type, training,
                             batch=x.shape[0], hidden=self.hidden_size)
+        if training and self.autotune:
+            impl = self._measured_impl(x, state, lengths, static=impl)
+        return self.run_impl(impl, x, state, lengths)
+
+    def run_impl(self, impl: str, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
+        """The stack through one implementation (``forward`` picks it)."""
         if impl == "native":
             return self._forward_native(x, state, lengths)
         if impl == "bptt":
@@ -195,6 +203,23 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
             x, s = layer(x, tuple(s[l] for s in state), mask)
             finals.append(s)
         return x, tuple(torch.stack(s) for s in zip(*finals))
+
+    def _measured_impl(self, x: Tensor, state: State, lengths: Tensor | None, static: str) -> str:
+        """``auto`` on a training pass: the faster of native and bptt at this shape, measured once
+        per machine and shape (``seqmodels.autotune``); the static rule where only one can run."""
+        cell = self.layers[0].cell
+        candidates = [impl for impl, ok in (("native", self.kind.native(cell) is not None),
+                                            ("bptt", self.kind.bptt is not None)) if ok]
+        if len(candidates) < 2:
+            return static
+        label = self.cell_type + ("-peephole" if self.peephole else "") + \
+            (f"-{cell.nonlinearity}" if self.cell_type == "rnn" else "")
+        key = autotune.make_key(x.device, label, self.num_layers, x.shape[0], x.shape[1], cell.input_size,
+                                self.hidden_size, x.dtype)
+        decision = autotune.choose(key, candidates, static, autotune.training_pass(self, x, state, lengths),
+                                   announce=autotune.say)
+        self.auto_decisions[key] = decision
+        return decision.impl
 
     # ---- hand-written BPTT, one autograd.Function call per layer ---------------------
     def _forward_bptt(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:

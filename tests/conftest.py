@@ -16,6 +16,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # the user's ~/.cache/huggingface; set before anything imports datasets, which reads it then.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="seqmodels-tests-hf-datasets-")
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
+# impl auto's measured decisions: one file for the session (subprocesses included), so every run
+# of a test at the same shape takes the same implementation, and the user's cache stays untouched
+os.environ["SEQMODELS_AUTOTUNE_CACHE"] = os.path.join(os.environ["HF_DATASETS_CACHE"], "autotune.json")
 
 
 @pytest.fixture

@@ -527,13 +527,13 @@ def test_bptt_under_bf16_autocast_runs_in_float32(variant):
 
 # ---- choice of implementation ------------------------------------------------------
 def test_auto_asks_with_the_call_training_or_not(monkeypatch):
-    """The stack tells the rule whether a backward follows and the step's size."""
+    """The stack tells the static rule (autotune off) whether a backward follows and the step's size."""
     from seqmodels.cells import CELLS
 
     seen = []
     monkeypatch.setitem(CELLS, "lstm", dataclasses.replace(CELLS["lstm"], bptt_on_cpu=lambda training, batch, hidden: (
         seen.append((training, batch, hidden)) or training)))
-    stack = RecurrentStack("lstm", 3, 8)
+    stack = RecurrentStack("lstm", 3, 8, autotune=False)
     used = []
     for name in ("bptt", "native"):
         method = getattr(stack, f"_forward_{name}")

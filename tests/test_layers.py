@@ -55,7 +55,8 @@ def test_cells_know_nothing_of_lightning_and_data_nothing_of_models():
     assert "lightning" not in source
     for module, deps in graph.items():
         if module.startswith("data_modules"):
-            assert deps <= {d for d in graph if d.startswith("data_modules")} | {"seqmodels.errors", "seqmodels.compat"}, (
+            assert deps <= {d for d in graph if d.startswith("data_modules")} | {"seqmodels.errors", "seqmodels.compat",
+                                                                                   "seqmodels.caches"}, (
                 module, deps)
 
 

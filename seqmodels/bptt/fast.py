@@ -173,6 +173,8 @@ def fused_kernels(x: Tensor):
     reference runs)."""
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
         return None
+    if not fused.enabled():
+        fused.warn_disabled()
     return fused.kernels()
 
 

@@ -43,6 +43,9 @@ class Network:
         dropout: between stacked layers, in [0, 1) (the text model also applies it to its
             embedding and before its read-out).
         impl: how the recurrence is computed (``seqmodels.recurrent``); ``auto`` picks.
+        autotune: with ``impl: auto``, time native and bptt on the first training step of
+            each new shape and keep the faster (``seqmodels.autotune``, cached on disk);
+            false: the registry's static rule.
         nonlinearity: the vanilla RNN's.
         forget_bias: the LSTM's initial forget-gate bias.
         peephole: LSTM with peephole connections.
@@ -55,6 +58,7 @@ class Network:
     num_layers: int = 1
     dropout: float = 0.0
     impl: Impl = "auto"
+    autotune: bool = True
     nonlinearity: Literal["tanh", "relu"] = "tanh"
     forget_bias: float = 1.0
     peephole: bool = False
@@ -79,6 +83,7 @@ class SequenceModel(LightningModule):
         if isinstance(network, dict):  # as a checkpoint's hyperparameters hold it
             network = Network(**network)
         self.network = network
+        self._logged_decisions: set[str] = set()
         options = asdict(network)
         init, gain = options.pop("recurrent_init"), options.pop("recurrent_gain")
         try:
@@ -96,6 +101,17 @@ class SequenceModel(LightningModule):
         super().save_hyperparameters(*args, **kwargs)
         if isinstance(self.hparams.get("network"), Network):
             self.hparams["network"] = asdict(self.hparams["network"])
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        """``impl: auto``'s measured choice goes to the loggers (W&B: the run's config, beside
+        ``model.impl``) once it is made; the console has had its line from the stack."""
+        new = {k: d for k, d in self.stack.auto_decisions.items() if k not in self._logged_decisions}
+        if new and self.trainer is not None:
+            key, decision = list(new.items())[-1]
+            for logger in self.loggers:
+                logger.log_hyperparams({"model.impl_chosen": decision.impl,
+                                        "model.impl_chosen_why": f"{key}: {decision.why()}"})
+            self._logged_decisions.update(new)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
