@@ -20,6 +20,11 @@ training step, over the peak after building the model and the input and running 
 inference pass. It counts everything the step touches (saved activations, gradients, scratch
 buffers, allocator slack), measured by the OS, not by torch.
 
+The first line names the host: the CPU model, torch's ISA level (AVX2, AVX512, ...) and the
+thread count; after each size, the implementation ``impl: auto`` would train with here: what
+its measurement would pick from these timings (``seqmodels.autotune.select``) and what the
+static rule says (``autotune: false``).
+
 Keep torch's default thread count; run one benchmark at a time.
 """
 from __future__ import annotations
@@ -124,6 +129,34 @@ def peak_memory(cell: str, impl: str, B: int, T: int, I: int, H: int) -> float:
     return (after - before) / 1024.0  # ru_maxrss is in KiB on Linux
 
 
+def host() -> dict:
+    """The CPU model, torch's ISA level and thread count."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": model, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def auto_choice(cell: str, B: int, H: int, by_impl: dict) -> dict:
+    """What impl auto trains with at this size: measured (from these medians) and static."""
+    from seqmodels.autotune import select
+    from seqmodels.cells import CELLS
+    from seqmodels.recurrent import resolve_impl
+
+    stack, _ = build(cell, "native", B, 1, 1, H)
+    static = resolve_impl("auto", CELLS[cell], stack.layers[0].cell, "cpu", True, B, H)
+    measured = select({n: by_impl[n]["train_ms"] for n in ("native", "bptt")}, static)
+    return {"auto_measured": measured, "auto_static": static}
+
+
 def run_worker(args) -> None:
     B, T, I, H = args.size[0]
     if args.worker == "time":
@@ -156,6 +189,9 @@ def main() -> None:
         return run_worker(args)
 
     results = []
+    machine = host()
+    print(f"host: {machine['cpu']}, ISA {machine['isa']}, {machine['threads']} threads, torch {machine['torch']}",
+          flush=True)
     header = (f"{'cell':5} {'impl':9} {'B':>3} {'T':>4} {'I':>3} {'H':>4} | {'train tok/s':>11} "
               f"{'x torch':>7} | {'infer tok/s':>11} {'x torch':>7} | {'peak MB':>7}")
     print(header, flush=True)
@@ -177,10 +213,14 @@ def main() -> None:
             by_impl = {row["impl"]: row for row in rows}
             for row in rows:  # medians' ratio: how much faster than the readable autograd loop
                 row["train_ratio_vs_autograd"] = by_impl["autograd"]["train_ms"] / row["train_ms"]
-            print(f"{'':15} bptt vs autograd, training: "
-                  f"{by_impl['bptt']['train_ratio_vs_autograd']:.2f}x", flush=True)
+            choice = auto_choice(cell, size[0], size[3], by_impl)
+            for row in rows:
+                row.update(choice, isa=machine["isa"])
+            print(f"{'':15} bptt vs autograd, training: {by_impl['bptt']['train_ratio_vs_autograd']:.2f}x; "
+                  f"impl auto trains with {choice['auto_measured']} here (measured; static rule: "
+                  f"{choice['auto_static']})", flush=True)
     if args.json:
-        print(json.dumps({"results": results}))
+        print(json.dumps({"host": machine, "results": results}))
 
 
 if __name__ == "__main__":

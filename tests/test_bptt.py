@@ -188,17 +188,19 @@ def two_threads():
 
 @pytest.mark.cxx
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_loops_split_across_threads(variant, two_threads):
-    """The C++ loops share each step's units among torch's threads (a step big enough for it):
-    100 units split unevenly (48 + 52) between 2 threads, uneven lengths, against autograd."""
+@pytest.mark.parametrize("B, H", [(41, 100), (12, 120)], ids=["by_rows", "by_units"])
+def test_fused_loops_split_across_threads(variant, B, H, two_threads):
+    """The C++ loops share each step among torch's threads (a step big enough for it), against
+    autograd with uneven lengths: by rows when every thread gets >= 8 sequences and W_hh fits in
+    a core's cache (41 rows: 20 + 21), else by units (12 rows, 120 units: 48 + 72)."""
     assert fused.kernels() is not None
-    stack = make_stack(variant, input_size=9, hidden_size=100, num_layers=1)
+    stack = make_stack(variant, input_size=9, hidden_size=H, num_layers=1)
     gen = torch.Generator().manual_seed(5)
-    B, T = 40, 9
+    T = 9
     x = torch.randn(B, T, 9, generator=gen)
     state = random_state(stack, B, torch.float32, gen)
     lengths = torch.randint(0, T + 1, (B,), generator=gen)
-    weights = torch.randn(B, T, 100, generator=gen)
+    weights = torch.randn(B, T, H, generator=gen)
     ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
     loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
     assert_same_loss(loss, ref_loss)

@@ -29,7 +29,27 @@ inline float exp_(float x) {
 }
 inline double exp_(double x) { return std::exp(x); }
 
-template <typename S> inline S sigmoid_(S x) { return S(1) / (S(1) + exp_(-x)); }
+// 1/x for x in [1, 2^116], without a divide: vdivps is the slowest instruction of the step
+// (an LSTM forward step has five), and three Newton steps r <- r (2 - x r) from a guess built
+// from the exponent bits (~3 correct bits, each step doubling them) come within 1.5e-7 relative
+// (checked over [1, 5.6e34]) in six FMAs. NaN stays NaN (x r is NaN).
+inline float rcp_(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits = 0x7EF311C7 - bits;
+  float r;
+  std::memcpy(&r, &bits, sizeof r);
+  r = r * (2.0f - x * r);
+  r = r * (2.0f - x * r);
+  r = r * (2.0f - x * r);
+  return r;
+}
+inline double rcp_(double x) { return 1.0 / x; }
+
+// σ(x) = 1 / (1 + e^-x); in float, x below -80 counts as -80 (σ(-80) = 1.8e-35), which keeps
+// 1 + e^-x within rcp_'s range.
+inline float sigmoid_(float x) { return rcp_(1.0f + exp_(-(x < -80.0f ? -80.0f : x))); }
+inline double sigmoid_(double x) { return 1.0 / (1.0 + exp_(-x)); }
 // tanh(x) = 2σ(2x) - 1; exact std::tanh in float64 (gradcheck)
 inline float tanh_(float x) { return 2.0f * sigmoid_(2.0f * x) - 1.0f; }
 inline double tanh_(double x) { return std::tanh(x); }

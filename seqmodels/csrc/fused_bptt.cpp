@@ -21,8 +21,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
+#include <string>
 #include <thread>
+#include <type_traits>
+#include <vector>
 
 // The BLAS that torch links (MKL in the x86 wheels, OpenBLAS elsewhere) exports the Fortran
 // GEMMs; called directly they skip ATen's per-call tensor bookkeeping, which at small sizes
@@ -36,6 +41,15 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
             const double*, const int*, const double*, const int*, const double*, double*,
             const int*) __attribute__((weak));
+// MKL's packed GEMM (the enums passed as ints: CblasRowMajor 101, CblasNoTrans 111, CblasTrans
+// 112, CblasPacked 151, CblasBMatrix 162). A plain GEMM copies its weight operand into the
+// kernel's blocked layout on every call; in a time loop that is the same W_hh slice T times, and
+// at batch sizes of 16-64 rows the copy costs about as much as the multiply (docs/bptt.md).
+std::size_t cblas_sgemm_pack_get_size(int, int, int, int) __attribute__((weak));
+void cblas_sgemm_pack(int, int, int, int, int, int, float, const float*, int, float*)
+    __attribute__((weak));
+void cblas_sgemm_compute(int, int, int, int, int, int, const float*, int, const float*, int, float,
+                         float*, int) __attribute__((weak));
 }
 
 namespace {
@@ -91,6 +105,71 @@ template <typename S> bool use_blas() {
   return ok;
 }
 
+// MKL's packed operand: op(w) of c (rows x n) += a (rows x k) @ op(w), in the GEMM kernel's own
+// layout (row-major, "B" operand); nullptr where the buffer cannot be had.
+struct FreeFloats { void operator()(float* p) const { std::free(p); } };
+using PackedFloats = std::unique_ptr<float, FreeFloats>;
+
+PackedFloats pack_weight(bool w_t, int64_t rows, int64_t n, int64_t k, const float* w, int64_t ldw) {
+  const std::size_t bytes = (cblas_sgemm_pack_get_size(162, int(rows), int(n), int(k)) + 63) / 64 * 64;
+  PackedFloats packed(static_cast<float*>(std::aligned_alloc(64, bytes)));
+  if (packed) cblas_sgemm_pack(101, 162, w_t ? 112 : 111, int(rows), int(n), int(k), 1.0f, w, int(ldw), packed.get());
+  return packed;
+}
+
+void packed_acc(const float* packed, int64_t rows, int64_t n, int64_t k, const float* a, int64_t lda, float* c,
+                int64_t ldc) {
+  cblas_sgemm_compute(101, 111, 151, int(rows), int(n), int(k), a, int(lda), packed, int(n), 1.0f, c, int(ldc));
+}
+
+// Whether MKL's packed GEMM is exported and computes what at::mm computes (once per process);
+// SEQMODELS_PACKED_GEMM=0 turns it off (for comparisons).
+bool use_packed() {
+  static const bool ok = [] {
+    const char* env = std::getenv("SEQMODELS_PACKED_GEMM");
+    if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute || !use_blas<float>() ||
+        (env && std::string(env) == "0"))
+      return false;
+    const auto opt = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor a = at::arange(15, opt).reshape({3, 5}).sin(), w = at::arange(20, opt).reshape({4, 5}).cos();
+    at::Tensor v = w.t().contiguous().mul(0.5);
+    at::Tensor c1 = at::zeros({3, 4}, opt), c2 = at::ones({3, 4}, opt);
+    PackedFloats p1 = pack_weight(true, 3, 4, 5, w.data_ptr<float>(), 5);
+    PackedFloats p2 = pack_weight(false, 3, 4, 5, v.data_ptr<float>(), 4);
+    if (!p1 || !p2) return false;
+    packed_acc(p1.get(), 3, 4, 5, a.data_ptr<float>(), 5, c1.data_ptr<float>(), 4);
+    packed_acc(p2.get(), 3, 4, 5, a.data_ptr<float>(), 5, c2.data_ptr<float>(), 4);
+    return at::allclose(c1, at::mm(a, w.t()), 1e-4, 1e-5) && at::allclose(c2, at::mm(a, v) + 1, 1e-4, 1e-5);
+  }();
+  return ok;
+}
+
+// c (rows x n) += a (rows x k) @ op(w), as gemm_acc, for the T calls of a time loop with the
+// same weight slice: packed once where use_packed() (float32), else gemm_acc on every call.
+// Each thread builds its own, so its packed slice lives in memory it touched first.
+template <typename S>
+class WeightOperand {
+ public:
+  WeightOperand(bool w_t, int64_t rows, int64_t n, int64_t k, const S* w, int64_t ldw, bool blas)
+      : w_t_(w_t), rows_(rows), n_(n), k_(k), w_(w), ldw_(ldw), blas_(blas) {
+    if constexpr (std::is_same_v<S, float>)
+      if (blas && use_packed()) packed_ = pack_weight(w_t, rows, n, k, w, ldw);
+  }
+  void acc(const S* a, int64_t lda, S* c, int64_t ldc) const {
+    if constexpr (std::is_same_v<S, float>)
+      if (packed_) return packed_acc(packed_.get(), rows_, n_, k_, a, lda, c, ldc);
+    gemm_acc(w_t_, rows_, n_, k_, a, lda, w_, ldw_, c, ldc, blas_);
+  }
+
+ private:
+  bool w_t_;
+  int64_t rows_, n_, k_;
+  const S* w_;
+  int64_t ldw_;
+  bool blas_;
+  PackedFloats packed_;
+};
+
 // Threads share each step by units: thread p of P owns units [u_p, u_{p+1}) of every row (their
 // columns of z, h, c and of each gate), computes those columns' GEMM with a single-threaded BLAS
 // call (BLAS runs sequentially inside an OpenMP region) and their elementwise math, then waits
@@ -125,22 +204,41 @@ inline int team_size(int64_t B, int64_t H, int64_t G, bool blas) {
   return int(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), H / kMinUnitsPerThread)));
 }
 
-// body(u0, u1, sync) on each of the team's threads; sync() is the per-step barrier. Unit bounds
-// are multiples of 16 (whole cache lines of floats).
-template <typename F> void over_units(int64_t B, int64_t H, int64_t G, bool blas, const F& body) {
+// A thread's share of every step: rows [b0, b1) (sequences) and units [u0, u1).
+struct Share {
+  int64_t b0, b1, u0, u1;
+  int64_t rows() const { return b1 - b0; }
+  int64_t units() const { return u1 - u0; }
+};
+
+// Sharing by rows when each thread gets at least this many rows and the whole W_hh (read by
+// every thread every step) fits in its core's cache: the sequences are independent, so the
+// threads never wait for each other (no barrier), and each step is one GEMM per thread.
+constexpr int64_t kMinRowsPerThread = 8;
+constexpr int64_t kRowsMaxWeightBytes = 1 << 20;
+
+// body(share, sync) on each of the team's threads; sync() is the per-step barrier (a no-op when
+// sharing by rows). Unit bounds are multiples of 16 (whole cache lines of floats).
+template <typename S, typename F>
+void over_team(int64_t B, int64_t H, int64_t G, bool blas, const F& body) {
 #ifdef _OPENMP  // (fused.py builds without OpenMP where the compiler has none: one thread)
   if (const int P = team_size(B, H, G, blas); P > 1) {
+    const bool by_rows = B >= kMinRowsPerThread * P && G * H * int64_t(sizeof(S)) <= kRowsMaxWeightBytes;
     Barrier barrier;
 #pragma omp parallel num_threads(P)
     {
       const int n = omp_get_num_threads(), p = omp_get_thread_num();
-      auto bound = [&](int q) { return q == n ? H : H * q / n / 16 * 16; };
-      body(bound(p), bound(p + 1), [&] { barrier.wait(n); });
+      if (by_rows) {
+        body(Share{B * p / n, B * (p + 1) / n, 0, H}, [] {});
+      } else {
+        auto bound = [&](int q) { return q == n ? H : H * q / n / 16 * 16; };
+        body(Share{0, B, bound(p), bound(p + 1)}, [&] { barrier.wait(n); });
+      }
     }
     return;
   }
 #endif
-  body(int64_t(0), H, [] {});
+  body(Share{0, B, 0, H}, [] {});
 }
 
 // "row b is past its end at step t" (1-based t), or never without lengths
@@ -157,14 +255,15 @@ void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t
                       const int64_t* len, bool tanh) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
-  over_units(B, H, H, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
-    const int64_t n = u1 - u0;
+  over_team<S>(B, H, H, blas, [&](const Share& sh, auto&& sync) {
+    const int64_t n = sh.units(), u0 = sh.u0;
+    const WeightOperand<S> w(true, sh.rows(), n, H, w_hh + u0 * H, H, blas);  // this thread's rows of W_hh
     for (int64_t t = 1; t <= T; ++t) {
       S* z = xz + (t - 1) * step + u0;
       const S* h_prev = hs + (t - 1) * step;
       S* h = hs + t * step + u0;
-      gemm_acc(true, B, n, H, h_prev, H, w_hh + u0 * H, H, z, H, blas);
-      for (int64_t b = 0; b < B; ++b) {
+      w.acc(h_prev + sh.b0 * H, H, z + sh.b0 * H, H);
+      for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
         if (padded(len, b, t))  // the state stops changing
           std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
@@ -184,16 +283,17 @@ void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int6
                        int64_t H, bool tanh) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
-  over_units(B, H, H, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
-    const int64_t n = u1 - u0;
+  over_team<S>(B, H, H, blas, [&](const Share& sh, auto&& sync) {
+    const int64_t n = sh.units(), u0 = sh.u0;
+    const WeightOperand<S> w(false, sh.rows(), n, H, w_hh + u0, H, blas);  // this thread's columns of W_hh
     for (int64_t t = T; t >= 1; --t) {
       const S* ds = dy + t * step + u0;
       const S* h = hs + t * step + u0;
       S* g = dz + (t - 1) * step;
-      for (int64_t b = 0; b < B; ++b)
+      for (int64_t b = sh.b0; b < sh.b1; ++b)
         rnn_row_backward(ds + b * H, h + b * H, g + u0 + b * H, n, tanh);
       sync();  // the GEMM reads all of δz_t
-      gemm_acc(false, B, n, H, g, H, w_hh + u0, H, dy + (t - 1) * step + u0, H, blas);
+      w.acc(g + sh.b0 * H, H, dy + (t - 1) * step + sh.b0 * H + u0, H);
     }
   });
 }
@@ -212,9 +312,12 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
                        S* tcs, bool tcs_per_step, int64_t T, int64_t B, int64_t H) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H, G = 4 * H;
-  over_units(B, H, G, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
-    const int64_t n = u1 - u0;
+  over_team<S>(B, H, G, blas, [&](const Share& sh, auto&& sync) {
+    const int64_t n = sh.units(), u0 = sh.u0, rows = sh.rows();
     const S* p = peep ? peep + u0 : nullptr;  // this thread's units of p_i (p_f, p_o H apart)
+    std::vector<WeightOperand<S>> w;  // the four gates' rows of W_hh in one block, or one per gate
+    if (n == H) w.emplace_back(true, rows, G, H, w_hh, H, blas);
+    else for (int64_t q = 0; q < 4; ++q) w.emplace_back(true, rows, n, H, w_hh + (q * H + u0) * H, H, blas);
     for (int64_t t = 1; t <= T; ++t) {
       S* za = xz + (t - 1) * B * G + u0;  // pre-activations in, activations out
       const S* h_prev = hs + (t - 1) * step;
@@ -222,12 +325,8 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
       S* h = hs + t * step + u0;
       S* c = cs + t * step + u0;
       S* tc = tcs + (tcs_per_step ? (t - 1) * step : 0) + u0;
-      if (n == H)  // the four gates' rows of W_hh are one block
-        gemm_acc(true, B, G, H, h_prev, H, w_hh, H, za, G, blas);
-      else
-        for (int64_t q = 0; q < 4; ++q)
-          gemm_acc(true, B, n, H, h_prev, H, w_hh + (q * H + u0) * H, H, za + q * H, G, blas);
-      for (int64_t b = 0; b < B; ++b) {
+      for (std::size_t q = 0; q < w.size(); ++q) w[q].acc(h_prev + sh.b0 * H, H, za + sh.b0 * G + q * H, G);
+      for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
         lstm_row_forward(za + b * G, c_prev + r, p, c + r, h + r, tc + r, n, H);
         if (padded(len, b, t)) {  // the state stops changing (c̃ in tcs/acts is not used)
@@ -255,16 +354,17 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
   const int64_t step = B * H, G = 4 * H;
   if (!len) std::memcpy(dc, dcT, step * sizeof(S));
   else std::fill(dc, dc + step, S(0));
-  over_units(B, H, G, blas, [&](int64_t u0, int64_t u1, auto&& sync) {
-    const int64_t n = u1 - u0;
+  over_team<S>(B, H, G, blas, [&](const Share& sh, auto&& sync) {
+    const int64_t n = sh.units(), u0 = sh.u0, u1 = sh.u1;
     const S* p = peep ? peep + u0 : nullptr;
+    const WeightOperand<S> w(false, sh.rows(), n, G, w_hh + u0, H, blas);  // this thread's columns of W_hh
     for (int64_t t = T; t >= 1; --t) {
       const S* dh = dy + t * step + u0;
       const S* act = acts + (t - 1) * B * G + u0;
       const S* tc = tcs + (t - 1) * step + u0;
       const S* c_prev = cs + (t - 1) * step + u0;
       S* g = dz + (t - 1) * B * G;
-      for (int64_t b = 0; b < B; ++b) {
+      for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
         if (len && len[b] == t)  // the final cell state's gradient enters at step n_b
           for (int64_t j = u0; j < u1; ++j) dc[r + j] += dcT[r + j];
@@ -272,7 +372,7 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
                           n, H);
       }
       sync();  // the GEMM reads all of δz_t
-      gemm_acc(false, B, n, G, g, G, w_hh + u0, H, dy + (t - 1) * step + u0, H, blas);
+      w.acc(g + sh.b0 * G, G, dy + (t - 1) * step + sh.b0 * H + u0, H);
     }
   });
   if (len)  // sequences of length 0: their final state is the initial one
