@@ -51,10 +51,15 @@ class RNNCell(nn.Module):
     def reset_parameters(self) -> None:
         _uniform_(self)
 
-    def forward(self, x: Tensor, state: State) -> State:
-        """One step: x (B, I), (h,) each (B, H) -> (h',)."""
+    def forward(self, x: Tensor, state: State, weight_hh: Tensor | None = None,
+                recurrent_mask: Tensor | None = None) -> State:
+        """One step: x (B, I), (h,) each (B, H) -> (h',). ``weight_hh``: W_hh to use instead of
+        the parameter (weight drop); ``recurrent_mask`` (B, H): multiplies h where it enters
+        W_hh (recurrent dropout). Both are drawn by the layer, once per sequence."""
         (h,) = state
-        z = x @ self.weight_ih.T + self.bias_ih + h @ self.weight_hh.T + self.bias_hh
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        h_in = h if recurrent_mask is None else h * recurrent_mask
+        z = x @ self.weight_ih.T + self.bias_ih + h_in @ w_hh.T + self.bias_hh
         return (torch.tanh(z) if self.nonlinearity == "tanh" else torch.relu(z),)
 
 
@@ -101,10 +106,14 @@ class LSTMCell(nn.Module):
             self.bias_ih[H : 2 * H].fill_(self.forget_bias)
             self.bias_hh[H : 2 * H].zero_()
 
-    def forward(self, x: Tensor, state: State) -> State:
-        """One step: x (B, I), (h, c) each (B, H) -> (h', c')."""
+    def forward(self, x: Tensor, state: State, weight_hh: Tensor | None = None,
+                recurrent_mask: Tensor | None = None) -> State:
+        """One step: x (B, I), (h, c) each (B, H) -> (h', c'); ``weight_hh`` and
+        ``recurrent_mask`` as for ``RNNCell`` (h ⊙ mask enters every gate's W_h· h)."""
         h, c = state
-        gates = x @ self.weight_ih.T + self.bias_ih + h @ self.weight_hh.T + self.bias_hh
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        h_in = h if recurrent_mask is None else h * recurrent_mask
+        gates = x @ self.weight_ih.T + self.bias_ih + h_in @ w_hh.T + self.bias_hh
         i, f, g, o = gates.chunk(4, dim=1)
         if self.peephole:
             i = i + self.weight_ci * c
@@ -141,11 +150,15 @@ class GRUCell(nn.Module):
     def reset_parameters(self) -> None:
         _uniform_(self)
 
-    def forward(self, x: Tensor, state: State) -> State:
-        """One step: x (B, I), (h,) each (B, H) -> (h',)."""
+    def forward(self, x: Tensor, state: State, weight_hh: Tensor | None = None,
+                recurrent_mask: Tensor | None = None) -> State:
+        """One step: x (B, I), (h,) each (B, H) -> (h',); ``weight_hh`` and ``recurrent_mask``
+        as for ``RNNCell``: the mask reaches h in W_h· h only, not the carried z ⊙ h."""
         (h,) = state
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        h_in = h if recurrent_mask is None else h * recurrent_mask
         x_r, x_z, x_n = (x @ self.weight_ih.T + self.bias_ih).chunk(3, dim=1)
-        h_r, h_z, h_n = (h @ self.weight_hh.T + self.bias_hh).chunk(3, dim=1)
+        h_r, h_z, h_n = (h_in @ w_hh.T + self.bias_hh).chunk(3, dim=1)
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
         return ((1 - z) * n + z * h,)
@@ -163,7 +176,8 @@ class CellType:
     native      cell -> the name of torch's fused op for it (``torch._VF.<name>``, cuDNN mode
                 ``<NAME>``), or None when torch has none for these options
     bptt        one layer with a hand-written backward through time, or None:
-                (x (T, B, I), state, cell, lengths) -> (output (T, B, H), final state)
+                (x (T, B, I), state, cell, lengths, weight_hh or None) -> (output (T, B, H),
+                final state); weight_hh replaces cell.weight_hh (weight drop)
     bptt_on_cpu (training, batch, hidden) -> whether ``bptt`` beats ``native`` on a CPU
                 (``impl: auto``; measured by benchmarks/cells.py, docs/bptt.md)
     """

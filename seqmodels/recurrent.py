@@ -23,6 +23,8 @@ without bf16 support cannot run. cuDNN may still use TF32 tensor cores for float
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -34,6 +36,44 @@ from seqmodels.errors import ConfigError
 
 IMPLS = ("auto", "autograd", "bptt", "native")
 OPTION_DEFAULTS = {"nonlinearity": "tanh", "forget_bias": 1.0, "peephole": False}  # RecurrentStack's
+# Regularizers inside the recurrence (RecurrentLayer has the equations), each a probability in
+# [0, 1); the hand-written BPTT applies those in BPTT_REGULARIZERS so far, torch's fused kernels none.
+REGULARIZERS = ("recurrent_dropout", "zoneout_h", "zoneout_c", "weight_drop")
+BPTT_REGULARIZERS = ("weight_drop",)
+
+
+@dataclass(frozen=True)
+class Regularizers:
+    """The probabilities of the stack's recurrent regularizers (0: off)."""
+
+    recurrent_dropout: float = 0.0
+    zoneout_h: float = 0.0
+    zoneout_c: float = 0.0
+    weight_drop: float = 0.0
+
+    def active(self) -> tuple[str, ...]:
+        return tuple(name for name in REGULARIZERS if getattr(self, name))
+
+
+def check_regularizers(regs: Regularizers, kind: CellType, name: str, impl: str) -> None:
+    """Each a probability in [0, 1), zoneout_c only for a cell with a cell state, and an impl that
+    can apply them all; else a one-line ConfigError."""
+    for reg in REGULARIZERS:
+        p = getattr(regs, reg)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ConfigError(f"{reg} must be in [0, 1) (a probability; 0 turns it off), got {p!r}")
+    if regs.zoneout_c and "c" not in kind.state:
+        raise ConfigError(f"zoneout_c: {regs.zoneout_c} does not apply to cell: {name}, which has no cell state c "
+                          "(zoneout_h zones out its h)")
+    on = regs.active()
+    if on and impl == "native":
+        can = ["auto", "autograd"] + (["bptt"] if kind.bptt and set(on) <= set(BPTT_REGULARIZERS) else [])
+        raise ConfigError(f"impl: native cannot apply {', '.join(on)} (torch's fused kernels have no such "
+                          f"option); use impl: {', '.join(can)}")
+    missing = [reg for reg in on if reg not in BPTT_REGULARIZERS]
+    if impl == "bptt" and missing:
+        raise ConfigError(f"impl: bptt does not apply {', '.join(missing)} yet (its hand-written backward has "
+                          f"{', '.join(BPTT_REGULARIZERS)}); use impl: auto or autograd")
 
 
 def check_stack_args(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
@@ -69,17 +109,20 @@ def check_impl(impl: str, kind: CellType, cell: nn.Module, name: str, options: d
 
 
 def resolve_impl(impl: str, kind: CellType, cell: nn.Module, device_type: str = "cpu", training: bool = False,
-                 batch: int | None = None, hidden: int | None = None) -> str:
+                 batch: int | None = None, hidden: int | None = None, regularizers: tuple[str, ...] = ()) -> str:
     """The implementation ``auto`` stands for; any other ``impl`` is returned as is.
 
     ``auto`` asks the registry (``cells.CELLS``): ``bptt`` when torch has no fused op for the
     cell (e.g. peepholes) or, on a CPU, when the cell's ``bptt_on_cpu`` rule says the
     hand-written loops are faster for this call (``training``: a backward will follow; the
     batch and hidden sizes); otherwise ``native`` (oneDNN, cuDNN), and ``autograd`` for a cell
-    with neither. All of them compute the same function of the same parameters.
+    with neither. All of them compute the same function of the same parameters. With recurrent
+    regularizers on, never ``native``: ``bptt`` where it applies them all, else ``autograd``.
     """
     if impl != "auto":
         return impl
+    if regularizers:
+        return "bptt" if kind.bptt is not None and set(regularizers) <= set(BPTT_REGULARIZERS) else "autograd"
     native = kind.native(cell) is not None
     if kind.bptt is not None and (not native or (device_type == "cpu" and kind.bptt_on_cpu(training, batch, hidden))):
         return "bptt"
@@ -99,18 +142,38 @@ class RecurrentLayer(nn.Module):
     With a mask, the state stops changing past each sequence's end:
         s_t = m_t ? cell(x_t, s_{t-1}) : s_{t-1},   output_t = m_t ? h_t : 0
     which is what torch computes on a PackedSequence.
+
+    Regularizers inside the recurrence (``Regularizers``), in training; p is each one's probability:
+        weight drop        W̃_hh = W_hh ⊙ M / (1 − p), M ~ Bernoulli(1 − p) per entry, drawn once
+                           per forward and used at every step (DropConnect; Merity et al. 2017)
+        recurrent dropout  W_hh (h_{t-1} ⊙ r) with r = mask / (1 − p), mask ~ Bernoulli(1 − p) per
+                           sequence and unit, the same at every step (Gal & Ghahramani 2016)
+        zoneout            h_t = d_t ⊙ h_{t-1} + (1 − d_t) ⊙ h̃_t with d_t ~ Bernoulli(p) per step,
+                           sequence and unit (zoneout_h; zoneout_c the same for c) (Krueger et al. 2017)
+    At evaluation weight drop and recurrent dropout are off and zoneout takes its expectation,
+    h_t = p h_{t-1} + (1 − p) h̃_t. Random draws, in this order: W's mask, r, then per step
+    d for h and d for c.
     """
 
     def __init__(self, cell: nn.Module) -> None:
         super().__init__()
         self.cell = cell
 
-    def forward(self, x: Tensor, state: State, mask: Tensor | None = None) -> tuple[Tensor, State]:
+    def forward(self, x: Tensor, state: State, mask: Tensor | None = None,
+                regs: Regularizers = Regularizers(), training: bool = False) -> tuple[Tensor, State]:
         """x (B, T, I), state tuple of (B, H), mask (B, T) or None -> output (B, T, H), state."""
+        weight_hh = recurrent = None
+        if training and regs.weight_drop:
+            weight_hh = F.dropout(self.cell.weight_hh, regs.weight_drop, True)
+        if training and regs.recurrent_dropout:
+            recurrent = F.dropout(x.new_ones(x.shape[0], self.cell.hidden_size), regs.recurrent_dropout, True)
+        zoneout = (regs.zoneout_h, regs.zoneout_c)[:len(state)]
         outputs = []
         masks = mask.unsqueeze(-1).unbind(1) if mask is not None else None
         for t, x_t in enumerate(x.unbind(1)):
-            new = self.cell(x_t, state)
+            new = self.cell(x_t, state, weight_hh=weight_hh, recurrent_mask=recurrent)
+            if any(zoneout):
+                new = tuple(_zoneout(n, s, p, training) for n, s, p in zip(new, state, zoneout))
             if masks is None:
                 state = new
                 outputs.append(new[0])
@@ -118,6 +181,14 @@ class RecurrentLayer(nn.Module):
                 state = tuple(torch.where(masks[t], n, s) for n, s in zip(new, state))
                 outputs.append(new[0] * masks[t])
         return torch.stack(outputs, 1), state
+
+
+def _zoneout(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
+    """d ⊙ old + (1 − d) ⊙ new with d ~ Bernoulli(p) in training, p ⊙ old + (1 − p) ⊙ new at evaluation."""
+    if not p:
+        return new
+    d = torch.bernoulli(torch.full_like(new, p)) if training else p
+    return d * old + (1 - d) * new
 
 
 class RecurrentStack(compat.FlattenOnApply, nn.Module):
@@ -128,7 +199,9 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
     (``weight_ih_l{l}``), so weights move freely between the two.
 
     Cell options (``nonlinearity``, ``forget_bias``, ``peephole``) go to the cells that take
-    them (the registry says which); setting one for a cell without it is an error.
+    them (the registry says which); setting one for a cell without it is an error. The
+    recurrent regularizers (``recurrent_dropout``, ``zoneout_h``, ``zoneout_c``, ``weight_drop``;
+    equations in ``RecurrentLayer``) apply to every layer, in training mode.
     """
 
     def __init__(
@@ -143,6 +216,10 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         peephole: bool = False,
         impl: str = "auto",
         autotune: bool = True,
+        recurrent_dropout: float = 0.0,
+        zoneout_h: float = 0.0,
+        zoneout_c: float = 0.0,
+        weight_drop: float = 0.0,
     ) -> None:
         super().__init__()
         options = dict(nonlinearity=nonlinearity, forget_bias=forget_bias, peephole=peephole)
@@ -155,6 +232,8 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(RecurrentLayer(self.kind.cell(i, hidden_size, **own)) for i in sizes)
         check_impl(impl, self.kind, self.layers[0].cell, cell, own)
+        self.regularizers = Regularizers(recurrent_dropout, zoneout_h, zoneout_c, weight_drop)
+        check_regularizers(self.regularizers, self.kind, cell, impl)
 
     @property
     def peephole(self) -> bool:
@@ -181,9 +260,10 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
             state = self.initial_state(x.shape[0], x)
         training = self.impl == "auto" and torch.is_grad_enabled() and (  # only auto asks
             x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        regs = self.regularizers.active()
         impl = resolve_impl(self.impl, self.kind, self.layers[0].cell, x.device.type, training,
-                            batch=x.shape[0], hidden=self.hidden_size)
-        if training and self.autotune:
+                            batch=x.shape[0], hidden=self.hidden_size, regularizers=regs)
+        if training and self.autotune and not regs:  # with regularizers at most one candidate is left
             impl = self._measured_impl(x, state, lengths, static=impl)
         return self.run_impl(impl, x, state, lengths)
 
@@ -200,7 +280,7 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            x, s = layer(x, tuple(s[l] for s in state), mask)
+            x, s = layer(x, tuple(s[l] for s in state), mask, self.regularizers, self.training)
             finals.append(s)
         return x, tuple(torch.stack(s) for s in zip(*finals))
 
@@ -231,7 +311,10 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            x, s = self.kind.bptt(x, tuple(s[l] for s in state), layer.cell, lengths)
+            weight_hh = None  # weight drop: the masked W_hh goes in, autograd takes dW back through the mask
+            if self.training and self.regularizers.weight_drop:
+                weight_hh = F.dropout(layer.cell.weight_hh, self.regularizers.weight_drop, True)
+            x, s = self.kind.bptt(x, tuple(s[l] for s in state), layer.cell, lengths, weight_hh)
             finals.append(s)
         return x.transpose(0, 1), tuple(torch.stack(s) for s in zip(*finals))
 

@@ -44,11 +44,12 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
-def rnn_layer(x: Tensor, state: tuple[Tensor], cell, lengths: Optional[Tensor] = None
-              ) -> tuple[Tensor, tuple[Tensor]]:
+def rnn_layer(x: Tensor, state: tuple[Tensor], cell, lengths: Optional[Tensor] = None,
+              weight_hh: Optional[Tensor] = None) -> tuple[Tensor, tuple[Tensor]]:
     """One RNN layer: x (T, B, I), state (h0,) each (B, H), lengths (B,) int64 in [0, T] or
-    None -> output (T, B, H), (h_T,)."""
-    weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)
+    None -> output (T, B, H), (h_T,). ``weight_hh``: used instead of ``cell.weight_hh`` (weight
+    drop passes W_hh ⊙ M / (1 − p); its gradient reaches W_hh through autograd)."""
+    weights = (cell.weight_ih, cell.weight_hh if weight_hh is None else weight_hh, cell.bias_ih, cell.bias_hh)
     if fast.fused_kernels(x) is not None:
         args = (x, state[0], *weights, lengths)
         out, h = _run(x, fast.RNNFunction, args, cell.nonlinearity, _needs_graph(*args))
@@ -58,11 +59,12 @@ def rnn_layer(x: Tensor, state: tuple[Tensor], cell, lengths: Optional[Tensor] =
     return out, (h,)
 
 
-def lstm_layer(x: Tensor, state: tuple[Tensor, Tensor], cell, lengths: Optional[Tensor] = None
-               ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """One LSTM layer: x (T, B, I), state (h0, c0) -> output (T, B, H), (h_T, c_T) each (B, H)."""
+def lstm_layer(x: Tensor, state: tuple[Tensor, Tensor], cell, lengths: Optional[Tensor] = None,
+               weight_hh: Optional[Tensor] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM layer: x (T, B, I), state (h0, c0) -> output (T, B, H), (h_T, c_T) each (B, H);
+    ``weight_hh`` as for ``rnn_layer``."""
     peep = (cell.weight_ci, cell.weight_cf, cell.weight_co) if cell.peephole else (None,) * 3
-    weights = (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh, *peep)
+    weights = (cell.weight_ih, cell.weight_hh if weight_hh is None else weight_hh, cell.bias_ih, cell.bias_hh, *peep)
     if fast.fused_kernels(x) is not None:
         args = (x, *state, *weights, lengths)
         out, h, c = _run(x, fast.LSTMFunction, args, _needs_graph(*args))

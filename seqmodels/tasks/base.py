@@ -51,6 +51,9 @@ class Network:
         peephole: LSTM with peephole connections.
         recurrent_init: every W_hh (each gate block): ``default`` (torch's uniform),
             ``identity`` (IRNN, Le et al. 2015) or ``orthogonal``, times ``recurrent_gain``.
+        recurrent_dropout, zoneout_h, zoneout_c, weight_drop: regularizers inside the
+            recurrence, each a probability in [0, 1) (0: off; equations in
+            ``seqmodels.recurrent.RecurrentLayer``); not with ``impl: native``.
     """
 
     cell: CellName = "lstm"
@@ -64,6 +67,10 @@ class Network:
     peephole: bool = False
     recurrent_init: Literal["default", "identity", "orthogonal"] = "default"
     recurrent_gain: float = 1.0
+    recurrent_dropout: float = 0.0
+    zoneout_h: float = 0.0
+    zoneout_c: float = 0.0
+    weight_drop: float = 0.0
 
 
 class SequenceModel(LightningModule):

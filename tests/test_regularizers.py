@@ -1,0 +1,154 @@
+"""Regularizers inside the recurrence (recurrent dropout, zoneout of h and c, weight drop):
+the equations against a loop written out here in float64, evaluation (off, or zoneout's
+expectation), gradcheck, the hand-written BPTT's weight drop against autograd, what ``auto``
+picks, and the one-line errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from seqmodels import RecurrentStack
+from seqmodels.cells import CELLS
+from seqmodels.errors import ConfigError
+from seqmodels.recurrent import resolve_impl
+
+ALL = dict(recurrent_dropout=0.3, zoneout_h=0.2, zoneout_c=0.4, weight_drop=0.5)
+
+
+def by_hand(stack: RecurrentStack, x: torch.Tensor, training: bool, seed: int = 7) -> torch.Tensor:
+    """One LSTM layer with every regularizer, written out (RecurrentLayer's docstring), drawing
+    its random numbers in the documented order: W's mask, r, then per step d_h, d_c."""
+    p = stack.regularizers
+    cell = stack.layers[0].cell
+    torch.manual_seed(seed)
+    w_hh = cell.weight_hh
+    B, T, _ = x.shape
+    H = cell.hidden_size
+    if training:
+        w_hh = w_hh * (torch.empty_like(w_hh).bernoulli_(1 - p.weight_drop) / (1 - p.weight_drop))
+        r = torch.empty(B, H, dtype=x.dtype).bernoulli_(1 - p.recurrent_dropout) / (1 - p.recurrent_dropout)
+    else:
+        r = torch.ones(B, H, dtype=x.dtype)
+    h = c = torch.zeros(B, H, dtype=x.dtype)
+    out = []
+    for t in range(T):
+        z = x[:, t] @ cell.weight_ih.T + cell.bias_ih + (h * r) @ w_hh.T + cell.bias_hh
+        i, f, g, o = z.chunk(4, 1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if training:
+            d_h = torch.bernoulli(torch.full_like(h, p.zoneout_h))
+            d_c = torch.bernoulli(torch.full_like(c, p.zoneout_c))
+        else:
+            d_h, d_c = p.zoneout_h, p.zoneout_c
+        h, c = d_h * h + (1 - d_h) * h_new, d_c * c + (1 - d_c) * c_new
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_the_lstm_with_every_regularizer_follows_its_equations(training):
+    torch.manual_seed(0)
+    stack = RecurrentStack("lstm", 3, 5, impl="autograd", **ALL).double().train(training)
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    torch.manual_seed(7)
+    out, _ = stack(x)
+    torch.testing.assert_close(out, by_hand(stack, x, training), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_at_evaluation_dropouts_are_off_and_zoneout_is_its_expectation(cell):
+    torch.manual_seed(0)
+    plain = RecurrentStack(cell, 3, 5, num_layers=2, impl="autograd").eval()
+    regs = dict(recurrent_dropout=0.3, weight_drop=0.5)
+    dropped = RecurrentStack(cell, 3, 5, num_layers=2, impl="autograd", **regs).eval()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 7, 3)
+    torch.testing.assert_close(dropped(x)[0], plain(x)[0], rtol=0, atol=0)
+    zoned = RecurrentStack(cell, 3, 5, num_layers=1, impl="autograd", zoneout_h=0.25).eval()
+    zoned.load_state_dict({k: v for k, v in plain.state_dict().items() if k.startswith("layers.0")})
+    h = torch.zeros(2, 5)
+    state = tuple(torch.zeros(2, 5) for _ in CELLS[cell].state)
+    for t in range(7):
+        new = zoned.layers[0].cell(x[:, t], state)
+        h = 0.25 * state[0] + 0.75 * new[0]
+        state = (h, *new[1:])
+    torch.testing.assert_close(zoned(x)[0][:, -1], h)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_gradcheck_through_every_regularizer(cell):
+    torch.manual_seed(0)
+    regs = ALL if cell == "lstm" else {k: v for k, v in ALL.items() if k != "zoneout_c"}
+    stack = RecurrentStack(cell, 3, 4, num_layers=2, impl="autograd", **regs).double()
+    x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
+    params = list(stack.parameters())
+
+    def run(x, *weights):
+        with torch.random.fork_rng():
+            torch.manual_seed(3)  # the same masks on every call
+            return stack(x)[0]
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weight_drop_under_bptt_equals_autograd(cell, dtype):
+    """The hand-written BPTT gets W_hh ⊙ M / (1 − p) and autograd takes dW_hh back through the
+    mask: outputs and every gradient equal autograd's with the same masks."""
+    torch.manual_seed(0)
+    a = RecurrentStack(cell, 3, 6, num_layers=2, impl="autograd", weight_drop=0.4).to(dtype)
+    b = RecurrentStack(cell, 3, 6, num_layers=2, impl="bptt", weight_drop=0.4).to(dtype)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 5, 3, dtype=dtype)
+    grads = []
+    for stack in (a, b):
+        torch.manual_seed(11)
+        out, state = stack(x, lengths=torch.tensor([5, 3, 1, 4]))
+        (out.sum() + state[0].sum()).backward()
+        grads.append((out, [p.grad for p in stack.parameters()]))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][0], grads[1][0], **tol)
+    for ga, gb in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(ga, gb, **tol)
+    assert grads[0][1][1].eq(0).any(), "dropped entries of W_hh get no gradient"
+
+
+def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
+    lstm, gru = CELLS["lstm"], CELLS["gru"]
+    cell = RecurrentStack("lstm", 2, 4).layers[0].cell
+    assert resolve_impl("auto", lstm, cell, "cpu", True, 64, 256, regularizers=("weight_drop",)) == "bptt"
+    assert resolve_impl("auto", lstm, cell, "cpu", False, 2, 4, regularizers=("weight_drop",)) == "bptt"
+    assert resolve_impl("auto", lstm, cell, "cuda", True, 64, 256, regularizers=("zoneout_h",)) == "autograd"
+    gru_cell = RecurrentStack("gru", 2, 4).layers[0].cell
+    assert resolve_impl("auto", gru, gru_cell, "cpu", True, 64, 256, regularizers=("recurrent_dropout",)) == "autograd"
+    for regs in (dict(weight_drop=0.3), dict(zoneout_h=0.1), dict(recurrent_dropout=0.2, zoneout_c=0.1)):
+        stack = RecurrentStack("lstm", 2, 64, **regs)
+        monkeypatch.setattr(stack, "_forward_native", lambda *a: pytest.fail("native ran"))
+        stack(torch.randn(16, 3, 2))[0].sum().backward()
+        with torch.no_grad():
+            stack.eval()(torch.randn(16, 3, 2))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(cell="lstm", zoneout_h=1.0), "zoneout_h must be in [0, 1) (a probability; 0 turns it off), got 1.0"),
+    (dict(cell="rnn", recurrent_dropout=-0.1), "recurrent_dropout must be in [0, 1)"),
+    (dict(cell="gru", zoneout_c=0.2), "zoneout_c: 0.2 does not apply to cell: gru, which has no cell state c"),
+    (dict(cell="lstm", impl="native", recurrent_dropout=0.2),
+     "impl: native cannot apply recurrent_dropout (torch's fused kernels have no such option); use impl: auto, autograd"),
+    (dict(cell="lstm", impl="native", weight_drop=0.2), "use impl: auto, autograd, bptt"),
+    (dict(cell="rnn", impl="bptt", zoneout_h=0.2), "impl: bptt does not apply zoneout_h yet"),
+])
+def test_bad_regularizers_are_one_line_errors(kwargs, message):
+    with pytest.raises(ConfigError) as excinfo:
+        RecurrentStack(input_size=2, hidden_size=4, **kwargs)
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+
+def test_a_task_names_the_config_key():
+    from seqmodels.tasks import SumsRegressor
+    from seqmodels.tasks.base import Network
+
+    with pytest.raises(ConfigError, match=r"^model\.network\.weight_drop must be in \[0, 1\)"):
+        SumsRegressor(Network(cell="lstm", weight_drop=1.5))
