@@ -37,9 +37,9 @@ from seqmodels.errors import ConfigError
 IMPLS = ("auto", "autograd", "bptt", "native")
 OPTION_DEFAULTS = {"nonlinearity": "tanh", "forget_bias": 1.0, "peephole": False}  # RecurrentStack's
 # Regularizers inside the recurrence (RecurrentLayer has the equations), each a probability in
-# [0, 1); the hand-written BPTT applies those in BPTT_REGULARIZERS so far, torch's fused kernels none.
+# [0, 1); the hand-written BPTT applies those in BPTT_REGULARIZERS, torch's fused kernels none.
 REGULARIZERS = ("recurrent_dropout", "zoneout_h", "zoneout_c", "weight_drop")
-BPTT_REGULARIZERS = ("weight_drop",)
+BPTT_REGULARIZERS = REGULARIZERS
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ class RecurrentLayer(nn.Module):
         zoneout            h_t = d_t ⊙ h_{t-1} + (1 − d_t) ⊙ h̃_t with d_t ~ Bernoulli(p) per step,
                            sequence and unit (zoneout_h; zoneout_c the same for c) (Krueger et al. 2017)
     At evaluation weight drop and recurrent dropout are off and zoneout takes its expectation,
-    h_t = p h_{t-1} + (1 − p) h̃_t. Random draws, in this order: W's mask, r, then per step
-    d for h and d for c.
+    h_t = p h_{t-1} + (1 − p) h̃_t. Random draws, in this order (``regularizer_masks``): W's
+    mask, r, d for h at every step, d for c at every step.
     """
 
     def __init__(self, cell: nn.Module) -> None:
@@ -162,18 +162,13 @@ class RecurrentLayer(nn.Module):
     def forward(self, x: Tensor, state: State, mask: Tensor | None = None,
                 regs: Regularizers = Regularizers(), training: bool = False) -> tuple[Tensor, State]:
         """x (B, T, I), state tuple of (B, H), mask (B, T) or None -> output (B, T, H), state."""
-        weight_hh = recurrent = None
-        if training and regs.weight_drop:
-            weight_hh = F.dropout(self.cell.weight_hh, regs.weight_drop, True)
-        if training and regs.recurrent_dropout:
-            recurrent = F.dropout(x.new_ones(x.shape[0], self.cell.hidden_size), regs.recurrent_dropout, True)
-        zoneout = (regs.zoneout_h, regs.zoneout_c)[:len(state)]
+        B, T = x.shape[:2]
+        weight_hh, recurrent, zoneout = regularizer_masks(regs, self.cell, B, T, x, training, len(state))
         outputs = []
         masks = mask.unsqueeze(-1).unbind(1) if mask is not None else None
         for t, x_t in enumerate(x.unbind(1)):
             new = self.cell(x_t, state, weight_hh=weight_hh, recurrent_mask=recurrent)
-            if any(zoneout):
-                new = tuple(_zoneout(n, s, p, training) for n, s, p in zip(new, state, zoneout))
+            new = tuple(n if d is None else d[t] * s + (1 - d[t]) * n for n, s, d in zip(new, state, zoneout))
             if masks is None:
                 state = new
                 outputs.append(new[0])
@@ -183,12 +178,22 @@ class RecurrentLayer(nn.Module):
         return torch.stack(outputs, 1), state
 
 
-def _zoneout(new: Tensor, old: Tensor, p: float, training: bool) -> Tensor:
-    """d ⊙ old + (1 − d) ⊙ new with d ~ Bernoulli(p) in training, p ⊙ old + (1 − p) ⊙ new at evaluation."""
-    if not p:
-        return new
-    d = torch.bernoulli(torch.full_like(new, p)) if training else p
-    return d * old + (1 - d) * new
+def regularizer_masks(regs: Regularizers, cell: nn.Module, B: int, T: int, like: Tensor, training: bool,
+                      n_state: int) -> tuple[Tensor | None, Tensor | None, tuple[Tensor | None, ...]]:
+    """The regularizers of one layer's forward, drawn in this order: W̃_hh (weight drop, or None),
+    r (B, H) (recurrent dropout, or None), then zoneout's d (T, B, H) for h and for c (None where
+    off; filled with p at evaluation, its expectation). Every impl draws them here, so autograd
+    and bptt see the same masks."""
+    weight_hh = recurrent = None
+    if training and regs.weight_drop:
+        weight_hh = F.dropout(cell.weight_hh, regs.weight_drop, True)
+    if training and regs.recurrent_dropout:
+        recurrent = F.dropout(like.new_ones(B, cell.hidden_size), regs.recurrent_dropout, True)
+    zoneout = []
+    for p in (regs.zoneout_h, regs.zoneout_c)[:n_state]:
+        full = like.new_full((T, B, cell.hidden_size), p) if p else None
+        zoneout.append(torch.bernoulli(full) if p and training else full)
+    return weight_hh, recurrent, tuple(zoneout)
 
 
 class RecurrentStack(compat.FlattenOnApply, nn.Module):
@@ -311,10 +316,10 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         for l, layer in enumerate(self.layers):
             if l > 0 and self.dropout > 0:
                 x = F.dropout(x, self.dropout, self.training)
-            weight_hh = None  # weight drop: the masked W_hh goes in, autograd takes dW back through the mask
-            if self.training and self.regularizers.weight_drop:
-                weight_hh = F.dropout(layer.cell.weight_hh, self.regularizers.weight_drop, True)
-            x, s = self.kind.bptt(x, tuple(s[l] for s in state), layer.cell, lengths, weight_hh)
+            # weight drop: the masked W_hh goes in, and autograd takes dW back through the mask
+            weight_hh, recurrent, zoneout = regularizer_masks(self.regularizers, layer.cell, x.shape[1], x.shape[0],
+                                                              x, self.training, len(state))
+            x, s = self.kind.bptt(x, tuple(s[l] for s in state), layer.cell, lengths, weight_hh, recurrent, zoneout)
             finals.append(s)
         return x.transpose(0, 1), tuple(torch.stack(s) for s in zip(*finals))
 

@@ -17,7 +17,7 @@ ALL = dict(recurrent_dropout=0.3, zoneout_h=0.2, zoneout_c=0.4, weight_drop=0.5)
 
 def by_hand(stack: RecurrentStack, x: torch.Tensor, training: bool, seed: int = 7) -> torch.Tensor:
     """One LSTM layer with every regularizer, written out (RecurrentLayer's docstring), drawing
-    its random numbers in the documented order: W's mask, r, then per step d_h, d_c."""
+    its random numbers in the documented order: W's mask, r, d_h of every step, d_c of every step."""
     p = stack.regularizers
     cell = stack.layers[0].cell
     torch.manual_seed(seed)
@@ -29,6 +29,9 @@ def by_hand(stack: RecurrentStack, x: torch.Tensor, training: bool, seed: int = 
         r = torch.empty(B, H, dtype=x.dtype).bernoulli_(1 - p.recurrent_dropout) / (1 - p.recurrent_dropout)
     else:
         r = torch.ones(B, H, dtype=x.dtype)
+    if training:
+        d_h_all = torch.bernoulli(torch.full((T, B, H), p.zoneout_h, dtype=x.dtype))
+        d_c_all = torch.bernoulli(torch.full((T, B, H), p.zoneout_c, dtype=x.dtype))
     h = c = torch.zeros(B, H, dtype=x.dtype)
     out = []
     for t in range(T):
@@ -37,8 +40,7 @@ def by_hand(stack: RecurrentStack, x: torch.Tensor, training: bool, seed: int = 
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_new = torch.sigmoid(o) * torch.tanh(c_new)
         if training:
-            d_h = torch.bernoulli(torch.full_like(h, p.zoneout_h))
-            d_c = torch.bernoulli(torch.full_like(c, p.zoneout_c))
+            d_h, d_c = d_h_all[t], d_c_all[t]
         else:
             d_h, d_c = p.zoneout_h, p.zoneout_c
         h, c = d_h * h + (1 - d_h) * h_new, d_c * c + (1 - d_c) * c_new
@@ -92,27 +94,72 @@ def test_gradcheck_through_every_regularizer(cell):
     assert torch.autograd.gradcheck(run, (x, *params))
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+NO_C = {k: v for k, v in ALL.items() if k != "zoneout_c"}
+CASES = [(cell, name, regs) for cell in ("rnn", "lstm", "lstm_peephole")
+         for name, regs in (("weight_drop", dict(weight_drop=0.4)), ("recurrent_dropout", dict(recurrent_dropout=0.3)),
+                            ("zoneout_h", dict(zoneout_h=0.3)), ("zoneout_c", dict(zoneout_c=0.3)),
+                            ("all", NO_C if cell == "rnn" else ALL))
+         if not (cell == "rnn" and name == "zoneout_c")]
+
+
+@pytest.mark.parametrize("cell, regs", [(c, r) for c, _, r in CASES], ids=[f"{c}-{n}" for c, n, _ in CASES])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_weight_drop_under_bptt_equals_autograd(cell, dtype):
-    """The hand-written BPTT gets W_hh ⊙ M / (1 − p) and autograd takes dW_hh back through the
-    mask: outputs and every gradient equal autograd's with the same masks."""
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_regularizers_under_bptt_equal_autograd(cell, regs, dtype, training):
+    """The hand-written BPTT with the same masks (``regularizer_masks`` draws them for both):
+    outputs, final states and every gradient equal autograd's, with uneven lengths. Weight drop
+    runs the C++ loops on W_hh ⊙ M / (1 − p) (autograd takes dW_hh back through the mask); the
+    others run the reference's extended backward."""
+    options = dict(peephole=True) if cell == "lstm_peephole" else {}
+    name = cell.split("_")[0]
     torch.manual_seed(0)
-    a = RecurrentStack(cell, 3, 6, num_layers=2, impl="autograd", weight_drop=0.4).to(dtype)
-    b = RecurrentStack(cell, 3, 6, num_layers=2, impl="bptt", weight_drop=0.4).to(dtype)
+    a = RecurrentStack(name, 3, 6, num_layers=2, impl="autograd", **options, **regs).to(dtype).train(training)
+    b = RecurrentStack(name, 3, 6, num_layers=2, impl="bptt", **options, **regs).to(dtype).train(training)
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 5, 3, dtype=dtype)
-    grads = []
+    results = []
     for stack in (a, b):
         torch.manual_seed(11)
         out, state = stack(x, lengths=torch.tensor([5, 3, 1, 4]))
-        (out.sum() + state[0].sum()).backward()
-        grads.append((out, [p.grad for p in stack.parameters()]))
+        (out.sum() + sum(s.square().sum() for s in state)).backward()
+        results.append((out, state, [p.grad for p in stack.parameters()]))
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grads[0][0], grads[1][0], **tol)
-    for ga, gb in zip(grads[0][1], grads[1][1]):
+    (out_a, state_a, grads_a), (out_b, state_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, **tol)
+    for sa, sb in zip(state_a, state_b):
+        torch.testing.assert_close(sa, sb, **tol)
+    for ga, gb in zip(grads_a, grads_b):
         torch.testing.assert_close(ga, gb, **tol)
-    assert grads[0][1][1].eq(0).any(), "dropped entries of W_hh get no gradient"
+    if training and "weight_drop" in regs:
+        assert grads_a[1].eq(0).any(), "dropped entries of W_hh get no gradient"
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole"])
+def test_gradcheck_of_the_reference_backward_with_recurrent_dropout_and_zoneout(cell):
+    """The hand-written backward itself (reference Functions) in float64, fixed masks, lengths."""
+    from seqmodels.bptt import reference
+
+    gen = torch.Generator().manual_seed(0)
+    T, B, I, H = 4, 3, 2, 3
+    G = 4 if cell.startswith("lstm") else 1
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    x, h0, c0 = rand(T, B, I), rand(B, H), rand(B, H)
+    w_ih, w_hh, b_ih, b_hh = rand(G * H, I), rand(G * H, H), rand(G * H), rand(G * H)
+    mask = reference.step_mask(torch.tensor([4, 2, 3]), T, x)
+    r = torch.bernoulli(torch.full((B, H), 0.7, dtype=torch.float64), generator=gen) / 0.7
+    d_h = torch.bernoulli(torch.full((T, B, H), 0.3, dtype=torch.float64), generator=gen)
+    d_c = torch.bernoulli(torch.full((T, B, H), 0.4, dtype=torch.float64), generator=gen)
+    if cell == "rnn":
+        fn = lambda x, h0, a, b, c, d: reference.RNNReference.apply(x, h0, a, b, c, d, mask, "tanh", r, d_h)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, h0, w_ih, w_hh, b_ih, b_hh))
+    else:
+        peep = (rand(H), rand(H), rand(H)) if cell == "lstm_peephole" else (None,) * 3
+
+        def fn(x, h0, c0, a, b, c, d, *p):
+            p = p if p else (None,) * 3
+            return reference.LSTMReference.apply(x, h0, c0, a, b, c, d, *p, mask, r, d_h, d_c)
+
+        assert torch.autograd.gradcheck(fn, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, *[p for p in peep if p is not None]))
 
 
 def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
@@ -120,7 +167,7 @@ def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
     cell = RecurrentStack("lstm", 2, 4).layers[0].cell
     assert resolve_impl("auto", lstm, cell, "cpu", True, 64, 256, regularizers=("weight_drop",)) == "bptt"
     assert resolve_impl("auto", lstm, cell, "cpu", False, 2, 4, regularizers=("weight_drop",)) == "bptt"
-    assert resolve_impl("auto", lstm, cell, "cuda", True, 64, 256, regularizers=("zoneout_h",)) == "autograd"
+    assert resolve_impl("auto", lstm, cell, "cuda", True, 64, 256, regularizers=("zoneout_h",)) == "bptt"
     gru_cell = RecurrentStack("gru", 2, 4).layers[0].cell
     assert resolve_impl("auto", gru, gru_cell, "cpu", True, 64, 256, regularizers=("recurrent_dropout",)) == "autograd"
     for regs in (dict(weight_drop=0.3), dict(zoneout_h=0.1), dict(recurrent_dropout=0.2, zoneout_c=0.1)):
@@ -136,14 +183,16 @@ def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
     (dict(cell="rnn", recurrent_dropout=-0.1), "recurrent_dropout must be in [0, 1)"),
     (dict(cell="gru", zoneout_c=0.2), "zoneout_c: 0.2 does not apply to cell: gru, which has no cell state c"),
     (dict(cell="lstm", impl="native", recurrent_dropout=0.2),
-     "impl: native cannot apply recurrent_dropout (torch's fused kernels have no such option); use impl: auto, autograd"),
+     "impl: native cannot apply recurrent_dropout (torch's fused kernels have no such option); use impl: auto, autograd, bptt"),
+    (dict(cell="gru", impl="native", zoneout_h=0.2), "(torch's fused kernels have no such option); use impl: auto, autograd$"),
     (dict(cell="lstm", impl="native", weight_drop=0.2), "use impl: auto, autograd, bptt"),
-    (dict(cell="rnn", impl="bptt", zoneout_h=0.2), "impl: bptt does not apply zoneout_h yet"),
 ])
 def test_bad_regularizers_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError) as excinfo:
         RecurrentStack(input_size=2, hidden_size=4, **kwargs)
-    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+    text = str(excinfo.value)
+    assert "\n" not in text
+    assert text.endswith(message[:-1]) if message.endswith("$") else message in text
 
 
 def test_a_task_names_the_config_key():
