@@ -1,17 +1,20 @@
 """Lightning callbacks that show what a model writes: ``TextSamples`` (the character LM) and
-``PianoRollSamples`` (the music model) while it trains, ``PredictionFiles`` after ``predict``."""
+``PianoRollSamples`` (the music model) while it trains, ``ContinuationComparison`` (the music
+model, at the end of training), ``PredictionFiles`` after ``predict``."""
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from seqmodels.music import plot_roll
+from seqmodels.music import plot_roll, plot_roll_pair, write_midi
 from seqmodels.runs import log_image, run_dir
 from seqmodels.sampling import generate_roll, generate_text
 from seqmodels.tasks import CharLanguageModel, PolyphonicMusicModel
@@ -83,6 +86,76 @@ class PianoRollSamples(Callback):
         plot_roll(roll, path, title=f"epoch {epoch}, seed {self.seed}, temperature {self.temperature:g}")
         self.last_path = path
         log_image(trainer, "samples/piano_roll", str(path), caption=f"epoch {epoch}")
+
+
+class ContinuationComparison(Callback):
+    """At the end of training: give the best checkpoint's model the first ``prime_frames`` frames
+    of a test sequence (chosen by the seed among those long enough), let it continue for the
+    rest of that sequence (at most ``max_frames`` in all), and put its continuation beside the
+    real one: one PNG with the two piano rolls side by side (``<run>/samples/continuation.png``,
+    W&B key ``samples/continuation``) and both as MIDI (``continuation-real.mid``,
+    ``continuation-generated.mid``, also saved to the W&B run). The global random state is left
+    untouched and the trained module is not changed (the best weights go into a copy).
+
+    Args:
+        prime_frames: the frames given (8: two bars of 4/4 at one step per quarter).
+        max_frames: the longest pair shown, given frames included.
+        min_continuation: only sequences with at least this many frames after the prime.
+        temperature: sigmoid(logits / temperature).
+        seed: picks the sequence and drives the sampling.
+    """
+
+    def __init__(self, prime_frames: int = 8, max_frames: int = 64, min_continuation: int = 16,
+                 temperature: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if prime_frames < 1 or max_frames <= prime_frames or min_continuation < 1:
+            raise ValueError("prime_frames >= 1, max_frames > prime_frames and min_continuation >= 1 are required")
+        self.prime_frames, self.max_frames, self.min_continuation = prime_frames, max_frames, min_continuation
+        self.temperature, self.seed = temperature, seed
+        self.paths: dict[str, Path] = {}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not isinstance(pl_module, PolyphonicMusicModel) or not trainer.is_global_zero or \
+                not hasattr(datamodule, "load"):
+            return
+        tests = datamodule.load()["test"]
+        fits = [i for i, r in enumerate(tests) if len(r) >= self.prime_frames + self.min_continuation]
+        if not fits:
+            return
+        index = fits[int(np.random.default_rng(self.seed).integers(len(fits)))]
+        real = np.asarray(tests[index][:self.max_frames])
+        model = self._best_model(trainer, pl_module)
+        generated = generate_roll(model, len(real) - self.prime_frames, real[:self.prime_frames],
+                                  temperature=self.temperature, seed=self.seed)
+        names = getattr(datamodule, "names", None)
+        label = names["test"][index] if names else f"test sequence #{index}"
+        folder = Path(run_dir(trainer)) / "samples"
+        steps_per_quarter = float(getattr(datamodule, "steps_per_quarter", 1.0) or 1.0)
+        self.paths = {
+            "png": plot_roll_pair(real, generated, folder / "continuation.png", self.prime_frames,
+                                  f"{label}: the first {self.prime_frames} frames given, then the real music (left) "
+                                  f"and the model's (right; temperature {self.temperature:g}, seed {self.seed})"),
+            "real": write_midi(real, folder / "continuation-real.mid", steps_per_quarter),
+            "generated": write_midi(generated, folder / "continuation-generated.mid", steps_per_quarter),
+        }
+        log_image(trainer, "samples/continuation", str(self.paths["png"]), caption=label)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                for key in ("real", "generated"):
+                    logger.experiment.save(str(self.paths[key]), base_path=str(folder.parent), policy="now")
+
+    @staticmethod
+    def _best_model(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+        """A copy of the module with the best checkpoint's weights (the module itself when
+        there is no best checkpoint)."""
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        if not best or not os.path.isfile(best):
+            return pl_module
+        takes = inspect.signature(type(pl_module)).parameters
+        model = type(pl_module)(**{k: v for k, v in pl_module.hparams.items() if k in takes}).to(pl_module.device)
+        model.load_state_dict(torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"])
+        return model
 
 
 class PredictionFiles(BasePredictionWriter):

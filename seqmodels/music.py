@@ -173,3 +173,34 @@ def plot_roll(roll: np.ndarray, path: str | Path, title: str = "", prime_frames:
     fig.tight_layout()
     fig.savefig(str(path))
     return path
+
+
+def plot_roll_pair(real: np.ndarray, generated: np.ndarray, path: str | Path, prime_frames: int,
+                   title: str = "") -> Path:
+    """The real continuation of a sequence and a generated one, side by side on the same pitch
+    axis, the shared prime marked in both (a PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    real, generated = np.asarray(real), np.asarray(generated)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    on = np.flatnonzero(real.any(0) | generated.any(0)) if real.size else np.array([], dtype=int)
+    lo, hi = (max(0, on.min() - 3), min(N_PITCHES - 1, on.max() + 3)) if on.size else (27, 60)
+    width = min(18, 4 + (len(real) + len(generated)) / 10)
+    fig = Figure(figsize=(width, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, roll, name in zip(axes, (real, generated), ("the real continuation", "the model's continuation")):
+        ax.imshow(roll[:, lo:hi + 1].T, origin="lower", aspect="auto", cmap="Greys", interpolation="nearest",
+                  extent=(-0.5, len(roll) - 0.5, LOWEST_NOTE + lo - 0.5, LOWEST_NOTE + hi + 0.5), vmin=0, vmax=1)
+        ax.axvline(prime_frames - 0.5, color="tab:red", linewidth=1, label=f"end of the {prime_frames} given frames")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("time step")
+    axes[0].set_ylabel("MIDI note")
+    axes[1].legend(loc="upper right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(str(path))
+    return path

@@ -258,3 +258,28 @@ def test_cli_bad_data_path_is_one_line(in_tmp_dir, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: data.path missing.mat does not exist")
+
+
+def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_dir):
+    """ContinuationComparison (in the JSB and chorales configs): the first 8 frames of a test
+    sequence given, the real and the generated continuation as one PNG (logged to W&B) and two
+    MIDI files (saved to the W&B run); the generated one starts with the same 8 frames."""
+    from seqmodels.cli import main
+    from seqmodels.music import read_midi_roll
+
+    songs = {s: [[tuple(60 + (t + k + i) % 7 for k in range(3)) for t in range(30 + i)] for i in range(n)]
+             for s, n in (("train", 4), ("valid", 2), ("test", 2))}
+    data = write_pickle(in_tmp_dir / "long.pickle", songs)
+    cli = main(["fit", "--config", str(ROOT / "configs" / "jsb_lstm.yaml"), f"--data.path={data}", *TINY])
+    callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ContinuationComparison")
+    assert callback.paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    real, generated = read_midi_roll(callback.paths["real"]), read_midi_roll(callback.paths["generated"])
+    tests = cli.datamodule.load()["test"]
+    assert any(len(t) == len(real) and np.array_equal(t, real) for t in tests), "the real continuation is a test sequence"
+    assert np.array_equal(generated[:8], real[:8]), "the model continues the same 8 frames"
+    assert list((in_tmp_dir / "runs" / "wandb").rglob("media/images/samples/continuation*.png"))
+    import wandb
+
+    files = Path(wandb.run.dir)
+    wandb.finish()
+    assert (files / "samples" / "continuation-generated.mid").is_file()
