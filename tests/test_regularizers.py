@@ -201,3 +201,41 @@ def test_a_task_names_the_config_key():
 
     with pytest.raises(ConfigError, match=r"^model\.network\.weight_drop must be in \[0, 1\)"):
         SumsRegressor(Network(cell="lstm", weight_drop=1.5))
+
+
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.cxx
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole"])
+@pytest.mark.parametrize("B, H", [(41, 100), (12, 120)], ids=["by_rows", "by_units"])
+def test_the_cpp_loops_apply_every_regularizer_when_threads_share_a_step(cell, B, H, two_threads):
+    """Recurrent dropout, zoneout and weight drop in the C++ loops with the step shared by rows
+    and by units (tests/test_bptt.py has the split), uneven lengths, against autograd."""
+    from seqmodels import fused
+
+    assert fused.kernels() is not None
+    regs = NO_C if cell == "rnn" else ALL
+    options = dict(peephole=True) if cell == "lstm_peephole" else {}
+    torch.manual_seed(0)
+    a = RecurrentStack(cell.split("_")[0], 9, H, impl="autograd", **options, **regs)
+    b = RecurrentStack(cell.split("_")[0], 9, H, impl="bptt", **options, **regs)
+    b.load_state_dict(a.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(B, 9, 9, generator=gen)
+    lengths = torch.randint(0, 10, (B,), generator=gen)
+    weights = torch.randn(B, 9, H, generator=gen)
+    results = []
+    for stack in (a, b):
+        torch.manual_seed(11)
+        out, state = stack(x, lengths=lengths)
+        ((out * weights).sum() + sum(s.square().sum() for s in state)).backward()
+        results.append((out, [p.grad for p in stack.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    for ga, gb in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)

@@ -51,19 +51,15 @@ def rnn_layer(x: Tensor, state: tuple[Tensor], cell, lengths: Optional[Tensor] =
     None -> output (T, B, H), (h_T,). The regularizers (``recurrent.regularizer_masks``):
     ``weight_hh`` used instead of ``cell.weight_hh`` (weight drop passes W_hh ⊙ M / (1 − p); its
     gradient reaches W_hh through autograd), ``recurrent`` r (B, H), ``zoneout`` (d_h,) with
-    d_h (T, B, H); the C++ loops do not have the last two yet (then the reference runs)."""
+    d_h (T, B, H), or None where off."""
     weights = (cell.weight_ih, cell.weight_hh if weight_hh is None else weight_hh, cell.bias_ih, cell.bias_hh)
-    if recurrent is not None or zoneout[0] is not None:
+    if fast.fused_kernels(x) is not None:
+        args = (x, state[0], *weights, lengths)
+        out, h = _run(x, fast.RNNFunction, args, cell.nonlinearity, _needs_graph(*args), recurrent, zoneout[0])
+    else:
         mask = reference.step_mask(lengths, x.shape[0], x)
         out, h = _run(x, reference.RNNReference, (x, state[0], *weights, mask), cell.nonlinearity, recurrent,
                       zoneout[0])
-        return out, (h,)
-    if fast.fused_kernels(x) is not None:
-        args = (x, state[0], *weights, lengths)
-        out, h = _run(x, fast.RNNFunction, args, cell.nonlinearity, _needs_graph(*args))
-    else:
-        mask = reference.step_mask(lengths, x.shape[0], x)
-        out, h = _run(x, reference.RNNReference, (x, state[0], *weights, mask), cell.nonlinearity)
     return out, (h,)
 
 
@@ -74,14 +70,10 @@ def lstm_layer(x: Tensor, state: tuple[Tensor, Tensor], cell, lengths: Optional[
     the regularizers as for ``rnn_layer``, ``zoneout`` = (d_h, d_c)."""
     peep = (cell.weight_ci, cell.weight_cf, cell.weight_co) if cell.peephole else (None,) * 3
     weights = (cell.weight_ih, cell.weight_hh if weight_hh is None else weight_hh, cell.bias_ih, cell.bias_hh, *peep)
-    if recurrent is not None or any(d is not None for d in zoneout):
-        mask = reference.step_mask(lengths, x.shape[0], x)
-        out, h, c = _run(x, reference.LSTMReference, (x, *state, *weights, mask), recurrent, *zoneout)
-        return out, (h, c)
     if fast.fused_kernels(x) is not None:
         args = (x, *state, *weights, lengths)
-        out, h, c = _run(x, fast.LSTMFunction, args, _needs_graph(*args))
+        out, h, c = _run(x, fast.LSTMFunction, args, _needs_graph(*args), recurrent, *zoneout)
     else:
         mask = reference.step_mask(lengths, x.shape[0], x)
-        out, h, c = _run(x, reference.LSTMReference, (x, *state, *weights, mask))
+        out, h, c = _run(x, reference.LSTMReference, (x, *state, *weights, mask), recurrent, *zoneout)
     return out, (h, c)

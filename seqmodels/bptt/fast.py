@@ -178,6 +178,19 @@ def fused_kernels(x: Tensor):
     return fused.kernels()
 
 
+def _contiguous(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.to(like.dtype).contiguous()
+
+
+def _gemm_input(h0: Tensor, r: Optional[Tensor]) -> Optional[Tensor]:
+    """The loop's buffer of h_{t-1} ⊙ r (two alternating slots), slot 0 = h_0 ⊙ r; None without r."""
+    if r is None:
+        return None
+    hin = h0.new_empty(2, *h0.shape)
+    torch.mul(h0, r, out=hin[0])
+    return hin
+
+
 _HAS_MKLDNN_LINEAR = compat.has_onednn_linear()
 _AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
@@ -209,7 +222,9 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor, bias_hh: Tensor, lengths: Optional[Tensor],
-                nonlinearity: str, save: bool):
+                nonlinearity: str, save: bool, r: Optional[Tensor] = None, d_h: Optional[Tensor] = None):
+        """``r`` (B, H), ``d_h`` (T, B, H): recurrent dropout and zoneout (docs/bptt.md,
+        "Regularizers"), None when off; with zoneout the loop leaves h̃_t in xz for the backward."""
         T, B, I = x.shape
         H = weight_hh.shape[0]
         kernels = fused.kernels()
@@ -219,11 +234,17 @@ class RNNFunction(torch.autograd.Function):
         hs[0] = h0
         x2 = x.reshape(T * B, I)
         xz = _linear_pooled(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
-        kernels.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh)
-        _POOL.release(xz)
+        r, d_h = _contiguous(r, x), _contiguous(d_h, x)
+        hin = _gemm_input(h0, r)
+        kernels.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh, r, d_h, hin)
+        htil = xz if d_h is not None and save else None  # h̃_t of every step
+        if htil is None:
+            _POOL.release(xz)
         if save:
             ctx.save_for_backward(x2, hs, weight_ih, weight_hh)
-            ctx.tanh, ctx.lens, ctx.kernels = tanh, lens, kernels
+            ctx.tanh, ctx.lens, ctx.kernels, ctx.r, ctx.d_h, ctx.htil = tanh, lens, kernels, r, d_h, htil
+            if htil is not None:
+                weakref.finalize(ctx, _POOL.release, htil)
         return lens.masked_output(hs), hs[T].clone()
 
     @staticmethod
@@ -236,17 +257,19 @@ class RNNFunction(torch.autograd.Function):
         dy = _POOL.empty((T + 1, B, H), hs)
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, H), hs)
-        ctx.kernels.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh)  # leaves δs_t in dy[t]
+        ctx.kernels.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh, ctx.r, ctx.d_h,
+                                 ctx.htil)  # leaves δs_t in dy[t]
         ds = dy[0].clone()
         dz = dz.view(T * B, H)
         need = ctx.needs_input_grad
         d_x = _linear(dz, weight_ih.t()).view(T, B, -1) if need[0] else None
         d_h0 = ds if need[1] else None
         d_w_ih = _grad_weight(dz, x2) if need[2] else None  # dZᵀ X
-        d_w_hh = _grad_weight(dz, hs[:-1].view(T * B, H)) if need[3] else None  # dZᵀ S_prev
+        s_prev = hs[:-1] if ctx.r is None else hs[:-1] * ctx.r  # what the GEMMs multiplied W_hh with
+        d_w_hh = _grad_weight(dz, s_prev.reshape(T * B, H)) if need[3] else None  # dZᵀ S_prev
         d_b = dz.sum(0) if (need[4] or need[5]) else None
         _POOL.release(dy, dz)
-        return d_x, d_h0, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(), None, None, None
+        return d_x, d_h0, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(), None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------
@@ -264,7 +287,8 @@ class LSTMFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor, bias_hh: Tensor, weight_ci: Optional[Tensor],
                 weight_cf: Optional[Tensor], weight_co: Optional[Tensor],
-                lengths: Optional[Tensor], save: bool):
+                lengths: Optional[Tensor], save: bool, r: Optional[Tensor] = None,
+                d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None):
         """torch's gate order (i, f, g, o), one fused kernel per step. It keeps the activations
         i, f, g, o and tanh(c̃) of every step, from which the backward's kernel forms the factors."""
         kernels = fused.kernels()
@@ -276,11 +300,14 @@ class LSTMFunction(torch.autograd.Function):
         hs[0], cs[0] = h0, c0
         tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
         peep = None if weight_ci is None else torch.stack((weight_ci, weight_cf, weight_co))
-        kernels.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs)
+        r, d_h, d_c = _contiguous(r, x), _contiguous(d_h, x), _contiguous(d_c, x)
+        kernels.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs, r, d_h, d_c,
+                             _gemm_input(h0, r))
         c_T, lens = cs[T].clone(), _Lengths(lengths, T, x)
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
             ctx.lengths, ctx.lens, ctx.kernels = lengths, lens, kernels
+            ctx.r, ctx.d_h, ctx.d_c = r, d_h, d_c
             weakref.finalize(ctx, _POOL.release, cs, tcs, acts)
         else:
             _POOL.release(cs, acts)
@@ -297,14 +324,19 @@ class LSTMFunction(torch.autograd.Function):
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, 4 * H), hs)  # δz_t, gates (i, f, g, o)
         d_c0 = ctx.kernels.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh.contiguous(), peep,
-                                         ctx.lengths, dz)
+                                         ctx.lengths, dz, ctx.r, ctx.d_h, ctx.d_c)
         d_h0 = dy[0].clone()  # the loop leaves δh_t in dy[t]
-        return _lstm_grads(ctx.needs_input_grad, dz, dy, x2, hs, None if peep is None else cs,
-                           weight_ih, d_h0, d_c0)
+        h_prev = hs[:-1] if ctx.r is None else hs[:-1] * ctx.r  # what the GEMMs multiplied W_hh with
+        c_new = None
+        if peep is not None and ctx.d_c is not None:  # zoned-out c: p_o saw c̃_t = f c_{t-1} + i g
+            c_new = acts[..., H:2 * H] * cs[:-1] + acts[..., :H] * acts[..., 2 * H:3 * H]
+        grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, None if peep is None else cs,
+                            weight_ih, d_h0, d_c0, c_new)
+        return (*grads, None, None, None)
 
 
-def _lstm_grads(need, dz: Tensor, dy: Tensor, x2: Tensor, hs: Tensor, cs: Optional[Tensor],
-                weight_ih: Tensor, d_h0: Tensor, d_c0: Tensor) -> tuple:
+def _lstm_grads(need, dz: Tensor, dy: Tensor, x2: Tensor, h_prev: Tensor, cs: Optional[Tensor],
+                weight_ih: Tensor, d_h0: Tensor, d_c0: Tensor, c_new: Optional[Tensor] = None) -> tuple:
     """What ``LSTMFunction.backward`` returns, from dZ (T, B, 4H) of all steps at once:
         dX = dZ W_ih,  dW_ih = dZᵀ X,  dW_hh = dZᵀ H_prev,  db = Σ_rows dZ,
         dp_i = Σ δz^i ⊙ c_{t-1},  dp_f = Σ δz^f ⊙ c_{t-1},  dp_o = Σ δz^o ⊙ c̃_t  (cs given).
@@ -314,14 +346,14 @@ def _lstm_grads(need, dz: Tensor, dy: Tensor, x2: Tensor, hs: Tensor, cs: Option
     dz2 = dz.view(T * B, 4 * H)
     d_x = _linear(dz2, weight_ih.t()).view(T, B, -1) if need[0] else None
     d_w_ih = _grad_weight(dz2, x2) if need[3] else None
-    d_w_hh = _grad_weight(dz2, hs[:-1].view(T * B, H)) if need[4] else None
+    d_w_hh = _grad_weight(dz2, h_prev.reshape(T * B, H)) if need[4] else None
     d_b = dz2.sum(0) if (need[5] or need[6]) else None
     d_ci = d_cf = d_co = None
     if cs is not None:
         gate = lambda k: dz[..., k * H:(k + 1) * H]  # noqa: E731
         d_ci = (gate(0) * cs[:-1]).sum((0, 1))
         d_cf = (gate(1) * cs[:-1]).sum((0, 1))
-        d_co = (gate(3) * cs[1:]).sum((0, 1))
+        d_co = (gate(3) * (cs[1:] if c_new is None else c_new)).sum((0, 1))
     _POOL.release(dy, dz)
     return (d_x, d_h0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh, d_b,
             None if d_b is None else d_b.clone(), d_ci, d_cf, d_co, None, None)

@@ -241,6 +241,33 @@ void over_team(int64_t B, int64_t H, int64_t G, bool blas, const F& body) {
   body(Share{0, B, 0, H}, [] {});
 }
 
+// The regularizers inside the recurrence (seqmodels/recurrent.py, docs/bptt.md "Regularizers"),
+// all optional (nullptr: off): r (B, H) the recurrent-dropout factors, d_h / d_c (T, B, H) the
+// zoneout masks (or p at evaluation), hin (2, B, H) the GEMM's input h ⊙ r, alternating slots
+// (slot 0 = h_0 ⊙ r on entry). Weight drop needs nothing here: the loops get W_hh ⊙ M / (1 - p).
+template <typename S> struct Regs {
+  const S* r = nullptr;
+  const S* d_h = nullptr;
+  const S* d_c = nullptr;
+  S* hin = nullptr;
+};
+
+// v = d ⊙ prev + (1 - d) ⊙ v over n units (zoneout of a freshly computed state)
+template <typename S> inline void zone_out(S* v, const S* prev, const S* d, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) v[j] = d[j] * prev[j] + (S(1) - d[j]) * v[j];
+}
+
+// zoneout's backward on the gradient g reaching the zoned state: carry d ⊙ g to the previous
+// state's gradient, keep (1 - d) ⊙ g for the new state's
+template <typename S> inline void zone_out_grad(S* g, S* prev_grad, const S* d, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    prev_grad[j] += d[j] * g[j];
+    g[j] *= S(1) - d[j];
+  }
+}
+
 // "row b is past its end at step t" (1-based t), or never without lengths
 inline bool padded(const int64_t* len, int64_t b, int64_t t) { return len && t > len[b]; }
 
@@ -250,9 +277,11 @@ inline bool padded(const int64_t* len, int64_t b, int64_t t) { return len && t >
 // Forward: hs (T+1, B, H), slot 0 = h0, filled in place; xz (T, B, H) = W_ih x_t + b_ih + b_hh
 // on entry, the pre-activations z_t on return.
 //   z_t = xz_t + s_{t-1} W_hhᵀ,  h̃_t = f(z_t),  s_t = m_t h̃_t + (1 - m_t) s_{t-1}
+// With zoneout, h̃_t goes back into xz's slot t (the backward's f' needs it; z is not needed),
+// and s_t = d_t s_{t-1} + (1 - d_t) h̃_t; with recurrent dropout the GEMM reads s_{t-1} ⊙ r.
 template <typename S>
 void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t H,
-                      const int64_t* len, bool tanh) {
+                      const int64_t* len, bool tanh, const Regs<S>& reg) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
   over_team<S>(B, H, H, blas, [&](const Share& sh, auto&& sync) {
@@ -261,14 +290,25 @@ void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t
     for (int64_t t = 1; t <= T; ++t) {
       S* z = xz + (t - 1) * step + u0;
       const S* h_prev = hs + (t - 1) * step;
+      const S* gemm_in = reg.hin ? reg.hin + ((t - 1) & 1) * step : h_prev;
       S* h = hs + t * step + u0;
-      w.acc(h_prev + sh.b0 * H, H, z + sh.b0 * H, H);
+      w.acc(gemm_in + sh.b0 * H, H, z + sh.b0 * H, H);
       for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
-        if (padded(len, b, t))  // the state stops changing
+        if (padded(len, b, t)) {  // the state stops changing
           std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
-        else
+        } else {
           rnn_row_forward(z + r, h + r, n, tanh);
+          if (reg.d_h) {
+            std::memcpy(z + r, h + r, n * sizeof(S));  // h̃_t, for the backward
+            zone_out(h + r, h_prev + u0 + r, reg.d_h + (t - 1) * step + u0 + r, n);
+          }
+        }
+        if (reg.hin) {
+          S* in = reg.hin + (t & 1) * step + u0 + r;
+          const S* rr = reg.r + u0 + r;
+          for (int64_t j = 0; j < n; ++j) in[j] = h[r + j] * rr[j];
+        }
       }
       sync();  // step t+1's GEMM reads all of h_t
     }
@@ -278,22 +318,38 @@ void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t
 // Backward: dy (T+1, B, H) holds ∂L/∂y_t (+ ∂L/∂s_T at slot n_b), as bptt/fast.py prepares it; the
 // loop turns slot t-1 into δs_{t-1} in place.
 //   δz_t = δs_t ⊙ f'(z_t),  δs_{t-1} = ∂L/∂y_{t-1} + δz_t W_hh;  writes dz (T, B, H); δs_0 in dy[0].
+// With zoneout (d_h, and h̃ in htil (T, B, H)): δs_{t-1} += d_t ⊙ δs_t and δh̃_t = (1 - d_t) ⊙ δs_t
+// before f'; with recurrent dropout δs_{t-1} gets r ⊙ (δz_t W_hh) (docs/bptt.md, "Regularizers").
 template <typename S>
 void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int64_t B,
-                       int64_t H, bool tanh) {
+                       int64_t H, bool tanh, const Regs<S>& reg, const S* htil) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
   over_team<S>(B, H, H, blas, [&](const Share& sh, auto&& sync) {
     const int64_t n = sh.units(), u0 = sh.u0;
     const WeightOperand<S> w(false, sh.rows(), n, H, w_hh + u0, H, blas);  // this thread's columns of W_hh
+    std::vector<S> back(reg.r ? sh.rows() * n : 0);  // δz_t W_hh before r
     for (int64_t t = T; t >= 1; --t) {
-      const S* ds = dy + t * step + u0;
-      const S* h = hs + t * step + u0;
+      S* ds = dy + t * step + u0;
+      const S* h = (htil ? htil + (t - 1) * step : hs + t * step) + u0;  // h̃_t for f'
       S* g = dz + (t - 1) * step;
-      for (int64_t b = sh.b0; b < sh.b1; ++b)
+      for (int64_t b = sh.b0; b < sh.b1; ++b) {
+        if (reg.d_h) zone_out_grad(ds + b * H, dy + (t - 1) * step + u0 + b * H, reg.d_h + (t - 1) * step + u0 + b * H, n);
         rnn_row_backward(ds + b * H, h + b * H, g + u0 + b * H, n, tanh);
+      }
       sync();  // the GEMM reads all of δz_t
-      w.acc(g + sh.b0 * H, H, dy + (t - 1) * step + sh.b0 * H + u0, H);
+      if (reg.r) {
+        std::fill(back.begin(), back.end(), S(0));
+        w.acc(g + sh.b0 * H, H, back.data(), n);
+        for (int64_t b = sh.b0; b < sh.b1; ++b) {
+          S* out = dy + (t - 1) * step + b * H + u0;
+          const S* rr = reg.r + b * H + u0;
+          const S* in = back.data() + (b - sh.b0) * n;
+          for (int64_t j = 0; j < n; ++j) out[j] += rr[j] * in[j];
+        }
+      } else {
+        w.acc(g + sh.b0 * H, H, dy + (t - 1) * step + sh.b0 * H + u0, H);
+      }
     }
   });
 }
@@ -309,7 +365,7 @@ void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int6
 //   c̃ = f c_{t-1} + i g;  o = σ(z^o + p_o c̃);  h̃ = o tanh(c̃);  masked as the RNN
 template <typename S>
 void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const int64_t* len,
-                       S* tcs, bool tcs_per_step, int64_t T, int64_t B, int64_t H) {
+                       S* tcs, bool tcs_per_step, int64_t T, int64_t B, int64_t H, const Regs<S>& reg) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H, G = 4 * H;
   over_team<S>(B, H, G, blas, [&](const Share& sh, auto&& sync) {
@@ -325,13 +381,22 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
       S* h = hs + t * step + u0;
       S* c = cs + t * step + u0;
       S* tc = tcs + (tcs_per_step ? (t - 1) * step : 0) + u0;
-      for (std::size_t q = 0; q < w.size(); ++q) w[q].acc(h_prev + sh.b0 * H, H, za + sh.b0 * G + q * H, G);
+      const S* gemm_in = reg.hin ? reg.hin + ((t - 1) & 1) * step : h_prev;  // h_{t-1} ⊙ r
+      for (std::size_t q = 0; q < w.size(); ++q) w[q].acc(gemm_in + sh.b0 * H, H, za + sh.b0 * G + q * H, G);
       for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
         lstm_row_forward(za + b * G, c_prev + r, p, c + r, h + r, tc + r, n, H);
         if (padded(len, b, t)) {  // the state stops changing (c̃ in tcs/acts is not used)
           std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
           std::memcpy(c + r, c_prev + r, n * sizeof(S));
+        } else {  // zoneout: the gates keep c̃ (acts, tcs); the state is zoned out
+          if (reg.d_h) zone_out(h + r, h_prev + u0 + r, reg.d_h + (t - 1) * step + u0 + r, n);
+          if (reg.d_c) zone_out(c + r, c_prev + r, reg.d_c + (t - 1) * step + u0 + r, n);
+        }
+        if (reg.hin) {
+          S* in = reg.hin + (t & 1) * step + u0 + r;
+          const S* rr = reg.r + u0 + r;
+          for (int64_t j = 0; j < n; ++j) in[j] = h[r + j] * rr[j];
         }
       }
       sync();  // step t+1's GEMM reads all of h_t
@@ -349,7 +414,7 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
 template <typename S>
 void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S* dcT, S* dc,
                         const S* w_hh, const S* peep, const int64_t* len, S* dz, int64_t T,
-                        int64_t B, int64_t H) {
+                        int64_t B, int64_t H, const Regs<S>& reg) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H, G = 4 * H;
   if (!len) std::memcpy(dc, dcT, step * sizeof(S));
@@ -358,8 +423,10 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
     const int64_t n = sh.units(), u0 = sh.u0, u1 = sh.u1;
     const S* p = peep ? peep + u0 : nullptr;
     const WeightOperand<S> w(false, sh.rows(), n, G, w_hh + u0, H, blas);  // this thread's columns of W_hh
+    std::vector<S> back(reg.r ? sh.rows() * n : 0);  // δz_t W_hh before r
+    std::vector<S> carry(reg.d_c ? n : 0);           // d^c ⊙ δc_t, for δc_{t-1}
     for (int64_t t = T; t >= 1; --t) {
-      const S* dh = dy + t * step + u0;
+      S* dh = dy + t * step + u0;
       const S* act = acts + (t - 1) * B * G + u0;
       const S* tc = tcs + (t - 1) * step + u0;
       const S* c_prev = cs + (t - 1) * step + u0;
@@ -368,11 +435,33 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
         const int64_t r = b * H;
         if (len && len[b] == t)  // the final cell state's gradient enters at step n_b
           for (int64_t j = u0; j < u1; ++j) dc[r + j] += dcT[r + j];
+        if (reg.d_h) zone_out_grad(dh + r, dy + (t - 1) * step + u0 + r, reg.d_h + (t - 1) * step + u0 + r, n);
+        if (reg.d_c) {
+          const S* d = reg.d_c + (t - 1) * step + u0 + r;
+          S* dcr = dc + u0 + r;
+          for (int64_t j = 0; j < n; ++j) {
+            carry[j] = d[j] * dcr[j];
+            dcr[j] *= S(1) - d[j];
+          }
+        }
         lstm_row_backward(act + b * G, tc + r, c_prev + r, dh + r, p, dc + u0 + r, g + u0 + b * G,
                           n, H);
+        if (reg.d_c)
+          for (int64_t j = 0; j < n; ++j) dc[u0 + r + j] += carry[j];
       }
       sync();  // the GEMM reads all of δz_t
-      w.acc(g + sh.b0 * G, G, dy + (t - 1) * step + sh.b0 * H + u0, H);
+      if (reg.r) {
+        std::fill(back.begin(), back.end(), S(0));
+        w.acc(g + sh.b0 * G, G, back.data(), n);
+        for (int64_t b = sh.b0; b < sh.b1; ++b) {
+          S* out = dy + (t - 1) * step + b * H + u0;
+          const S* rr = reg.r + b * H + u0;
+          const S* in = back.data() + (b - sh.b0) * n;
+          for (int64_t j = 0; j < n; ++j) out[j] += rr[j] * in[j];
+        }
+      } else {
+        w.acc(g + sh.b0 * G, G, dy + (t - 1) * step + sh.b0 * H + u0, H);
+      }
     }
   });
   if (len)  // sequences of length 0: their final state is the initial one
@@ -393,46 +482,74 @@ void check(const at::Tensor& t, const at::Tensor& like, const char* name) {
               name, " must be a contiguous CPU tensor of the input's dtype");
 }
 
+template <typename S>
+Regs<S> regs_of(const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& d_h,
+                const std::optional<at::Tensor>& d_c, const std::optional<at::Tensor>& hin,
+                const at::Tensor& like) {
+  Regs<S> reg;
+  auto ptr = [&](const std::optional<at::Tensor>& t, const char* name) -> S* {
+    if (!t.has_value()) return nullptr;
+    check(*t, like, name);
+    return t->data_ptr<S>();
+  };
+  reg.r = ptr(r, "r");
+  reg.d_h = ptr(d_h, "d_h");
+  reg.d_c = ptr(d_c, "d_c");
+  reg.hin = ptr(hin, "hin");
+  return reg;
+}
+
 void rnn_forward(at::Tensor xz, at::Tensor hs, const at::Tensor& w_hh,
-                 const std::optional<at::Tensor>& lengths, bool tanh) {
+                 const std::optional<at::Tensor>& lengths, bool tanh, const std::optional<at::Tensor>& r,
+                 const std::optional<at::Tensor>& d_h, const std::optional<at::Tensor>& hin) {
   check(xz, xz, "xz"); check(hs, xz, "hs"); check(w_hh, xz, "w_hh");
+  TORCH_CHECK(r.has_value() == hin.has_value(), "r and hin come together");
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnn_forward", [&] {
     rnn_forward_impl<scalar_t>(xz.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
                                w_hh.data_ptr<scalar_t>(), xz.size(0), xz.size(1), xz.size(2),
-                               lengths_ptr(lengths), tanh);
+                               lengths_ptr(lengths), tanh, regs_of<scalar_t>(r, d_h, std::nullopt, hin, xz));
   });
 }
 
 void rnn_backward(const at::Tensor& hs, at::Tensor dy, const at::Tensor& w_hh, at::Tensor dz,
-                  bool tanh) {
+                  bool tanh, const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& d_h,
+                  const std::optional<at::Tensor>& htil) {
   check(hs, hs, "hs"); check(dy, hs, "dy"); check(w_hh, hs, "w_hh"); check(dz, hs, "dz");
+  if (htil.has_value()) check(*htil, hs, "htil");
+  TORCH_CHECK(!d_h.has_value() || htil.has_value(), "zoneout needs h̃ (htil)");
   AT_DISPATCH_FLOATING_TYPES(hs.scalar_type(), "rnn_backward", [&] {
+    Regs<scalar_t> reg = regs_of<scalar_t>(r, d_h, std::nullopt, std::nullopt, hs);
     rnn_backward_impl<scalar_t>(hs.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
                                 w_hh.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), dz.size(0),
-                                dz.size(1), dz.size(2), tanh);
+                                dz.size(1), dz.size(2), tanh, reg,
+                                htil.has_value() ? htil->data_ptr<scalar_t>() : nullptr);
   });
 }
 
 void lstm_forward(at::Tensor xz, at::Tensor hs, at::Tensor cs, const at::Tensor& w_hh,
                   const std::optional<at::Tensor>& peep, const std::optional<at::Tensor>& lengths,
-                  at::Tensor tcs) {
+                  at::Tensor tcs, const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& d_h,
+                  const std::optional<at::Tensor>& d_c, const std::optional<at::Tensor>& hin) {
   check(xz, xz, "xz"); check(hs, xz, "hs"); check(cs, xz, "cs"); check(w_hh, xz, "w_hh");
   check(tcs, xz, "tcs");
   if (peep.has_value()) check(*peep, xz, "peep");
+  TORCH_CHECK(r.has_value() == hin.has_value(), "r and hin come together");
   const int64_t T = xz.size(0);
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "lstm_forward", [&] {
     lstm_forward_impl<scalar_t>(
         xz.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
         w_hh.data_ptr<scalar_t>(), peep.has_value() ? peep->data_ptr<scalar_t>() : nullptr,
         lengths_ptr(lengths), tcs.data_ptr<scalar_t>(), tcs.size(0) == T, T, xz.size(1),
-        hs.size(2));
+        hs.size(2), regs_of<scalar_t>(r, d_h, d_c, hin, xz));
   });
 }
 
 at::Tensor lstm_backward(const at::Tensor& acts, const at::Tensor& tcs, const at::Tensor& cs,
                          at::Tensor dy, const at::Tensor& dc_T, const at::Tensor& w_hh,
                          const std::optional<at::Tensor>& peep,
-                         const std::optional<at::Tensor>& lengths, at::Tensor dz) {
+                         const std::optional<at::Tensor>& lengths, at::Tensor dz,
+                         const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& d_h,
+                         const std::optional<at::Tensor>& d_c) {
   check(acts, acts, "acts"); check(tcs, acts, "tcs"); check(cs, acts, "cs");
   check(dy, acts, "dy"); check(w_hh, acts, "w_hh"); check(dz, acts, "dz");
   if (peep.has_value()) check(*peep, acts, "peep");
@@ -443,7 +560,8 @@ at::Tensor lstm_backward(const at::Tensor& acts, const at::Tensor& tcs, const at
         acts.data_ptr<scalar_t>(), tcs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
         dy.data_ptr<scalar_t>(), dcT.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
         w_hh.data_ptr<scalar_t>(), peep.has_value() ? peep->data_ptr<scalar_t>() : nullptr,
-        lengths_ptr(lengths), dz.data_ptr<scalar_t>(), acts.size(0), acts.size(1), cs.size(2));
+        lengths_ptr(lengths), dz.data_ptr<scalar_t>(), acts.size(0), acts.size(1), cs.size(2),
+        regs_of<scalar_t>(r, d_h, d_c, std::nullopt, acts));
   });
   return dc;
 }
@@ -452,12 +570,16 @@ at::Tensor lstm_backward(const at::Tensor& acts, const at::Tensor& tcs, const at
 
 // In-place arguments are marked (a!): xz and dy are overwritten (see the loops above).
 TORCH_LIBRARY(seqmodels_fused, m) {
-  m.def("rnn_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor w_hh, Tensor? lengths, bool tanh) -> ()",
-        &rnn_forward);
-  m.def("rnn_backward(Tensor hs, Tensor(a!) dy, Tensor w_hh, Tensor(b!) dz, bool tanh) -> ()",
-        &rnn_backward);
+  // r, d_h, d_c: the regularizers (Regs above), None when off; hin (e!) the forward's GEMM input
+  // h ⊙ r; htil the RNN's h̃ (its xz after a forward with zoneout)
+  m.def("rnn_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor w_hh, Tensor? lengths, bool tanh, Tensor? r, "
+        "Tensor? d_h, Tensor(e!)? hin) -> ()", &rnn_forward);
+  m.def("rnn_backward(Tensor hs, Tensor(a!) dy, Tensor w_hh, Tensor(b!) dz, bool tanh, Tensor? r, "
+        "Tensor? d_h, Tensor? htil) -> ()", &rnn_backward);
   m.def("lstm_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor(c!) cs, Tensor w_hh, Tensor? peep, "
-        "Tensor? lengths, Tensor(d!) tcs) -> ()", &lstm_forward);
+        "Tensor? lengths, Tensor(d!) tcs, Tensor? r, Tensor? d_h, Tensor? d_c, Tensor(e!)? hin) -> ()",
+        &lstm_forward);
   m.def("lstm_backward(Tensor acts, Tensor tcs, Tensor cs, Tensor(a!) dy, Tensor dc_T, "
-        "Tensor w_hh, Tensor? peep, Tensor? lengths, Tensor(b!) dz) -> Tensor", &lstm_backward);
+        "Tensor w_hh, Tensor? peep, Tensor? lengths, Tensor(b!) dz, Tensor? r, Tensor? d_h, "
+        "Tensor? d_c) -> Tensor", &lstm_backward);
 }
