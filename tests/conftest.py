@@ -34,6 +34,17 @@ def in_tmp_dir(tmp_path, monkeypatch):
     wandb.teardown()
 
 
+@pytest.fixture
+def two_threads():
+    """torch (and the C++ loops' team) on 2 threads for the test, whatever the host's default."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 def has_cxx_compiler() -> bool:
     """A C++ compiler torch.utils.cpp_extension would use ($CXX, else c++)."""
     import shutil

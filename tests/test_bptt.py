@@ -178,14 +178,6 @@ def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch)
         assert rel_err(g, r) < 1e-5
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.cxx
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("B, H", [(41, 100), (12, 120)], ids=["by_rows", "by_units"])

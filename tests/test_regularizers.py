@@ -203,14 +203,6 @@ def test_a_task_names_the_config_key():
         SumsRegressor(Network(cell="lstm", weight_drop=1.5))
 
 
-@pytest.fixture
-def two_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.cxx
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole"])
 @pytest.mark.parametrize("B, H", [(41, 100), (12, 120)], ids=["by_rows", "by_units"])

@@ -268,6 +268,23 @@ template <typename S> inline void zone_out_grad(S* g, S* prev_grad, const S* d, 
   }
 }
 
+// δh_{t-1} (this thread's rows and units of the dy slot) += (δz_t W_hh) ⊙ r, or + δz_t W_hh without
+// recurrent dropout (then straight into the slot); back is the thread's scratch for the product.
+template <typename S>
+void back_through_w_hh(const WeightOperand<S>& w, const S* dz, int64_t ldz, S* dy_prev, const Share& sh,
+                       int64_t H, const S* r, std::vector<S>& back) {
+  const int64_t n = sh.units();
+  if (!r) return w.acc(dz, ldz, dy_prev + sh.b0 * H + sh.u0, H);
+  std::fill(back.begin(), back.end(), S(0));
+  w.acc(dz, ldz, back.data(), n);
+  for (int64_t b = sh.b0; b < sh.b1; ++b) {
+    S* out = dy_prev + b * H + sh.u0;
+    const S* rr = r + b * H + sh.u0;
+    const S* in = back.data() + (b - sh.b0) * n;
+    for (int64_t j = 0; j < n; ++j) out[j] += rr[j] * in[j];
+  }
+}
+
 // "row b is past its end at step t" (1-based t), or never without lengths
 inline bool padded(const int64_t* len, int64_t b, int64_t t) { return len && t > len[b]; }
 
@@ -338,18 +355,7 @@ void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int6
         rnn_row_backward(ds + b * H, h + b * H, g + u0 + b * H, n, tanh);
       }
       sync();  // the GEMM reads all of δz_t
-      if (reg.r) {
-        std::fill(back.begin(), back.end(), S(0));
-        w.acc(g + sh.b0 * H, H, back.data(), n);
-        for (int64_t b = sh.b0; b < sh.b1; ++b) {
-          S* out = dy + (t - 1) * step + b * H + u0;
-          const S* rr = reg.r + b * H + u0;
-          const S* in = back.data() + (b - sh.b0) * n;
-          for (int64_t j = 0; j < n; ++j) out[j] += rr[j] * in[j];
-        }
-      } else {
-        w.acc(g + sh.b0 * H, H, dy + (t - 1) * step + sh.b0 * H + u0, H);
-      }
+      back_through_w_hh(w, g + sh.b0 * H, H, dy + (t - 1) * step, sh, H, reg.r, back);
     }
   });
 }
@@ -450,18 +456,7 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
           for (int64_t j = 0; j < n; ++j) dc[u0 + r + j] += carry[j];
       }
       sync();  // the GEMM reads all of δz_t
-      if (reg.r) {
-        std::fill(back.begin(), back.end(), S(0));
-        w.acc(g + sh.b0 * G, G, back.data(), n);
-        for (int64_t b = sh.b0; b < sh.b1; ++b) {
-          S* out = dy + (t - 1) * step + b * H + u0;
-          const S* rr = reg.r + b * H + u0;
-          const S* in = back.data() + (b - sh.b0) * n;
-          for (int64_t j = 0; j < n; ++j) out[j] += rr[j] * in[j];
-        }
-      } else {
-        w.acc(g + sh.b0 * G, G, dy + (t - 1) * step + sh.b0 * H + u0, H);
-      }
+      back_through_w_hh(w, g + sh.b0 * G, G, dy + (t - 1) * step, sh, H, reg.r, back);
     }
   });
   if (len)  // sequences of length 0: their final state is the initial one
