@@ -13,8 +13,8 @@ import pytest
 
 import data_modules.chorales as chorales
 from data_modules.chorales import ChoralesDataModule, load_midi_folder, midi_to_roll, split_counts
-from seqmodels.errors import ConfigError
 from seqmodels.music import write_midi
+from tests.test_chorales_data import one_line_error
 
 
 def random_roll(seed: int, steps: int = 10) -> np.ndarray:
@@ -38,14 +38,6 @@ def corrupt(path: Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(np.random.default_rng(seed).bytes(64))
     return path
-
-
-def one_line_error(fn, *args, **kwargs) -> str:
-    with pytest.raises(ConfigError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 def load_quietly(*args, **kwargs):
