@@ -19,6 +19,13 @@ atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 # impl auto's measured decisions: one file for the session (subprocesses included), so every run
 # of a test at the same shape takes the same implementation, and the user's cache stays untouched
 os.environ["SEQMODELS_AUTOTUNE_CACHE"] = os.path.join(os.environ["HF_DATASETS_CACHE"], "autotune.json")
+# Without a GPU the Triton kernels of impl bptt (seqmodels/bptt/kernels.py) run on CPU tensors in
+# Triton's interpreter; it must be on before they are first imported (triton.jit reads it then).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture

@@ -5,9 +5,13 @@
     fast.py       the same formulas with the time loops in C++ (``csrc/``, built by
                   ``fused.py``), oneDNN GEMMs and reused buffers; checked against the reference
 
+    gpu.py        the same on CUDA: the time loops as Triton kernels (``kernels.py``); checked
+                  against the reference, on a CPU through the Triton interpreter
+
 ``rnn_layer`` / ``lstm_layer`` (what ``RecurrentStack(impl="bptt")`` calls, one layer each)
-take the fast path where it runs (CPU, float32/float64, the C++ loops built) and the
-reference everywhere else (GPU, no compiler, ``SEQMODELS_FUSED=0``). Both run one
+take the C++ loops on a CPU (float32/float64, the loops built), the Triton kernels on a GPU
+(``gpu.usable``), and the reference everywhere else (no compiler, no Triton, float64 on a GPU,
+``SEQMODELS_FUSED=0`` / ``SEQMODELS_TRITON=0``; a GPU layer says why, once). All run one
 ``autograd.Function`` per layer: no per-step autograd graph.
 
 Autocast: the Functions compute in float32. The entry points cast floating inputs to float32
@@ -22,10 +26,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from seqmodels.bptt import fast, reference
+from seqmodels.bptt import fast, gpu, reference
 from seqmodels.bptt.fast import clear_buffer_pool
 
-__all__ = ["rnn_layer", "lstm_layer", "clear_buffer_pool", "fast", "reference"]
+__all__ = ["rnn_layer", "lstm_layer", "clear_buffer_pool", "fast", "gpu", "reference"]
 
 
 def _float32(args: tuple) -> tuple:
@@ -38,6 +42,14 @@ def _run(x: Tensor, function, args: tuple, *rest):
         with torch.autocast(x.device.type, enabled=False):
             return function.apply(*_float32(args), *rest)
     return function.apply(*args, *rest)
+
+
+def _gpu_kernels(x: Tensor, batch: int, gates: int) -> bool:
+    """Whether the Triton kernels run this GPU layer; if not, one notice per reason."""
+    reason = gpu.usable(x, batch, gates)
+    if reason:
+        gpu.notice(reason)
+    return reason is None
 
 
 def _needs_graph(*tensors) -> bool:
@@ -56,6 +68,9 @@ def rnn_layer(x: Tensor, state: tuple[Tensor], cell, lengths: Optional[Tensor] =
     if fast.fused_kernels(x) is not None:
         args = (x, state[0], *weights, lengths)
         out, h = _run(x, fast.RNNFunction, args, cell.nonlinearity, _needs_graph(*args), recurrent, zoneout[0])
+    elif _gpu_kernels(x, x.shape[1], cell.hidden_size):
+        args = (x, state[0], *weights, lengths)
+        out, h = _run(x, gpu.RNNTriton, args, cell.nonlinearity, _needs_graph(*args), recurrent, zoneout[0])
     else:
         mask = reference.step_mask(lengths, x.shape[0], x)
         out, h = _run(x, reference.RNNReference, (x, state[0], *weights, mask), cell.nonlinearity, recurrent,
@@ -73,6 +88,9 @@ def lstm_layer(x: Tensor, state: tuple[Tensor, Tensor], cell, lengths: Optional[
     if fast.fused_kernels(x) is not None:
         args = (x, *state, *weights, lengths)
         out, h, c = _run(x, fast.LSTMFunction, args, _needs_graph(*args), recurrent, *zoneout)
+    elif _gpu_kernels(x, x.shape[1], 4 * cell.hidden_size):
+        args = (x, *state, *weights, lengths)
+        out, h, c = _run(x, gpu.LSTMTriton, args, _needs_graph(*args), recurrent, *zoneout)
     else:
         mask = reference.step_mask(lengths, x.shape[0], x)
         out, h, c = _run(x, reference.LSTMReference, (x, *state, *weights, mask), recurrent, *zoneout)

@@ -1,0 +1,408 @@
+"""Backpropagation through time on CUDA: the time loops as Triton kernels (``kernels.py``).
+
+``RNNTriton`` and ``LSTMTriton`` have the inputs, outputs and formulas of ``fast.RNNFunction``
+and ``fast.LSTMFunction`` (docs/bptt.md) and are checked against ``reference.py``. Around the
+kernels, the once-per-call work runs in cuBLAS, as on the CPU: the input projection before the
+loop; dX, dW_ih, dW_hh, the biases and the peephole gradients from dZ of all steps after it.
+
+``usable(x, B, H)`` says whether they run for a layer, else why not; ``bptt/__init__.py`` then
+runs the reference after one notice per reason. The reasons: not a CUDA tensor (silently: the
+CPU has its C++ loops), ``SEQMODELS_TRITON=0``, Triton missing, a GPU before compute capability
+8.0, float64, and a (B, 4H) step slice of 2³¹ elements or more (offsets inside a step are int32).
+
+The kernels also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before the first import of ``kernels.py``): that is how the CPU-only test suite checks them.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from seqmodels.bptt.fast import _lstm_grads
+
+# Offsets within one step's (B, G) slice are int32 in the kernels.
+MAX_STEP_ELEMENTS = 2**31 - 1
+# Polls of the grid barrier before a persistent launch gives up (~0.1 s; then: one launch per step).
+SPIN = 1 << 17
+
+
+def enabled() -> bool:
+    """False when the environment says ``SEQMODELS_TRITON=0``."""
+    return os.environ.get("SEQMODELS_TRITON", "1") != "0"
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_missing() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:  # the CUDA wheels of torch ship it; a CPU build does not
+        return f"Triton is not installed ({exc}); `pip install triton`"
+    return None
+
+
+def kernels():
+    from seqmodels.bptt import kernels as module  # imports triton; jit decisions read TRITON_INTERPRET
+
+    return module
+
+
+def usable(x: Tensor, batch: int, gates: int) -> Optional[str]:
+    """None when the Triton kernels run a layer with input x and (batch, gates) steps, else the
+    reason they do not ("" for a tensor not on a GPU, which needs no notice)."""
+    if x.device.type != "cuda":
+        return ""
+    return why_not(torch.cuda.get_device_capability(x.device), x.dtype, batch, gates)
+
+
+def why_not(capability: tuple[int, int], dtype: torch.dtype, batch: int, gates: int) -> Optional[str]:
+    """``usable`` for a CUDA device of this compute capability."""
+    if not enabled():
+        return "SEQMODELS_TRITON=0"
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if capability < (8, 0):
+        return f"the GPU has compute capability {capability[0]}.{capability[1]}; the kernels need 8.0 or newer"
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the kernels run float32, bfloat16 and float16, not {dtype}"
+    if batch * gates > MAX_STEP_ELEMENTS:
+        return (f"a step of batch {batch} x {gates} gate units is over the kernels' limit of "
+                f"{MAX_STEP_ELEMENTS} elements; use a smaller batch")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def notice(reason: str) -> None:
+    """Once per reason: the layer runs the plain-torch reference loop instead."""
+    warnings.warn(f"seqmodels: impl bptt on the GPU runs its reference loop (correct, slower): {reason}",
+                  stacklevel=4)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Blocks of the kernels' grid: BB batch rows x BH hidden units per program, BK the GEMM's
+    inner step; persistent: one launch for all steps (grid <= SMs) or one launch per step."""
+    BB: int
+    BH: int
+    BK: int
+    persistent: bool
+
+    def grid(self, B: int, H: int) -> tuple[int, int]:
+        return triton_cdiv(B, self.BB), triton_cdiv(H, self.BH)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2_at_least(n: int, low: int, high: int) -> int:
+    p = low
+    while p < n and p < high:
+        p *= 2
+    return p
+
+
+def plan(B: int, H: int, sms: int) -> Plan:
+    """The blocks for a (B, H) layer on a GPU with ``sms`` multiprocessors.
+
+    A persistent launch needs every program resident: at most ``sms`` programs. Among the
+    blocks that fit, the most programs (parallelism: the GEMM of one step is small), then the
+    taller batch block (each batch block reads all of W_hh once per step). tl.dot wants every
+    block dimension >= 16; rows and units past B and H are masked off.
+    """
+    best = None
+    for BB in (16, 32, 64, 128):
+        if BB > _pow2_at_least(B, 16, 128):
+            break
+        for BH in (16, 32, 64):
+            if BH > _pow2_at_least(H, 16, 64):
+                break
+            n = triton_cdiv(B, BB) * triton_cdiv(H, BH)
+            if n <= sms and (best is None or (n, BB) > (best[0], best[1])):
+                best = (n, BB, BH)
+    if best is None:  # too many programs for one wave: step by step, big blocks
+        return Plan(_pow2_at_least(B, 16, 64), _pow2_at_least(H, 16, 64), 32, persistent=False)
+    return Plan(best[1], best[2], 32, persistent=True)
+
+
+def _multiprocessors(x: Tensor) -> int:
+    if x.device.type == "cuda":
+        return torch.cuda.get_device_properties(x.device).multi_processor_count
+    return 1  # the interpreter: one program per launch keeps the persistent loop meaningful
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's float32 mode: TF32 where torch's float32 matmuls may use it (what the reference
+    loop, a chain of cuBLAS matmuls, would do), else exact float32."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the kernels accumulate and keep the cell state: float32, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _acc_triton(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _step_notice(reason: str) -> None:
+    warnings.warn(f"seqmodels: the GPU bptt kernels run one launch per time step (slower): {reason}", stacklevel=5)
+
+
+def _launch(kernel, plan_: Plan, B: int, H: int, T: int, args: tuple, flags: dict, backward: bool) -> None:
+    """All T steps: one persistent launch, or one launch per step (and again that way if the
+    persistent launch's barrier timed out, since its results are then unusable)."""
+    grid = plan_.grid(B, H)
+    consts = dict(BB=plan_.BB, BH=plan_.BH, BK=plan_.BK, SPIN=SPIN, **flags)
+    first = args[0]
+    if plan_.persistent:
+        sync = torch.zeros(2, dtype=torch.int32, device=first.device)
+        span = (T, 0) if backward else (0, T)
+        kernel[grid](*args, sync, *_span_args(B, H, T, span, backward), SYNC=True, **consts)
+        if not int(sync[1]):
+            return
+        _step_notice("the persistent kernel's grid barrier timed out (is the GPU shared with other work?)")
+        raise _BarrierTimeout
+    sync = torch.zeros(2, dtype=torch.int32, device=first.device)
+    steps = range(T - 1, -1, -1) if backward else range(T)
+    for t in steps:
+        span = (t + 1, t) if backward else (t, t + 1)
+        kernel[grid](*args, sync, *_span_args(B, H, T, span, backward), SYNC=False, **consts)
+
+
+class _BarrierTimeout(Exception):
+    pass
+
+
+def _span_args(B: int, H: int, T: int, span: tuple[int, int], backward: bool) -> tuple:
+    return (B, H, T, span[1], span[0]) if backward else (B, H, span[0], span[1])
+
+
+def _run(kernel, B: int, H: int, T: int, x: Tensor, make_args, flags: dict, backward: bool = False) -> None:
+    """``_launch`` with a plan for this GPU. ``make_args(retry)`` gives the argument tensors; after
+    a persistent launch timed out (its results unusable) it is called with retry=True and must
+    restore what the launch overwrote, and the layer runs again one launch per step."""
+    plan_ = plan(B, H, _multiprocessors(x))
+    if not plan_.persistent and x.device.type == "cuda":
+        _step_notice(f"batch {B} x hidden {H} needs more blocks than the GPU has multiprocessors")
+    flags = dict(flags, PRECISION=_precision(x.dtype), ACC=_acc_triton(x.dtype),
+                 UPCAST=interpreted() and x.dtype == torch.bfloat16)
+    try:
+        _launch(kernel, plan_, B, H, T, make_args(False), flags, backward)
+    except _BarrierTimeout:
+        _launch(kernel, Plan(plan_.BB, plan_.BH, plan_.BK, persistent=False), B, H, T, make_args(True), flags,
+                backward)
+
+
+def _dummy(x: Tensor, t: Optional[Tensor]) -> Tensor:
+    """A pointer for an optional input that is off (the kernel never reads it)."""
+    return x if t is None else t
+
+
+def _step_mask(lengths: Optional[Tensor], T: int, like: Tensor) -> Optional[Tensor]:
+    if lengths is None:
+        return None
+    return (torch.arange(T, device=like.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
+
+
+def _lengths(lengths: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    return None if lengths is None else lengths.to(device=x.device, dtype=torch.int32).contiguous()
+
+
+def _contiguous(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    return None if t is None else t.to(like.dtype).contiguous()
+
+
+class _OnceBackward:
+    """The backward overwrites the saved activations with δz (no second T·B·G buffer), so a
+    second backward through the same graph (retain_graph=True) must fail loudly, not silently."""
+
+    @staticmethod
+    def check(ctx) -> None:
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("impl bptt on the GPU cannot backward twice through the same forward "
+                               "(retain_graph=True); use impl: autograd for that")
+        ctx.consumed = True
+
+
+# ---------------------------------------------------------------------------------------
+# Vanilla RNN
+# ---------------------------------------------------------------------------------------
+class RNNTriton(torch.autograd.Function):
+    """One Elman layer, its time loops in Triton: the formulas of ``reference.RNNReference``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                bias_hh: Tensor, lengths: Optional[Tensor], nonlinearity: str, save: bool,
+                r: Optional[Tensor] = None, d_h: Optional[Tensor] = None):
+        T, B, I = x.shape
+        H = weight_hh.shape[0]
+        x2 = x.reshape(T * B, I)
+        w_t = weight_hh.t().contiguous()
+        r, d_h, lens = _contiguous(r, x), _contiguous(d_h, x), _lengths(lengths, x)
+        flags = dict(TANH=nonlinearity == "tanh", HAS_R=r is not None, HAS_DH=d_h is not None,
+                     HAS_LEN=lens is not None)
+        state = {}
+
+        def make_args(retry: bool):
+            state["xz"] = F.linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)  # -> h̃_t
+            state["hs"] = x.new_empty(T + 1, B, H)
+            state["hs"][0] = h0
+            return (state["xz"], state["hs"], w_t, _dummy(x, r), _dummy(x, d_h), _dummy(x, lens))
+
+        _run(kernels().rnn_forward, B, H, T, x, make_args, flags)
+        hs, acts = state["hs"], state["xz"]
+        if save:
+            ctx.save_for_backward(x2, hs, acts, weight_ih, weight_hh)
+            ctx.bias = (bias_ih + bias_hh).detach()
+            ctx.flags, ctx.r, ctx.d_h, ctx.lens = flags, r, d_h, lens
+        mask = _step_mask(lengths, T, x)
+        out = hs[1:] if mask is None else hs[1:] * mask
+        return out, hs[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: Tensor, d_hT: Tensor):
+        _OnceBackward.check(ctx)
+        x2, hs, acts, weight_ih, weight_hh = ctx.saved_tensors
+        T, B, H = acts.shape
+        dy = d_out.to(hs.dtype).contiguous()
+        r = ctx.r
+        state = {}
+
+        def make_args(retry: bool):
+            if retry:  # the timed-out launch overwrote part of the activations
+                acts.copy_(_rnn_activations(x2, hs, weight_ih, weight_hh, ctx.bias, r, ctx.flags["TANH"]))
+            state["carry"] = d_hT.to(acc_dtype(hs.dtype)).contiguous().clone()
+            return (acts, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, r), _dummy(dy, ctx.d_h),
+                    _dummy(dy, ctx.lens))
+
+        _run(kernels().rnn_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
+        dz = acts  # now δz_t of every step
+        back = dz[0] @ weight_hh
+        d_h0 = state["carry"] + (back if r is None else r * back)
+        dz2 = dz.view(T * B, H)
+        need = ctx.needs_input_grad
+        d_x = (dz2 @ weight_ih).view(T, B, -1) if need[0] else None
+        h_prev = hs[:-1] if r is None else hs[:-1] * r
+        d_w_ih = dz2.t() @ x2 if need[2] else None
+        d_w_hh = dz2.t() @ h_prev.reshape(T * B, H) if need[3] else None
+        d_b = dz2.sum(0) if (need[4] or need[5]) else None
+        return (d_x, d_h0 if need[1] else None, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(),
+                None, None, None, None, None)
+
+
+def _rnn_activations(x2: Tensor, hs: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor,
+                     r: Optional[Tensor], tanh: bool) -> Tensor:
+    """h̃_t of every step at once from the saved states (no time loop: hs holds every h_{t-1})."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    h_prev = hs[:-1] if r is None else hs[:-1] * r
+    z = F.linear(x2, weight_ih, bias).view(T, B, H) + h_prev @ weight_hh.t()
+    return torch.tanh(z) if tanh else torch.relu(z)
+
+
+def _lstm_activations(x2: Tensor, hs: Tensor, cs: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor,
+                      peep: Optional[tuple], r: Optional[Tensor]) -> Tensor:
+    """i, f, g, o of every step at once from the saved states h_{t-1}, c_{t-1} (slots 0..T-1)."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    h_prev = hs[:-1] if r is None else hs[:-1] * r
+    z = (F.linear(x2, weight_ih, bias).view(T, B, 4 * H) + h_prev @ weight_hh.t()).to(cs.dtype)
+    z_i, z_f, z_g, z_o = z.chunk(4, -1)
+    c_prev = cs[:-1]
+    if peep is not None:
+        z_i, z_f = z_i + peep[0] * c_prev, z_f + peep[1] * c_prev
+    i, f, g = torch.sigmoid(z_i), torch.sigmoid(z_f), torch.tanh(z_g)
+    c_til = f * c_prev + i * g
+    o = torch.sigmoid(z_o + peep[2] * c_til if peep is not None else z_o)
+    return torch.cat((i, f, g, o), -1)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM (optional peepholes)
+# ---------------------------------------------------------------------------------------
+class LSTMTriton(torch.autograd.Function):
+    """One LSTM layer, its time loops in Triton: the formulas of ``reference.LSTMReference``;
+    inputs and outputs as ``fast.LSTMFunction``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                bias_ih: Tensor, bias_hh: Tensor, weight_ci: Optional[Tensor], weight_cf: Optional[Tensor],
+                weight_co: Optional[Tensor], lengths: Optional[Tensor], save: bool, r: Optional[Tensor] = None,
+                d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None):
+        T, B, I = x.shape
+        H = weight_hh.shape[1]
+        x2 = x.reshape(T * B, I)
+        w_t = weight_hh.t().contiguous()
+        peep = None if weight_ci is None else tuple(p.contiguous() for p in (weight_ci, weight_cf, weight_co))
+        r, d_h, d_c, lens = _contiguous(r, x), _contiguous(d_h, x), _contiguous(d_c, x), _lengths(lengths, x)
+        flags = dict(PEEP=peep is not None, HAS_R=r is not None, HAS_DH=d_h is not None, HAS_DC=d_c is not None,
+                     HAS_LEN=lens is not None)
+        state = {}
+
+        def make_args(retry: bool):
+            state["xz"] = F.linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, 4 * H)  # -> i, f, g, o
+            state["hs"] = x.new_empty(T + 1, B, H)
+            state["hs"][0] = h0
+            state["cs"] = torch.empty(T + 1, B, H, dtype=acc_dtype(x.dtype), device=x.device)
+            state["cs"][0] = c0
+            return (state["xz"], state["hs"], state["cs"], w_t, _dummy(x, r), _dummy(x, d_h), _dummy(x, d_c),
+                    _dummy(x, lens), *(peep or (x, x, x)))
+
+        _run(kernels().lstm_forward, B, H, T, x, make_args, flags)
+        hs, cs, acts = state["hs"], state["cs"], state["xz"]
+        if save:
+            ctx.save_for_backward(x2, hs, cs, acts, weight_ih, weight_hh)
+            ctx.bias = (bias_ih + bias_hh).detach()
+            ctx.flags, ctx.peep, ctx.r, ctx.d_h, ctx.d_c, ctx.lens = flags, peep, r, d_h, d_c, lens
+        mask = _step_mask(lengths, T, x)
+        out = hs[1:] if mask is None else hs[1:] * mask
+        return out, hs[T].clone(), cs[T].to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: Tensor, d_hT: Tensor, d_cT: Tensor):
+        _OnceBackward.check(ctx)
+        x2, hs, cs, acts, weight_ih, weight_hh = ctx.saved_tensors
+        T, B, H4 = acts.shape
+        H = H4 // 4
+        dy = d_out.to(hs.dtype).contiguous()
+        r, peep = ctx.r, ctx.peep
+        c_new = None
+        if peep is not None and ctx.d_c is not None:  # p_o saw c̃_t = f c_{t-1} + i g, not the zoned-out c_t
+            c_new = acts[..., H:2 * H] * cs[:-1] + acts[..., :H] * acts[..., 2 * H:3 * H]
+        state = {}
+
+        def make_args(retry: bool):
+            if retry:  # the timed-out launch overwrote part of the activations
+                acts.copy_(_lstm_activations(x2, hs, cs, weight_ih, weight_hh, ctx.bias, peep, r))
+            state["h"] = d_hT.to(acc_dtype(hs.dtype)).contiguous().clone()
+            state["c"] = d_cT.to(acc_dtype(hs.dtype)).contiguous().clone()
+            return (acts, cs, dy, weight_hh.contiguous(), state["h"], state["c"], _dummy(dy, r), _dummy(dy, ctx.d_h),
+                    _dummy(dy, ctx.d_c), _dummy(dy, ctx.lens), *(peep or (dy, dy, dy)))
+
+        _run(kernels().lstm_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
+        dz = acts  # now δz_t of every step, gates (i, f, g, o)
+        back = dz[0] @ weight_hh
+        d_h0 = state["h"] + (back if r is None else r * back)
+        h_prev = hs[:-1] if r is None else hs[:-1] * r
+        grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, None if peep is None else cs,
+                            weight_ih, d_h0.to(hs.dtype), state["c"].to(hs.dtype), c_new)
+        return (*grads, None, None, None)

@@ -1,0 +1,341 @@
+"""The recurrent time loops as Triton kernels, for ``impl: bptt`` on CUDA (``gpu.py`` launches them).
+
+The formulas are those of ``reference.py`` (docs/bptt.md): these kernels only change where the
+work happens. Everything that does not depend on the previous step stays outside, in one big
+cuBLAS GEMM each (the input projection before the loop; dX, dW_ih, dW_hh and the biases after
+it), exactly as on the CPU. What runs here is the part that must step through time:
+
+    forward, step t     z_t = xz_t + (h_{t-1} ⊙ r) W_hhᵀ        (xz_t = x_t W_ihᵀ + b, given)
+                        gates, c_t, h_t, zoneout, length mask   (fused, in registers)
+    backward, step t    δh_t = carry_h + r ⊙ (δz_{t+1} W_hh)    (the recurrent GEMM)
+                        δz_t and the carries of δh, δc          (fused, in registers)
+
+Each program owns a block of batch rows × hidden units (BB × BH) and, for the LSTM, all four
+gates of those units, so the elementwise part of a step needs nothing from other programs; only
+the GEMM input (h_{t-1} in the forward, δz_{t+1} in the backward, all columns of the program's
+rows) comes from the others.
+
+Two ways to step (``SYNC``):
+    persistent (SYNC=True)  one launch runs all T steps; after each step the programs meet at a
+                            grid barrier in global memory. It needs every program resident at
+                            once, so the grid is at most one program per SM (``gpu.plan``);
+                            the wait is bounded, and a timeout raises a flag that the host
+                            checks (it then reruns the layer one launch per step).
+    per step (SYNC=False)   one launch per time step; any grid size. The fallback, and how the
+                            Triton interpreter (TRITON_INTERPRET=1, which runs programs one after
+                            another) checks multi-program grids on a CPU.
+
+Buffers (time-major, contiguous; offsets in int64 from the time index on):
+    xz / acts (T, B, G)   in: x W_ihᵀ + b_ih + b_hh; the forward overwrites each step with the
+                          activations (RNN: h̃; LSTM: i, f, g, o), the backward with δz_t
+    hs (T+1, B, H)        slot 0 = h_0, slot t = h_t (masked: carried through padding)
+    cs (T+1, B, H) ACC    the same for the LSTM's cell state
+The GEMM operands (h, W, δz) are in the model's dtype (float32, bfloat16 or float16); products
+accumulate, and the elementwise math and the cell state run, in ``ACC``: float32 (float64 for
+float64 inputs, which only the interpreter runs: the CPU tests check the formulas to ~1e-12).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _tanh(x):
+    # (1 - e^{-2|x|}) / (1 + e^{-2|x|}) with the sign of x: no overflow, no cancellation near 0
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b. UPCAST: in float32, for the Triton interpreter, whose bfloat16 arithmetic is
+    wrong (conversions are right); on a GPU bfloat16 tiles go to the tensor cores as they are."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _grid_sync(sync, target, SPIN: tl.constexpr):
+    """Wait until ``target`` arrivals are counted in sync[0] (all programs, this step); after
+    SPIN polls give up and set sync[1] (the host then reruns the layer step by step)."""
+    tl.debug_barrier()  # every thread of this program has issued its stores
+    tl.atomic_add(sync, 1, sem="release", scope="gpu")
+    seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
+    failed = tl.atomic_add(sync + 1, 0, sem="acquire", scope="gpu")
+    spins = 0
+    while (seen < target) & (failed == 0) & (spins < SPIN):
+        seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
+        spins += 1
+    if seen < target:
+        tl.atomic_xchg(sync + 1, 1, sem="release", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _row_live(lengths, rows, row_ok, t, HAS_LEN: tl.constexpr, ACC: tl.constexpr):
+    """m_t per row (BB, 1): 1 while t (0-based) < n_b, else 0."""
+    if HAS_LEN:
+        n = tl.load(lengths + rows, mask=row_ok, other=0)
+        return tl.where(t < n, 1.0, 0.0).to(ACC)[:, None]
+    else:
+        return tl.full((rows.shape[0], 1), 1.0, ACC)
+
+
+# ---------------------------------------------------------------------------------------
+# Vanilla RNN:  z_t = xz_t + (h_{t-1} ⊙ r) W_hhᵀ,  h̃_t = f(z_t),  ĥ = d h_{t-1} + (1 − d) h̃,
+#               h_t = m ĥ + (1 − m) h_{t-1}
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def rnn_forward(xz, hs, w_t, r, d_h, lengths, sync, B, H, t_start, t_stop,
+                TANH: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
+                SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """w_t = W_hhᵀ (H, H); xz (T, B, H) gets h̃_t (f' comes from it in the backward)."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    own = rows[:, None] * H + cols[None, :]
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    for t in range(t_start, t_stop):
+        slot = tl.cast(t, tl.int64) * B * H  # slot t of hs, step t of xz / d_h
+        acc = tl.zeros((BB, BH), ACC)
+        for k0 in range(0, H, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < H
+            h_k = tl.load(hs + slot + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                          other=0.0, cache_modifier=".cg")
+            if HAS_R:
+                r_k = tl.load(r + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                h_k = (h_k.to(ACC) * r_k.to(ACC)).to(h_k.dtype)
+            w_k = tl.load(w_t + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = _dot(h_k, w_k, acc, PRECISION, UPCAST)
+        z = acc + tl.load(xz + slot + own, mask=ok, other=0.0).to(ACC)
+        h_til = _tanh(z) if TANH else tl.maximum(z, 0.0)
+        h_prev = tl.load(hs + slot + own, mask=ok, other=0.0, cache_modifier=".cg").to(ACC)
+        h_out = h_til
+        if HAS_DH:
+            d = tl.load(d_h + slot + own, mask=ok, other=0.0).to(ACC)
+            h_out = d * h_prev + (1.0 - d) * h_til
+        m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
+        h_new = m * h_out + (1.0 - m) * h_prev
+        tl.store(hs + slot + B * H + own, h_new.to(hs.dtype.element_ty), mask=ok)
+        tl.store(xz + slot + own, h_til.to(xz.dtype.element_ty), mask=ok)
+        if SYNC:
+            _grid_sync(sync, (t - t_start + 1) * programs, SPIN)
+
+
+@triton.jit
+def rnn_backward(acts, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_start,
+                 TANH: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
+                 SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Steps t = t_start − 1 down to t_stop. acts (T, B, H): h̃_t in, δz_t out (in place);
+    w = W_hh (H, H); carry (B, H) ACC: the part of δh_t that is not r ⊙ δz_{t+1} W_hh
+    (in: ∂L/∂h_T at t_start = T; out: after step t_stop)."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    own = rows[:, None] * H + cols[None, :]
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    for step in range(t_stop, t_start):
+        t = t_start - 1 - (step - t_stop)
+        slot = tl.cast(t, tl.int64) * B * H
+        dh = tl.load(carry + own, mask=ok, other=0.0)
+        if t + 1 < T:  # + r ⊙ (δz_{t+1} W_hh)
+            back = tl.zeros((BB, BH), ACC)
+            for k0 in range(0, H, BK):
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < H
+                dz_k = tl.load(acts + slot + B * H + rows[:, None] * H + ks[None, :],
+                               mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+                w_k = tl.load(w + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                back = _dot(dz_k, w_k, back, PRECISION, UPCAST)
+            if HAS_R:
+                back = back * tl.load(r + own, mask=ok, other=0.0).to(ACC)
+            dh += back
+        m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
+        g = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
+        dh_til = g
+        keep = (1.0 - m) * dh
+        if HAS_DH:
+            d = tl.load(d_h + slot + own, mask=ok, other=0.0).to(ACC)
+            dh_til = (1.0 - d) * g
+            keep += d * g
+        h_til = tl.load(acts + slot + own, mask=ok, other=0.0).to(ACC)
+        f_prime = 1.0 - h_til * h_til if TANH else tl.where(h_til > 0, 1.0, 0.0)
+        tl.store(acts + slot + own, (dh_til * f_prime).to(acts.dtype.element_ty), mask=ok)
+        tl.store(carry + own, keep, mask=ok)
+        if SYNC:
+            _grid_sync(sync, (step - t_stop + 1) * programs, SPIN)
+
+
+# ---------------------------------------------------------------------------------------
+# LSTM, gates in torch's order (i, f, g, o), optional peepholes p_i, p_f, p_o
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def lstm_forward(xz, hs, cs, w_t, r, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, H, t_start, t_stop,
+                 PEEP: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
+                 HAS_LEN: tl.constexpr, SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+                 BK: tl.constexpr, PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """w_t = W_hhᵀ (H, 4H); xz (T, B, 4H) gets the activations i, f, g, o."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    own = rows[:, None] * H + cols[None, :]  # this program's units in a (B, H) slice
+    gate = rows[:, None] * (4 * H) + cols[None, :]  # its gate i in a (B, 4H) slice; f, g, o at +H, +2H, +3H
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    if PEEP:
+        pi = tl.load(p_i + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        pf = tl.load(p_f + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        po = tl.load(p_o + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    for t in range(t_start, t_stop):
+        slot = tl.cast(t, tl.int64) * B * H
+        zslot = tl.cast(t, tl.int64) * B * (4 * H)
+        acc_i = tl.zeros((BB, BH), ACC)
+        acc_f = tl.zeros((BB, BH), ACC)
+        acc_g = tl.zeros((BB, BH), ACC)
+        acc_o = tl.zeros((BB, BH), ACC)
+        for k0 in range(0, H, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < H
+            h_k = tl.load(hs + slot + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                          other=0.0, cache_modifier=".cg")
+            if HAS_R:
+                r_k = tl.load(r + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                h_k = (h_k.to(ACC) * r_k.to(ACC)).to(h_k.dtype)
+            w_k = w_t + ks[:, None] * (4 * H) + cols[None, :]
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            acc_i = _dot(h_k, tl.load(w_k, mask=w_ok, other=0.0), acc_i, PRECISION, UPCAST)
+            acc_f = _dot(h_k, tl.load(w_k + H, mask=w_ok, other=0.0), acc_f, PRECISION, UPCAST)
+            acc_g = _dot(h_k, tl.load(w_k + 2 * H, mask=w_ok, other=0.0), acc_g, PRECISION, UPCAST)
+            acc_o = _dot(h_k, tl.load(w_k + 3 * H, mask=w_ok, other=0.0), acc_o, PRECISION, UPCAST)
+        z = xz + zslot + gate
+        z_i = acc_i + tl.load(z, mask=ok, other=0.0).to(ACC)
+        z_f = acc_f + tl.load(z + H, mask=ok, other=0.0).to(ACC)
+        z_g = acc_g + tl.load(z + 2 * H, mask=ok, other=0.0).to(ACC)
+        z_o = acc_o + tl.load(z + 3 * H, mask=ok, other=0.0).to(ACC)
+        c_prev = tl.load(cs + slot + own, mask=ok, other=0.0)
+        h_prev = tl.load(hs + slot + own, mask=ok, other=0.0, cache_modifier=".cg").to(ACC)
+        if PEEP:
+            z_i += pi * c_prev
+            z_f += pf * c_prev
+        i = _sigmoid(z_i)
+        f = _sigmoid(z_f)
+        g = _tanh(z_g)
+        c_til = f * c_prev + i * g
+        if PEEP:
+            z_o += po * c_til
+        o = _sigmoid(z_o)
+        h_out = o * _tanh(c_til)
+        c_out = c_til
+        if HAS_DH:
+            d = tl.load(d_h + slot + own, mask=ok, other=0.0).to(ACC)
+            h_out = d * h_prev + (1.0 - d) * h_out
+        if HAS_DC:
+            d = tl.load(d_c + slot + own, mask=ok, other=0.0).to(ACC)
+            c_out = d * c_prev + (1.0 - d) * c_til
+        m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
+        tl.store(hs + slot + B * H + own, (m * h_out + (1.0 - m) * h_prev).to(hs.dtype.element_ty), mask=ok)
+        tl.store(cs + slot + B * H + own, m * c_out + (1.0 - m) * c_prev, mask=ok)
+        tl.store(z, i.to(xz.dtype.element_ty), mask=ok)
+        tl.store(z + H, f.to(xz.dtype.element_ty), mask=ok)
+        tl.store(z + 2 * H, g.to(xz.dtype.element_ty), mask=ok)
+        tl.store(z + 3 * H, o.to(xz.dtype.element_ty), mask=ok)
+        if SYNC:
+            _grid_sync(sync, (t - t_start + 1) * programs, SPIN)
+
+
+@triton.jit
+def lstm_backward(acts, cs, dy, w, carry_h, carry_c, r, d_h, d_c, lengths, p_i, p_f, p_o, sync,
+                  B, H, T, t_stop, t_start,
+                  PEEP: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
+                  HAS_LEN: tl.constexpr, SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+                  BK: tl.constexpr, PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
+                UPCAST: tl.constexpr):
+    """Steps t = t_start − 1 down to t_stop. acts (T, B, 4H): i, f, g, o in, δz_t out (in
+    place); w = W_hh (4H, H); carry_h, carry_c (B, H) ACC: in ∂L/∂h_T, ∂L/∂c_T (at t_start =
+    T), out what reaches h, c from the steps done, except r ⊙ δz W_hh for h."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    own = rows[:, None] * H + cols[None, :]
+    gate = rows[:, None] * (4 * H) + cols[None, :]
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    if PEEP:
+        pi = tl.load(p_i + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        pf = tl.load(p_f + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        po = tl.load(p_o + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    for step in range(t_stop, t_start):
+        t = t_start - 1 - (step - t_stop)
+        slot = tl.cast(t, tl.int64) * B * H
+        zslot = tl.cast(t, tl.int64) * B * (4 * H)
+        dh = tl.load(carry_h + own, mask=ok, other=0.0)
+        dc = tl.load(carry_c + own, mask=ok, other=0.0)
+        if t + 1 < T:  # + r ⊙ (δz_{t+1} W_hh), summed over the 4H gate columns
+            back = tl.zeros((BB, BH), ACC)
+            for k0 in range(0, 4 * H, BK):
+                ks = k0 + tl.arange(0, BK)
+                k_ok = ks < 4 * H
+                dz_k = tl.load(acts + zslot + B * (4 * H) + rows[:, None] * (4 * H) + ks[None, :],
+                               mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
+                w_k = tl.load(w + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                back = _dot(dz_k, w_k, back, PRECISION, UPCAST)
+            if HAS_R:
+                back = back * tl.load(r + own, mask=ok, other=0.0).to(ACC)
+            dh += back
+        m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
+        g_h = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
+        g_c = m * dc
+        keep_h = (1.0 - m) * dh
+        keep_c = (1.0 - m) * dc
+        dh_til = g_h
+        dc_til = g_c
+        if HAS_DH:
+            d = tl.load(d_h + slot + own, mask=ok, other=0.0).to(ACC)
+            dh_til = (1.0 - d) * g_h
+            keep_h += d * g_h
+        if HAS_DC:
+            d = tl.load(d_c + slot + own, mask=ok, other=0.0).to(ACC)
+            dc_til = (1.0 - d) * g_c
+            keep_c += d * g_c
+        a = acts + zslot + gate
+        i = tl.load(a, mask=ok, other=0.0).to(ACC)
+        f = tl.load(a + H, mask=ok, other=0.0).to(ACC)
+        g = tl.load(a + 2 * H, mask=ok, other=0.0).to(ACC)
+        o = tl.load(a + 3 * H, mask=ok, other=0.0).to(ACC)
+        c_prev = tl.load(cs + slot + own, mask=ok, other=0.0)
+        tanh_c = _tanh(f * c_prev + i * g)  # c̃_t, recomputed: cs holds the zoned-out, masked c_t
+        dz_o = dh_til * tanh_c * o * (1.0 - o)
+        dc_til += dh_til * o * (1.0 - tanh_c * tanh_c)
+        if PEEP:
+            dc_til += po * dz_o
+        dz_i = dc_til * g * i * (1.0 - i)
+        dz_f = dc_til * c_prev * f * (1.0 - f)
+        dz_g = dc_til * i * (1.0 - g * g)
+        keep_c += dc_til * f
+        if PEEP:
+            keep_c += pi * dz_i + pf * dz_f
+        tl.store(a, dz_i.to(acts.dtype.element_ty), mask=ok)
+        tl.store(a + H, dz_f.to(acts.dtype.element_ty), mask=ok)
+        tl.store(a + 2 * H, dz_g.to(acts.dtype.element_ty), mask=ok)
+        tl.store(a + 3 * H, dz_o.to(acts.dtype.element_ty), mask=ok)
+        tl.store(carry_h + own, keep_h, mask=ok)
+        tl.store(carry_c + own, keep_c, mask=ok)
+        if SYNC:
+            _grid_sync(sync, (step - t_stop + 1) * programs, SPIN)
