@@ -3,6 +3,7 @@
     python benchmarks/cells.py                      # full sizes, RNN and LSTM, table
     python benchmarks/cells.py --sizes small --repeats 5 --cells lstm
     python benchmarks/cells.py --json               # last line: {"results": [...]}
+    python benchmarks/cells.py --device cuda        # GPU sizes, RNN, LSTM and peephole LSTM vs cuDNN
 
 For every cell and size (B, T, I, H), one fresh subprocess times, in interleaved rounds (the
 order rotates every round), each implementation of ``RecurrentStack`` (1 layer) and the real
@@ -19,6 +20,14 @@ of the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) d
 training step, over the peak after building the model and the input and running one
 inference pass. It counts everything the step touches (saved activations, gradients, scratch
 buffers, allocator slack), measured by the OS, not by torch.
+
+On a GPU (``--device cuda``) the same rounds run with a synchronize around every timed call,
+TF32 allowed for cuDNN and for the kernels alike (torch's cuDNN default; ``--no-tf32`` for
+exact float32 everywhere), and peak memory is the increase of
+``torch.cuda.max_memory_allocated`` during one training step, in the timing process. The
+``peephole`` cell has no native op: its ``torch`` row is cuDNN's plain LSTM of the same size,
+the target it is compared with. ``bptt-ref`` is the plain-torch reference loop
+(``SEQMODELS_TRITON=0``), to show what the kernels replace.
 
 The first line names the host: the CPU model, torch's ISA level (AVX2, AVX512, ...) and the
 thread count; after each size, the implementation ``impl: auto`` would train with here: what
@@ -47,25 +56,32 @@ SIZES = {
     "full": [(32, 100, 64, 256), (64, 256, 64, 512), (16, 64, 88, 128)],
     "small": [(16, 64, 88, 128)],
     "tiny": [(4, 16, 8, 16)],
+    "gpu": [(64, 256, 64, 512), (256, 256, 128, 1024), (32, 100, 64, 256)],
 }
 IMPLS = ("autograd", "bptt", "native")
+GPU_IMPLS = ("autograd", "bptt-ref", "bptt", "native")
 REFERENCE = "torch"
 
 
-def build(cell: str, impl: str, B: int, T: int, I: int, H: int):
-    """The model for ``impl`` (or the torch module), on weights from one fixed seed, and x."""
+def build(cell: str, impl: str, B: int, T: int, I: int, H: int, device: str = "cpu"):
+    """The model for ``impl`` (or the torch module), on weights from one fixed seed, and x.
+    ``cell`` "peephole": the peephole LSTM, and as its torch module cuDNN's plain LSTM."""
     import torch
 
     from seqmodels.recurrent import RecurrentStack
 
     torch.manual_seed(0)
-    stack = RecurrentStack(cell, I, H, num_layers=1, impl="native" if impl == REFERENCE else impl)
-    x = torch.randn(B, T, I)
+    name, options = ("lstm", dict(peephole=True)) if cell == "peephole" else (cell, {})
+    if impl == REFERENCE:
+        options = {}
+    stack = RecurrentStack(name, I, H, num_layers=1, impl=impl if impl in ("autograd", "bptt", "native") else
+                           "native" if impl == REFERENCE else "bptt", **options).to(device)
+    x = torch.randn(B, T, I, device=device)
     if impl != REFERENCE:
         return stack, x
-    ref = torch.nn.LSTM(I, H, batch_first=True) if cell == "lstm" else torch.nn.RNN(I, H, batch_first=True)
+    ref = torch.nn.LSTM(I, H, batch_first=True) if name == "lstm" else torch.nn.RNN(I, H, batch_first=True)
     ref.load_state_dict(stack.torch_state_dict())
-    return ref, x
+    return ref.to(device), x
 
 
 def train_step(model, x) -> None:
@@ -83,29 +99,72 @@ def infer_step(model, x) -> None:
 
 
 def timed(fn, *args) -> float:
+    import torch
+
+    cuda = args[-1].is_cuda
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     fn(*args)
+    if cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
-def time_config(cell: str, B: int, T: int, I: int, H: int, repeats: int, warmup: int) -> dict:
+class _Impl:
+    """Runs a row's steps: ``bptt-ref`` with the Triton kernels turned off (the reference loop)."""
+
+    def __init__(self, name: str) -> None:
+        self.off = name == "bptt-ref"
+
+    def __enter__(self):
+        if self.off:
+            os.environ["SEQMODELS_TRITON"] = "0"
+
+    def __exit__(self, *exc):
+        if self.off:
+            os.environ.pop("SEQMODELS_TRITON", None)
+
+
+def gpu_peak_mb(model, x) -> float:
+    """Increase of torch.cuda.max_memory_allocated during one training step (MB)."""
+    import torch
+
+    infer_step(model, x)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    train_step(model, x)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def impls_for(cell: str, device: str) -> tuple[str, ...]:
+    impls = GPU_IMPLS if device == "cuda" else IMPLS
+    return tuple(n for n in impls if not (cell == "peephole" and n == "native"))
+
+
+def time_config(cell: str, B: int, T: int, I: int, H: int, repeats: int, warmup: int, device: str = "cpu") -> dict:
     """Interleaved rounds over the torch module and every impl; medians of times and ratios."""
-    names = (REFERENCE, *IMPLS)
-    models = {n: build(cell, n, B, T, I, H) for n in names}
+    names = (REFERENCE, *impls_for(cell, device))
+    models = {n: build(cell, n, B, T, I, H, device) for n in names}
     for n in names:
-        for _ in range(warmup):
-            train_step(*models[n])
-            infer_step(*models[n])
+        with _Impl(n):
+            for _ in range(warmup):
+                train_step(*models[n])
+                infer_step(*models[n])
     train = {n: [] for n in names}
     infer = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            train[n].append(timed(train_step, *models[n]))
-            infer[n].append(timed(infer_step, *models[n]))
+            with _Impl(n):
+                train[n].append(timed(train_step, *models[n]))
+                infer[n].append(timed(infer_step, *models[n]))
     rows = []
     for n in names:
-        rows.append({
+        row = {
             "cell": cell, "impl": n, "B": B, "T": T, "I": I, "H": H,
             "train_tokens_per_s": B * T / statistics.median(train[n]),
             "train_ratio_vs_native": statistics.median(
@@ -115,7 +174,11 @@ def time_config(cell: str, B: int, T: int, I: int, H: int, repeats: int, warmup:
                 a / b for a, b in zip(infer[REFERENCE], infer[n])),
             "train_ms": 1000 * statistics.median(train[n]),
             "infer_ms": 1000 * statistics.median(infer[n]),
-        })
+        }
+        if device == "cuda":
+            with _Impl(n):
+                row["peak_mem_mb"] = gpu_peak_mb(*models[n])
+        rows.append(row)
     return {"rows": rows}
 
 
@@ -129,8 +192,9 @@ def peak_memory(cell: str, impl: str, B: int, T: int, I: int, H: int) -> float:
     return (after - before) / 1024.0  # ru_maxrss is in KiB on Linux
 
 
-def host() -> dict:
-    """The CPU model, torch's ISA level and thread count."""
+def host(device: str = "cpu") -> dict:
+    """The CPU model, torch's ISA level and thread count; on CUDA the GPU and the versions of
+    CUDA, cuDNN and Triton too."""
     import platform
 
     import torch
@@ -141,26 +205,37 @@ def host() -> dict:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": model, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+    info = {"cpu": model, "isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
+    if device == "cuda":
+        import triton
+
+        info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                    triton=triton.__version__, tf32=torch.backends.cuda.matmul.allow_tf32)
+    return info
 
 
-def auto_choice(cell: str, B: int, H: int, by_impl: dict) -> dict:
+def auto_choice(cell: str, B: int, H: int, by_impl: dict, device: str = "cpu") -> dict:
     """What impl auto trains with at this size: measured (from these medians) and static."""
     from seqmodels.autotune import select
     from seqmodels.cells import CELLS
     from seqmodels.recurrent import resolve_impl
 
-    stack, _ = build(cell, "native", B, 1, 1, H)
-    static = resolve_impl("auto", CELLS[cell], stack.layers[0].cell, "cpu", True, B, H)
-    measured = select({n: by_impl[n]["train_ms"] for n in ("native", "bptt")}, static)
+    stack, _ = build(cell, "bptt", B, 1, 1, H)
+    name = "lstm" if cell == "peephole" else cell
+    static = resolve_impl("auto", CELLS[name], stack.layers[0].cell, device, True, B, H)
+    measured = select({n: by_impl[n]["train_ms"] for n in ("native", "bptt") if n in by_impl}, static)
     return {"auto_measured": measured, "auto_static": static}
 
 
 def run_worker(args) -> None:
     B, T, I, H = args.size[0]
+    if args.device == "cuda":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
     if args.worker == "time":
-        result = time_config(args.cells, B, T, I, H, args.repeats, args.warmup)
+        result = time_config(args.cells, B, T, I, H, args.repeats, args.warmup, args.device)
     else:
         result = {"peak_mem_mb": peak_memory(args.cells, args.worker_impl, B, T, I, H)}
     print(json.dumps(result))
@@ -174,8 +249,10 @@ def subprocess_json(argv: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="full", choices=sorted(SIZES))
-    parser.add_argument("--cells", default="rnn,lstm")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--sizes", choices=sorted(SIZES), help="default: full on a CPU, gpu on CUDA")
+    parser.add_argument("--cells", help="rnn, lstm, peephole (default: rnn,lstm; on CUDA all three)")
+    parser.add_argument("--no-tf32", action="store_true", help="CUDA: exact float32 in cuDNN and the kernels")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median of them)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -187,25 +264,34 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return run_worker(args)
+    args.sizes = args.sizes or ("gpu" if args.device == "cuda" else "full")
+    args.cells = args.cells or ("rnn,lstm,peephole" if args.device == "cuda" else "rnn,lstm")
 
     results = []
-    machine = host()
+    machine = host(args.device)
     print(f"host: {machine['cpu']}, ISA {machine['isa']}, {machine['threads']} threads, torch {machine['torch']}",
           flush=True)
-    header = (f"{'cell':5} {'impl':9} {'B':>3} {'T':>4} {'I':>3} {'H':>4} | {'train tok/s':>11} "
+    if args.device == "cuda":
+        print(f"gpu: {machine['gpu']}, CUDA {machine['cuda']}, cuDNN {machine['cudnn']}, Triton {machine['triton']}, "
+              f"TF32 {'on' if not args.no_tf32 else 'off'}", flush=True)
+    header = (f"{'cell':8} {'impl':9} {'B':>3} {'T':>4} {'I':>3} {'H':>4} | {'train tok/s':>11} "
               f"{'x torch':>7} | {'infer tok/s':>11} {'x torch':>7} | {'peak MB':>7}")
     print(header, flush=True)
     print("-" * len(header), flush=True)
     for cell in args.cells.split(","):
         for size in args.size or SIZES[args.sizes]:
-            common = ["--cells", cell, "--size", *map(str, size)]
+            common = ["--cells", cell, "--size", *map(str, size), "--device", args.device] + \
+                (["--no-tf32"] if args.no_tf32 else [])
             rows = subprocess_json(["--worker", "time", "--repeats", str(args.repeats),
                                     "--warmup", str(args.warmup), *common])["rows"]
             for row in rows:
-                row["peak_mem_mb"] = None if args.no_memory else subprocess_json(
-                    ["--worker", "memory", "--worker-impl", row["impl"], *common])["peak_mem_mb"]
+                if args.no_memory:
+                    row["peak_mem_mb"] = None
+                elif args.device == "cpu":
+                    row["peak_mem_mb"] = subprocess_json(
+                        ["--worker", "memory", "--worker-impl", row["impl"], *common])["peak_mem_mb"]
                 mem = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:7.0f}"
-                print(f"{cell:5} {row['impl']:9} {row['B']:3} {row['T']:4} {row['I']:3} {row['H']:4} | "
+                print(f"{cell:8} {row['impl']:9} {row['B']:3} {row['T']:4} {row['I']:3} {row['H']:4} | "
                       f"{row['train_tokens_per_s']:11.0f} {row['train_ratio_vs_native']:7.2f} | "
                       f"{row['infer_tokens_per_s']:11.0f} {row['infer_ratio_vs_native']:7.2f} | {mem:>7}",
                       flush=True)
@@ -213,10 +299,10 @@ def main() -> None:
             by_impl = {row["impl"]: row for row in rows}
             for row in rows:  # medians' ratio: how much faster than the readable autograd loop
                 row["train_ratio_vs_autograd"] = by_impl["autograd"]["train_ms"] / row["train_ms"]
-            choice = auto_choice(cell, size[0], size[3], by_impl)
+            choice = auto_choice(cell, size[0], size[3], by_impl, args.device)
             for row in rows:
-                row.update(choice, isa=machine["isa"])
-            print(f"{'':15} bptt vs autograd, training: {by_impl['bptt']['train_ratio_vs_autograd']:.2f}x; "
+                row.update(choice, isa=machine["isa"], device=args.device, gpu=machine.get("gpu"))
+            print(f"{'':18} bptt vs autograd, training: {by_impl['bptt']['train_ratio_vs_autograd']:.2f}x; "
                   f"impl auto trains with {choice['auto_measured']} here (measured; static rule: "
                   f"{choice['auto_static']})", flush=True)
     if args.json:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one command on a CUDA machine; logs and JSON lines under $OUT.
 #
-#   bash benchmarks/gpu_checks.sh                       # tests shakespeare jsb
+#   bash benchmarks/gpu_checks.sh                       # tests shakespeare jsb kernels peephole
 #   bash benchmarks/gpu_checks.sh tests                 # any subset, in the order given
 #
 # Stages (each prints its wall time; a failing stage does not stop the others):
@@ -12,6 +12,10 @@
 #                first step, share of wall time outside training steps, peak memory
 #   jsb          benchmarks/chorales.py on $JSB (.gpu_data/JSB_Chorales.mat) with configs/jsb_lstm.yaml,
 #                at most $JSB_MINUTES (6) minutes, ended $JSB_PATIENCE (50) epochs after the best
+#   kernels      benchmarks/cells.py --device cuda: the Triton kernels of impl bptt (RNN, LSTM, peephole
+#                LSTM) against cuDNN at the three sizes of issue 20, train and inference tokens/s, peak memory
+#   peephole     benchmarks/shakespeare.py, $PEEPHOLE_MINUTES (3) minutes each: shakespeare_lstm_gpu.yaml
+#                as shipped (cuDNN), then with configs/peephole.yaml (the Triton kernels): tokens/s, val loss
 #
 # On the GPU machine of this workplace (docs/gpu.md): carry .whl (../shared/gpu/wheels.sh) and
 # .gpu_data (a copy of ../shared/data/JSB_Chorales.mat), and start the command with the install
@@ -21,10 +25,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-checks}
 mkdir -p "$OUT"
 export WANDB_MODE=${WANDB_MODE:-offline} PYTHONUNBUFFERED=1
-stages=${*:-tests shakespeare jsb}
+stages=${*:-tests shakespeare jsb kernels peephole}
 
 { nvidia-smi; python3 -c "import torch, lightning; print('torch', torch.__version__, 'cuda', torch.version.cuda,
-'cudnn', torch.backends.cudnn.version(), 'lightning', lightning.__version__, 'gpus', torch.cuda.device_count())"; } \
+'cudnn', torch.backends.cudnn.version(), 'lightning', lightning.__version__, 'gpus', torch.cuda.device_count())"
+  python3 -c "import triton; print('triton', triton.__version__)"; } \
   > "$OUT/machine.txt" 2>&1
 tail -n 1 "$OUT/machine.txt"
 
@@ -38,11 +43,17 @@ for stage in $stages; do
     shakespeare)
       python3 benchmarks/shakespeare.py --minutes "${SHAKESPEARE_MINUTES:-5}" \
         --config configs/shakespeare_lstm_gpu.yaml 2>&1 | tee "$OUT/shakespeare_gpu.log" ;;
+    kernels)
+      python3 benchmarks/cells.py --device cuda --json 2>&1 | tee "$OUT/kernels_gpu.log" ;;
+    peephole)
+      { python3 benchmarks/shakespeare.py --minutes "${PEEPHOLE_MINUTES:-3}" --config configs/shakespeare_lstm_gpu.yaml &&
+        python3 benchmarks/shakespeare.py --minutes "${PEEPHOLE_MINUTES:-3}" --config configs/shakespeare_lstm_gpu.yaml \
+          --config configs/peephole.yaml; } 2>&1 | tee "$OUT/peephole_gpu.log" ;;
     jsb)
       python3 benchmarks/chorales.py --path "${JSB:-.gpu_data/JSB_Chorales.mat}" --model lstm \
         --minutes "${JSB_MINUTES:-6}" --patience "${JSB_PATIENCE:-50}" 2>&1 | tee "$OUT/jsb_gpu.log" ;;
     *)
-      echo "unknown stage $stage (tests, shakespeare, jsb)"; false ;;
+      echo "unknown stage $stage (tests, shakespeare, jsb, kernels, peephole)"; false ;;
   esac
   rc=$?
   echo "=== $stage: exit $rc, $(( $(date +%s) - start )) s ===" | tee -a "$OUT/stages.txt"

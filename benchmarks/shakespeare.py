@@ -82,7 +82,8 @@ def main() -> None:
     parser.add_argument("--model", choices=["lstm", "rnn"], default="lstm")
     parser.add_argument("--path", default=None, help="a text file (default: the embedded Shakespeare)")
     parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--config", default=None, help="default: configs/shakespeare_<model>.yaml")
+    parser.add_argument("--config", action="append", default=None,
+                        help="default: configs/shakespeare_<model>.yaml; repeat for overlays (configs/peephole.yaml)")
     parser.add_argument("--max-epochs", type=int, default=None, help="default: the config's")
     args, extra = parser.parse_known_args()
     os.environ.setdefault("WANDB_MODE", "disabled")
@@ -95,12 +96,12 @@ def main() -> None:
         CharTextDataModule(path=args.path, cache_dir=cold_cache, datasets_cache_dir=cold_cache).prepare()
         encode_seconds = time.perf_counter() - start
 
-    config = args.config or str(ROOT / "configs" / f"shakespeare_{args.model}.yaml")
+    configs = args.config or [str(ROOT / "configs" / f"shakespeare_{args.model}.yaml")]
     f = args.val_fraction
     out_dir = tempfile.mkdtemp(prefix="bench-shakespeare-")
     throughput = Throughput()
     overrides = [
-        "fit", "--config", config, f"--trainer.max_time=00:00:{int(args.minutes * 60) // 60:02d}:{int(args.minutes * 60) % 60:02d}",
+        "fit", *[arg for c in configs for arg in ("--config", c)], f"--trainer.max_time=00:00:{int(args.minutes * 60) // 60:02d}:{int(args.minutes * 60) % 60:02d}",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={out_dir}",
         f"--data.init_args.fractions=[{1 - 2 * f}, {f}, {f}]", "--trainer.enable_progress_bar=false",
     ]
@@ -146,7 +147,7 @@ def main() -> None:
     for n, r in ngram.items():
         print(f"{n + '-gram':<10} {r['loss']:>14.4f} {r['loss'] / math.log(2):>10.4f}   (add-k, k={r['k']})")
     result = {
-        "model": args.model, "config": os.path.relpath(config, ROOT), "minutes": args.minutes,
+        "model": args.model, "config": " + ".join(os.path.relpath(c, ROOT) for c in configs), "minutes": args.minutes,
         "val_loss": val_loss, "val_bpc": val_loss / math.log(2), "val_loss_final": final, "val_loss_best": best_loss,
         "ngram": {n: r["loss"] for n, r in ngram.items()}, "tokens_per_s": tokens_per_s,
         "wall_tokens_per_s": wall_tokens_per_s, "overhead_fraction": overhead, "first_step_s": first_step_s,

@@ -168,6 +168,24 @@ def test_gpu_config_without_a_gpu_runs_on_the_cpu_with_a_notice(in_tmp_dir, caps
     assert list(in_tmp_dir.rglob("last.ckpt")), "the run saved its work as usual"
 
 
+def test_peephole_overlay_turns_the_gpu_config_into_a_peephole_lstm(in_tmp_dir, capsys):
+    """configs/peephole.yaml after the GPU config: the same run with peepholes (the end-to-end
+    figure of the GPU kernels), which impl auto trains with the hand-written BPTT."""
+    corpus = in_tmp_dir / "corpus.txt"
+    corpus.write_text("to be or not to be, that is the question\n" * 200)
+    cli = main(["fit", "--config", GPU_TEXT, "--config", str(ROOT / "configs" / "peephole.yaml"),
+                f"--data.init_args.path={corpus}", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+                "--model.init_args.network.hidden_size=8", "--model.init_args.network.num_layers=1",
+                "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4", "--data.init_args.bptt=16",
+                "--trainer.val_check_interval=2", f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}",
+                "--trainer.enable_progress_bar=false", "--trainer.precision=32-true",
+                "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
+    stack = cli.model.stack
+    assert stack.peephole and stack.cell_type == "lstm" and stack.layers[0].cell.weight_ci.requires_grad
+    assert cli.model.network.impl == "auto" and cli.model.network.dropout == 0.25  # the rest: the GPU config's
+    assert cli.trainer.global_step == 2
+
+
 @no_cuda
 def test_float16_mixed_precision_on_the_cpu_falls_back_to_32_true(in_tmp_dir, capsys):
     cli = main(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.precision=16-mixed", "--trainer.accelerator=cpu",

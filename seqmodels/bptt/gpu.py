@@ -16,6 +16,7 @@ before the first import of ``kernels.py``): that is how the CPU-only test suite 
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ def interpreted() -> bool:
 @functools.lru_cache(maxsize=None)
 def _triton_missing() -> Optional[str]:
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError as exc:  # the CUDA wheels of torch ship it; a CPU build does not
         return f"Triton is not installed ({exc}); `pip install triton`"
     return None
