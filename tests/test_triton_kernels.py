@@ -16,8 +16,12 @@ f' = 1 − h̃² of a saturated unit keeps few of them (measured: up to 3e-2 on 
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,7 +125,8 @@ def with_plan(monkeypatch, plan_: gpu.Plan) -> None:
 
 @pytest.mark.parametrize("mode", sorted(PLANS))
 @pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("options", [True, False], ids=["lengths_dropout_zoneout", "plain"])
+@pytest.mark.parametrize("options", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["lengths_dropout_zoneout", "plain"])
 def test_kernels_equal_the_reference_in_float64(cell, mode, options, monkeypatch):
     """Outputs, final states and the gradients of every input (state and weights included), with
     uneven lengths (one of T, one of 0), recurrent dropout and zoneout, or none of them."""
@@ -136,8 +141,9 @@ def test_kernels_equal_the_reference_in_float64(cell, mode, options, monkeypatch
 @pytest.mark.parametrize("cell", CELLS)
 def test_kernels_equal_the_reference_in_float32(cell, device, exact_float32, monkeypatch):
     if device == "cpu":
-        with_plan(monkeypatch, PLANS["per_step"][0])
-    d = layer_inputs(cell, 20, 40, dtype=torch.float32, device=device)
+        with_plan(monkeypatch, PLANS["persistent"][0])
+    B, H = (5, 7) if device == "cpu" else (20, 40)
+    d = layer_inputs(cell, B, H, dtype=torch.float32, device=device)
     assert_agree(cell, d, rtol=1e-5, atol=1e-5)
 
 
@@ -210,6 +216,24 @@ def test_gradients_equal_finite_differences(monkeypatch):
         numeric = float((up - down) / (2 * eps))
         analytic = float(sum((g * vi).sum() for g, vi in zip(grads, v)))
         assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(analytic))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtype", [(90, "float32"), (80, "bfloat16")])
+def test_kernels_compile_for_the_gpu_without_one(arch, dtype):
+    """What the interpreter cannot show: the kernels compile to a cubin for sm_90 (H100/H200)
+    and sm_80 (A100) with Triton's own ptxas, their GEMMs on the tensor cores (mma), and the
+    grid barrier as a release add and acquire loads in global memory."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = str(root)
+    run = subprocess.run([sys.executable, str(root / "tests" / "helpers" / "compile_kernels.py"), str(arch), dtype],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert [r["kernel"] for r in results] == ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward"]
+    for r in results:
+        assert r["cubin_bytes"] > 0 and r["mma"] and r["release_add"] and r["acquire_load"], r
 
 
 def test_plan_fits_every_program_on_the_gpu_or_steps():

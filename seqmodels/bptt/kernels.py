@@ -39,6 +39,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# The step range changes with every per-step launch: one compiled kernel for all of them.
+_STEP_ARGS = ["t_start", "t_stop"]
+
 
 @triton.jit
 def _sigmoid(x):
@@ -94,7 +97,7 @@ def _row_live(lengths, rows, row_ok, t, HAS_LEN: tl.constexpr, ACC: tl.constexpr
 # Vanilla RNN:  z_t = xz_t + (h_{t-1} ⊙ r) W_hhᵀ,  h̃_t = f(z_t),  ĥ = d h_{t-1} + (1 − d) h̃,
 #               h_t = m ĥ + (1 − m) h_{t-1}
 # ---------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_ARGS)
 def rnn_forward(xz, hs, w_t, r, d_h, lengths, sync, B, H, t_start, t_stop,
                 TANH: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
                 SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
@@ -135,7 +138,7 @@ def rnn_forward(xz, hs, w_t, r, d_h, lengths, sync, B, H, t_start, t_stop,
             _grid_sync(sync, (t - t_start + 1) * programs, SPIN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_ARGS)
 def rnn_backward(acts, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_start,
                  TANH: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
                  SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
@@ -185,7 +188,7 @@ def rnn_backward(acts, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_s
 # ---------------------------------------------------------------------------------------
 # LSTM, gates in torch's order (i, f, g, o), optional peepholes p_i, p_f, p_o
 # ---------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_ARGS)
 def lstm_forward(xz, hs, cs, w_t, r, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, H, t_start, t_stop,
                  PEEP: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
                  HAS_LEN: tl.constexpr, SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
@@ -260,7 +263,7 @@ def lstm_forward(xz, hs, cs, w_t, r, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, 
             _grid_sync(sync, (t - t_start + 1) * programs, SPIN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STEP_ARGS)
 def lstm_backward(acts, cs, dy, w, carry_h, carry_c, r, d_h, d_c, lengths, p_i, p_f, p_o, sync,
                   B, H, T, t_stop, t_start,
                   PEEP: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
