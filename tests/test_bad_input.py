@@ -168,6 +168,7 @@ def test_gpu_config_without_a_gpu_runs_on_the_cpu_with_a_notice(in_tmp_dir, caps
     assert list(in_tmp_dir.rglob("last.ckpt")), "the run saved its work as usual"
 
 
+@pytest.mark.slow
 def test_peephole_overlay_turns_the_gpu_config_into_a_peephole_lstm(in_tmp_dir, capsys):
     """configs/peephole.yaml after the GPU config: the same run with peepholes (the end-to-end
     figure of the GPU kernels), which impl auto trains with the hand-written BPTT."""

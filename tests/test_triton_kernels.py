@@ -123,10 +123,14 @@ def with_plan(monkeypatch, plan_: gpu.Plan) -> None:
     monkeypatch.setattr(gpu, "plan", lambda B, H, sms: plan_)
 
 
-@pytest.mark.parametrize("mode", sorted(PLANS))
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("options", [True, pytest.param(False, marks=pytest.mark.slow)],
-                         ids=["lengths_dropout_zoneout", "plain"])
+# the quick subset: every cell as one persistent program with every option, the per-step grid
+# for the two extremes (tanh RNN, peephole LSTM); the rest with ``slow``
+FLOAT64_CASES = [pytest.param(cell, mode, options, marks=[] if options and (mode == "persistent" or cell in (
+    "rnn_tanh", "lstm_peephole")) else [pytest.mark.slow], id=f"{cell}-{mode}-{'options' if options else 'plain'}")
+    for cell in CELLS for mode in sorted(PLANS) for options in (True, False)]
+
+
+@pytest.mark.parametrize("cell, mode, options", FLOAT64_CASES)
 def test_kernels_equal_the_reference_in_float64(cell, mode, options, monkeypatch):
     """Outputs, final states and the gradients of every input (state and weights included), with
     uneven lengths (one of T, one of 0), recurrent dropout and zoneout, or none of them."""
