@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from seqmodels.bptt.fast import _lstm_grads
+from seqmodels.bptt.fast import _contiguous, _Lengths, _lstm_grads
 
 # Offsets within one step's (B, G) slice are int32 in the kernels.
 MAX_STEP_ELEMENTS = 2**31 - 1
@@ -101,10 +101,10 @@ class Plan:
     persistent: bool
 
     def grid(self, B: int, H: int) -> tuple[int, int]:
-        return triton_cdiv(B, self.BB), triton_cdiv(H, self.BH)
+        return _cdiv(B, self.BB), _cdiv(H, self.BH)
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
@@ -130,7 +130,7 @@ def plan(B: int, H: int, sms: int) -> Plan:
         for BH in (16, 32, 64):
             if BH > _pow2_at_least(H, 16, 64):
                 break
-            n = triton_cdiv(B, BB) * triton_cdiv(H, BH)
+            n = _cdiv(B, BB) * _cdiv(H, BH)
             if n <= sms and (best is None or (n, BB) > (best[0], best[1])):
                 best = (n, BB, BH)
     if best is None:  # too many programs for one wave: step by step, big blocks
@@ -218,30 +218,17 @@ def _dummy(x: Tensor, t: Optional[Tensor]) -> Tensor:
     return x if t is None else t
 
 
-def _step_mask(lengths: Optional[Tensor], T: int, like: Tensor) -> Optional[Tensor]:
-    if lengths is None:
-        return None
-    return (torch.arange(T, device=like.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(-1)
-
-
 def _lengths(lengths: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
     return None if lengths is None else lengths.to(device=x.device, dtype=torch.int32).contiguous()
 
 
-def _contiguous(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
-    return None if t is None else t.to(like.dtype).contiguous()
-
-
-class _OnceBackward:
+def _first_backward(ctx) -> None:
     """The backward overwrites the saved activations with δz (no second T·B·G buffer), so a
-    second backward through the same graph (retain_graph=True) must fail loudly, not silently."""
-
-    @staticmethod
-    def check(ctx) -> None:
-        if getattr(ctx, "consumed", False):
-            raise RuntimeError("impl bptt on the GPU cannot backward twice through the same forward "
-                               "(retain_graph=True); use impl: autograd for that")
-        ctx.consumed = True
+    second backward through the same forward (retain_graph=True) must fail loudly."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("impl bptt on the GPU cannot backward twice through the same forward "
+                           "(retain_graph=True); use impl: autograd for that")
+    ctx.consumed = True
 
 
 # ---------------------------------------------------------------------------------------
@@ -275,14 +262,12 @@ class RNNTriton(torch.autograd.Function):
             ctx.save_for_backward(x2, hs, acts, weight_ih, weight_hh)
             ctx.bias = (bias_ih + bias_hh).detach()
             ctx.flags, ctx.r, ctx.d_h, ctx.lens = flags, r, d_h, lens
-        mask = _step_mask(lengths, T, x)
-        out = hs[1:] if mask is None else hs[1:] * mask
-        return out, hs[T].clone()
+        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hT: Tensor):
-        _OnceBackward.check(ctx)
+        _first_backward(ctx)
         x2, hs, acts, weight_ih, weight_hh = ctx.saved_tensors
         T, B, H = acts.shape
         dy = d_out.to(hs.dtype).contiguous()
@@ -373,14 +358,12 @@ class LSTMTriton(torch.autograd.Function):
             ctx.save_for_backward(x2, hs, cs, acts, weight_ih, weight_hh)
             ctx.bias = (bias_ih + bias_hh).detach()
             ctx.flags, ctx.peep, ctx.r, ctx.d_h, ctx.d_c, ctx.lens = flags, peep, r, d_h, d_c, lens
-        mask = _step_mask(lengths, T, x)
-        out = hs[1:] if mask is None else hs[1:] * mask
-        return out, hs[T].clone(), cs[T].to(x.dtype)
+        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone(), cs[T].to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out: Tensor, d_hT: Tensor, d_cT: Tensor):
-        _OnceBackward.check(ctx)
+        _first_backward(ctx)
         x2, hs, cs, acts, weight_ih, weight_hh = ctx.saved_tensors
         T, B, H4 = acts.shape
         H = H4 // 4

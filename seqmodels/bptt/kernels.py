@@ -84,6 +84,19 @@ def _grid_sync(sync, target, SPIN: tl.constexpr):
 
 
 @triton.jit
+def _gemm_input(h, r, rows, row_ok, ks, k_ok, H, HAS_R: tl.constexpr, ACC: tl.constexpr):
+    """The (BB, BK) tile of h_{t-1} ⊙ r that the step's GEMM multiplies: columns ks of the
+    program's rows, written by other programs last step (so past L1: ``.cg``)."""
+    offsets = rows[:, None] * H + ks[None, :]
+    both = row_ok[:, None] & k_ok[None, :]
+    h_k = tl.load(h + offsets, mask=both, other=0.0, cache_modifier=".cg")
+    if HAS_R:
+        r_k = tl.load(r + offsets, mask=both, other=0.0)
+        h_k = (h_k.to(ACC) * r_k.to(ACC)).to(h_k.dtype)
+    return h_k
+
+
+@triton.jit
 def _row_live(lengths, rows, row_ok, t, HAS_LEN: tl.constexpr, ACC: tl.constexpr):
     """m_t per row (BB, 1): 1 while t (0-based) < n_b, else 0."""
     if HAS_LEN:
@@ -116,11 +129,7 @@ def rnn_forward(xz, hs, w_t, r, d_h, lengths, sync, B, H, t_start, t_stop,
         for k0 in range(0, H, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < H
-            h_k = tl.load(hs + slot + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                          other=0.0, cache_modifier=".cg")
-            if HAS_R:
-                r_k = tl.load(r + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                h_k = (h_k.to(ACC) * r_k.to(ACC)).to(h_k.dtype)
+            h_k = _gemm_input(hs + slot, r, rows, row_ok, ks, k_ok, H, HAS_R, ACC)
             w_k = tl.load(w_t + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(h_k, w_k, acc, PRECISION, UPCAST)
         z = acc + tl.load(xz + slot + own, mask=ok, other=0.0).to(ACC)
@@ -216,11 +225,7 @@ def lstm_forward(xz, hs, cs, w_t, r, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, 
         for k0 in range(0, H, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < H
-            h_k = tl.load(hs + slot + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                          other=0.0, cache_modifier=".cg")
-            if HAS_R:
-                r_k = tl.load(r + rows[:, None] * H + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                h_k = (h_k.to(ACC) * r_k.to(ACC)).to(h_k.dtype)
+            h_k = _gemm_input(hs + slot, r, rows, row_ok, ks, k_ok, H, HAS_R, ACC)
             w_k = w_t + ks[:, None] * (4 * H) + cols[None, :]
             w_ok = k_ok[:, None] & col_ok[None, :]
             acc_i = _dot(h_k, tl.load(w_k, mask=w_ok, other=0.0), acc_i, PRECISION, UPCAST)
