@@ -12,6 +12,7 @@
 #                first step, share of wall time outside training steps, peak memory
 #   jsb          benchmarks/chorales.py on $JSB (.gpu_data/JSB_Chorales.mat) with configs/jsb_lstm.yaml,
 #                at most $JSB_MINUTES (6) minutes, ended $JSB_PATIENCE (50) epochs after the best
+#   triton       python -m pytest -m "gpu and triton": only the GPU tests of the Triton kernels (a minute)
 #   kernels      benchmarks/cells.py --device cuda: the Triton kernels of impl bptt (RNN, LSTM, peephole
 #                LSTM) against cuDNN at the three sizes of issue 20, train and inference tokens/s, peak memory
 #   peephole     benchmarks/shakespeare.py, $PEEPHOLE_MINUTES (3) minutes each: shakespeare_lstm_gpu.yaml
@@ -43,6 +44,8 @@ for stage in $stages; do
     shakespeare)
       python3 benchmarks/shakespeare.py --minutes "${SHAKESPEARE_MINUTES:-5}" \
         --config configs/shakespeare_lstm_gpu.yaml 2>&1 | tee "$OUT/shakespeare_gpu.log" ;;
+    triton)
+      python3 -m pytest -m "gpu and triton" -q -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_triton.log" ;;
     kernels)
       python3 benchmarks/cells.py --device cuda --json 2>&1 | tee "$OUT/kernels_gpu.log" ;;
     peephole)
@@ -53,7 +56,7 @@ for stage in $stages; do
       python3 benchmarks/chorales.py --path "${JSB:-.gpu_data/JSB_Chorales.mat}" --model lstm \
         --minutes "${JSB_MINUTES:-6}" --patience "${JSB_PATIENCE:-50}" 2>&1 | tee "$OUT/jsb_gpu.log" ;;
     *)
-      echo "unknown stage $stage (tests, shakespeare, jsb, kernels, peephole)"; false ;;
+      echo "unknown stage $stage (tests, shakespeare, jsb, triton, kernels, peephole)"; false ;;
   esac
   rc=$?
   echo "=== $stage: exit $rc, $(( $(date +%s) - start )) s ===" | tee -a "$OUT/stages.txt"
