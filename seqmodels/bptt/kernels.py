@@ -97,6 +97,26 @@ def _gemm_input(h, r, rows, row_ok, ks, k_ok, H, HAS_R: tl.constexpr, ACC: tl.co
 
 
 @triton.jit
+def _back_through_w_hh(dz_next, w, r, rows, row_ok, cols, col_ok, H, G, BB: tl.constexpr, BH: tl.constexpr,
+                       BK: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                       ACC: tl.constexpr):
+    """r ⊙ (δz_{t+1} W_hh) for the program's (rows, cols): δz_{t+1} (B, G) of all programs, so
+    past L1 (``.cg``), times W_hh (G, H), summed over the G gate columns."""
+    back = tl.zeros((BB, BH), ACC)
+    for k0 in range(0, G, BK):
+        ks = k0 + tl.arange(0, BK)
+        k_ok = ks < G
+        dz_k = tl.load(dz_next + rows[:, None] * G + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0,
+                       cache_modifier=".cg")
+        w_k = tl.load(w + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        back = _dot(dz_k, w_k, back, PRECISION, UPCAST)
+    if HAS_R:
+        back = back * tl.load(r + rows[:, None] * H + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                              other=0.0).to(ACC)
+    return back
+
+
+@triton.jit
 def _row_live(lengths, rows, row_ok, t, HAS_LEN: tl.constexpr, ACC: tl.constexpr):
     """m_t per row (BB, 1): 1 while t (0-based) < n_b, else 0."""
     if HAS_LEN:
@@ -167,16 +187,8 @@ def rnn_backward(acts, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_s
         slot = tl.cast(t, tl.int64) * B * H
         dh = tl.load(carry + own, mask=ok, other=0.0)
         if t + 1 < T:  # + r ⊙ (δz_{t+1} W_hh)
-            back = tl.zeros((BB, BH), ACC)
-            for k0 in range(0, H, BK):
-                ks = k0 + tl.arange(0, BK)
-                k_ok = ks < H
-                dz_k = tl.load(acts + slot + B * H + rows[:, None] * H + ks[None, :],
-                               mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
-                w_k = tl.load(w + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                back = _dot(dz_k, w_k, back, PRECISION, UPCAST)
-            if HAS_R:
-                back = back * tl.load(r + own, mask=ok, other=0.0).to(ACC)
+            back = _back_through_w_hh(acts + slot + B * H, w, r, rows, row_ok, cols, col_ok, H, H, BB, BH, BK,
+                                      HAS_R, PRECISION, UPCAST, ACC)
             dh += back
         m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
         g = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
@@ -296,16 +308,8 @@ def lstm_backward(acts, cs, dy, w, carry_h, carry_c, r, d_h, d_c, lengths, p_i, 
         dh = tl.load(carry_h + own, mask=ok, other=0.0)
         dc = tl.load(carry_c + own, mask=ok, other=0.0)
         if t + 1 < T:  # + r ⊙ (δz_{t+1} W_hh), summed over the 4H gate columns
-            back = tl.zeros((BB, BH), ACC)
-            for k0 in range(0, 4 * H, BK):
-                ks = k0 + tl.arange(0, BK)
-                k_ok = ks < 4 * H
-                dz_k = tl.load(acts + zslot + B * (4 * H) + rows[:, None] * (4 * H) + ks[None, :],
-                               mask=row_ok[:, None] & k_ok[None, :], other=0.0, cache_modifier=".cg")
-                w_k = tl.load(w + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                back = _dot(dz_k, w_k, back, PRECISION, UPCAST)
-            if HAS_R:
-                back = back * tl.load(r + own, mask=ok, other=0.0).to(ACC)
+            back = _back_through_w_hh(acts + zslot + B * (4 * H), w, r, rows, row_ok, cols, col_ok, H, 4 * H, BB, BH,
+                                      BK, HAS_R, PRECISION, UPCAST, ACC)
             dh += back
         m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
         g_h = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
