@@ -3,7 +3,7 @@
     python benchmarks/cells.py                      # full sizes, RNN and LSTM, table
     python benchmarks/cells.py --sizes small --repeats 5 --cells lstm
     python benchmarks/cells.py --json               # last line: {"results": [...]}
-    python benchmarks/cells.py --device cuda        # GPU sizes, RNN, LSTM and peephole LSTM vs cuDNN
+    python benchmarks/cells.py --device cuda        # GPU sizes, RNN, LSTM, peephole LSTM, GRU vs cuDNN
 
 For every cell and size (B, T, I, H), one fresh subprocess times, in interleaved rounds (the
 order rotates every round), each implementation of ``RecurrentStack`` (1 layer) and the real
@@ -79,7 +79,7 @@ def build(cell: str, impl: str, B: int, T: int, I: int, H: int, device: str = "c
     x = torch.randn(B, T, I, device=device)
     if impl != REFERENCE:
         return stack, x
-    ref = torch.nn.LSTM(I, H, batch_first=True) if name == "lstm" else torch.nn.RNN(I, H, batch_first=True)
+    ref = {"lstm": torch.nn.LSTM, "rnn": torch.nn.RNN, "gru": torch.nn.GRU}[name](I, H, batch_first=True)
     ref.load_state_dict(stack.torch_state_dict())
     return ref.to(device), x
 
@@ -251,7 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--sizes", choices=sorted(SIZES), help="default: full on a CPU, gpu on CUDA")
-    parser.add_argument("--cells", help="rnn, lstm, peephole (default: rnn,lstm; on CUDA all three)")
+    parser.add_argument("--cells", help="rnn, lstm, peephole, gru (default: rnn,lstm; on CUDA all four)")
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: exact float32 in cuDNN and the kernels")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median of them)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -265,7 +265,7 @@ def main() -> None:
     if args.worker:
         return run_worker(args)
     args.sizes = args.sizes or ("gpu" if args.device == "cuda" else "full")
-    args.cells = args.cells or ("rnn,lstm,peephole" if args.device == "cuda" else "rnn,lstm")
+    args.cells = args.cells or ("rnn,lstm,peephole,gru" if args.device == "cuda" else "rnn,lstm")
 
     results = []
     machine = host(args.device)

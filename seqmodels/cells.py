@@ -180,6 +180,9 @@ class CellType:
                 final state); weight_hh replaces cell.weight_hh (weight drop)
     bptt_on_cpu (training, batch, hidden) -> whether ``bptt`` beats ``native`` on a CPU
                 (``impl: auto``; measured by benchmarks/cells.py, docs/bptt.md)
+    bptt_fast_on device types where ``bptt`` has a fast path (C++ loops, Triton kernels), so that
+                ``impl: auto`` measures it against ``native`` there; elsewhere it runs the
+                plain-torch reference, which ``auto`` takes only when nothing else can run
     """
 
     cell: type[nn.Module]
@@ -189,6 +192,7 @@ class CellType:
     native: Callable[[nn.Module], Optional[str]]
     bptt: Optional[Callable] = None
     bptt_on_cpu: Callable[[bool, Optional[int], Optional[int]], bool] = lambda training, batch, hidden: False
+    bptt_fast_on: tuple[str, ...] = ("cpu", "cuda")
 
 
 # LSTM training on CPU: oneDNN's LSTM trains as fast or faster than the fused bptt loops when a
@@ -210,5 +214,7 @@ CELLS: dict[str, CellType] = {
                     bptt.rnn_layer, lambda training, batch, hidden: True),
     "lstm": CellType(LSTMCell, ("i", "f", "g", "o"), ("h", "c"), ("forget_bias", "peephole"),
                      lambda cell: None if cell.peephole else "lstm", bptt.lstm_layer, lstm_bptt_on_cpu),
-    "gru": CellType(GRUCell, ("r", "z", "n"), ("h",), (), lambda cell: "gru"),
+    # the GRU's hand-written BPTT has GPU kernels only; on a CPU oneDNN's GRU is the fast one
+    "gru": CellType(GRUCell, ("r", "z", "n"), ("h",), (), lambda cell: "gru", bptt.gru_layer,
+                    bptt_fast_on=("cuda",)),
 }

@@ -117,12 +117,14 @@ def resolve_impl(impl: str, kind: CellType, cell: nn.Module, device_type: str = 
     hand-written loops are faster for this call (``training``: a backward will follow; the
     batch and hidden sizes); otherwise ``native`` (oneDNN, cuDNN), and ``autograd`` for a cell
     with neither. All of them compute the same function of the same parameters. With recurrent
-    regularizers on, never ``native``: ``bptt`` where it applies them all, else ``autograd``.
+    regularizers on, never ``native``: ``bptt`` where it applies them all and has a fast path on
+    this device (``CellType.bptt_fast_on``), else ``autograd``.
     """
     if impl != "auto":
         return impl
     if regularizers:
-        return "bptt" if kind.bptt is not None and set(regularizers) <= set(BPTT_REGULARIZERS) else "autograd"
+        bptt_fits = kind.bptt is not None and set(regularizers) <= set(BPTT_REGULARIZERS)
+        return "bptt" if bptt_fits and device_type in kind.bptt_fast_on else "autograd"
     native = kind.native(cell) is not None
     if kind.bptt is not None and (not native or (device_type == "cpu" and kind.bptt_on_cpu(training, batch, hidden))):
         return "bptt"
@@ -294,7 +296,8 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         per machine and shape (``seqmodels.autotune``); the static rule where only one can run."""
         cell = self.layers[0].cell
         candidates = [impl for impl, ok in (("native", self.kind.native(cell) is not None),
-                                            ("bptt", self.kind.bptt is not None)) if ok]
+                                            ("bptt", self.kind.bptt is not None and
+                                             x.device.type in self.kind.bptt_fast_on)) if ok]
         if len(candidates) < 2:
             return static
         label = self.cell_type + ("-peephole" if self.peephole else "") + \

@@ -174,7 +174,7 @@ def test_measuring_happens_only_for_training_with_two_candidates_and_the_option_
         inference(x)
     peephole = RecurrentStack("lstm", 8, 16, peephole=True)  # no native op: bptt, nothing to compare
     peephole(x)[0].sum().backward()
-    gru = RecurrentStack("gru", 8, 16)  # no hand-written BPTT: native
+    gru = RecurrentStack("gru", 8, 16)  # its hand-written BPTT has no CPU fast path: native
     gru(x)[0].sum().backward()
     fixed = RecurrentStack("lstm", 8, 16, impl="native")
     fixed(x)[0].sum().backward()

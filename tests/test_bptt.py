@@ -135,6 +135,25 @@ def test_gradcheck_bptt(variant, loops):
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+def test_gradcheck_gru_bptt():
+    """The GRU's hand-written BPTT (its reference; the GPU kernels are checked against it in
+    test_triton_kernels.py): masks, a non-zero initial state, 2 layers, as above."""
+    torch.manual_seed(0)
+    stack = RecurrentStack("gru", 2, 3, num_layers=2, impl="bptt").double()
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([4, 1, 3])
+    x = torch.randn(3, 4, 2, dtype=torch.float64, generator=gen)
+    h0 = torch.randn(2, 3, 3, dtype=torch.float64, generator=gen) * 0.5
+    names = [n for n, _ in stack.named_parameters()]
+
+    def f(x, h0, *params):
+        out, (h,) = functional_call(stack, dict(zip(names, params)), (x, (h0,), lengths))
+        return out, h
+
+    inputs = [t.detach().clone().requires_grad_() for t in (x, h0, *stack.parameters())]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
 # ---- float32: bptt vs autograd vs native -------------------------------------------
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("padded", [False, True])
@@ -549,7 +568,7 @@ def test_resolve_impl_asks_the_registry(monkeypatch):
         return resolve_impl("auto", stack.kind, stack.layers[0].cell, device, training)
 
     assert auto("lstm", peephole=True) == auto("lstm", "cuda", peephole=True) == "bptt"
-    assert auto("gru") == auto("gru", training=True) == auto("gru", "cuda") == "native"  # no bptt for the GRU
+    assert auto("gru") == auto("gru", training=True) == auto("gru", "cuda") == "native"  # the GRU's bptt: measured on a GPU only
     assert auto("rnn", "cuda") == auto("lstm", "cuda", training=True) == "native"
     for cell in ("rnn", "lstm"):
         for verdict in (True, False):

@@ -164,7 +164,13 @@ def test_options_and_impls_a_cell_cannot_take_are_one_line_errors():
         RecurrentStack("lstm", I, H, nonlinearity="relu")
     with pytest.raises(ConfigError, match="impl: native cannot run cell: lstm with peephole: True"):
         RecurrentStack("lstm", I, H, peephole=True, impl="native")
+    import dataclasses
+
+    from seqmodels.cells import CELLS
+    from seqmodels.recurrent import check_impl
+
+    without = dataclasses.replace(CELLS["gru"], bptt=None)  # a cell registered without a hand-written BPTT
     with pytest.raises(ConfigError, match="impl: bptt has no hand-written backward for cell: gru"):
-        RecurrentStack("gru", I, H, impl="bptt")
+        check_impl("bptt", without, RecurrentStack("gru", I, H).layers[0].cell, "gru", {})
     with pytest.raises(ConfigError, match=r"cell must be one of \['rnn', 'lstm', 'gru'\]"):
         RecurrentStack("transformer", I, H)

@@ -95,11 +95,11 @@ def test_gradcheck_through_every_regularizer(cell):
 
 
 NO_C = {k: v for k, v in ALL.items() if k != "zoneout_c"}
-CASES = [(cell, name, regs) for cell in ("rnn", "lstm", "lstm_peephole")
+CASES = [(cell, name, regs) for cell in ("rnn", "lstm", "lstm_peephole", "gru")
          for name, regs in (("weight_drop", dict(weight_drop=0.4)), ("recurrent_dropout", dict(recurrent_dropout=0.3)),
                             ("zoneout_h", dict(zoneout_h=0.3)), ("zoneout_c", dict(zoneout_c=0.3)),
-                            ("all", NO_C if cell == "rnn" else ALL))
-         if not (cell == "rnn" and name == "zoneout_c")]
+                            ("all", ALL if cell.startswith("lstm") else NO_C))
+         if not (cell in ("rnn", "gru") and name == "zoneout_c")]
 
 
 @pytest.mark.parametrize("cell, regs", [(c, r) for c, _, r in CASES], ids=[f"{c}-{n}" for c, n, _ in CASES])
@@ -184,7 +184,7 @@ def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
     (dict(cell="gru", zoneout_c=0.2), "zoneout_c: 0.2 does not apply to cell: gru, which has no cell state c"),
     (dict(cell="lstm", impl="native", recurrent_dropout=0.2),
      "impl: native cannot apply recurrent_dropout (torch's fused kernels have no such option); use impl: auto, autograd, bptt"),
-    (dict(cell="gru", impl="native", zoneout_h=0.2), "(torch's fused kernels have no such option); use impl: auto, autograd$"),
+    (dict(cell="gru", impl="native", zoneout_h=0.2), "(torch's fused kernels have no such option); use impl: auto, autograd, bptt$"),
     (dict(cell="lstm", impl="native", weight_drop=0.2), "use impl: auto, autograd, bptt"),
 ])
 def test_bad_regularizers_are_one_line_errors(kwargs, message):

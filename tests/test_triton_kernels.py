@@ -34,7 +34,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CPU = pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="CUDA present: the kernels run "
                                                    "compiled, on the cuda variants (-m gpu)"))
 CUDA = pytest.param("cuda", marks=pytest.mark.gpu)
-CELLS = ("rnn_tanh", "rnn_relu", "lstm", "lstm_peephole")
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "lstm_peephole", "gru")
 # (plan, B, H): one program stepping through all T in one launch; a 2 x 3 grid of programs, one
 # launch per step, with batch rows and hidden units past the blocks' edges (B=20, H=40 in 16s)
 PLANS = {"persistent": (gpu.Plan(16, 16, 16, persistent=True), 5, 7),
@@ -54,7 +54,7 @@ def layer_inputs(cell: str, B: int, H: int, T: int = 6, I: int = 3, dtype=torch.
     """Weights, input, state and (options) lengths with 0 and T, recurrent dropout r and zoneout
     masks for one layer; gradients wanted of every floating input."""
     gen = torch.Generator().manual_seed(seed)
-    G = 4 * H if cell.startswith("lstm") else H
+    G = {"lstm": 4 * H, "gru": 3 * H}.get(cell.split("_")[0], H)
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device).requires_grad_()
@@ -87,7 +87,13 @@ def run(cell: str, d: dict, use_triton: bool, upcast: bool = False):
     get = lambda k: inputs.get(k, d[k])  # noqa: E731
     mask = reference.step_mask(d["lengths"], d["x"].shape[0], get("x"))
     cast = (lambda t: None if t is None else t.float()) if upcast else (lambda t: t)
-    if cell.startswith("rnn"):
+    if cell == "gru":
+        weights = [get(k) for k in ("x", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+        if use_triton:
+            out = gpu.GRUTriton.apply(*weights, d["lengths"], True, d["r"], d["d_h"])
+        else:
+            out = reference.GRUReference.apply(*weights, mask, cast(d["r"]), cast(d["d_h"]))
+    elif cell.startswith("rnn"):
         nl = cell.split("_")[1]
         weights = [get(k) for k in ("x", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")]
         if use_triton:
@@ -126,7 +132,7 @@ def with_plan(monkeypatch, plan_: gpu.Plan) -> None:
 # the quick subset: every cell as one persistent program with every option, the per-step grid
 # for the two extremes (tanh RNN, peephole LSTM); the rest with ``slow``
 FLOAT64_CASES = [pytest.param(cell, mode, options, marks=[] if options and (mode == "persistent" or cell in (
-    "rnn_tanh", "lstm_peephole")) else [pytest.mark.slow], id=f"{cell}-{mode}-{'options' if options else 'plain'}")
+    "rnn_tanh", "lstm_peephole", "gru")) else [pytest.mark.slow], id=f"{cell}-{mode}-{'options' if options else 'plain'}")
     for cell in CELLS for mode in sorted(PLANS) for options in (True, False)]
 
 
@@ -152,7 +158,7 @@ def test_kernels_equal_the_reference_in_float32(cell, device, exact_float32, mon
 
 
 @pytest.mark.parametrize("device", [CPU, CUDA])
-@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm_peephole"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm_peephole", "gru"])
 def test_bfloat16_operands_accumulate_in_float32(cell, device, monkeypatch):
     """bfloat16 inputs and weights: the GEMMs multiply bfloat16 and sum in float32, the gate
     math and the LSTM's cell state are float32, h and δz are stored as bfloat16."""
@@ -167,7 +173,8 @@ def test_bfloat16_operands_accumulate_in_float32(cell, device, monkeypatch):
         assert float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)) < 5e-2
 
 
-def test_persistent_launch_that_times_out_reruns_one_step_per_launch(monkeypatch):
+@pytest.mark.parametrize("cell", ["lstm_peephole", "gru"])
+def test_persistent_launch_that_times_out_reruns_one_step_per_launch(cell, monkeypatch):
     """Two programs in one persistent launch: the interpreter runs them one after the other, so
     the first waits at the grid barrier for a program that has not started. The wait gives up,
     the host sees the flag, says so once and reruns forward and backward step by step: the
@@ -175,9 +182,9 @@ def test_persistent_launch_that_times_out_reruns_one_step_per_launch(monkeypatch
     monkeypatch.setattr(gpu, "SPIN", 4)
     with_plan(monkeypatch, gpu.Plan(16, 16, 16, persistent=True))
     gpu._step_notice.cache_clear()
-    d = layer_inputs("lstm_peephole", 5, 20)  # H=20: two column blocks
+    d = layer_inputs(cell, 5, 20)  # H=20: two column blocks
     with pytest.warns(UserWarning, match="grid barrier timed out"):
-        assert_agree("lstm_peephole", d, rtol=1e-12, atol=1e-12)
+        assert_agree(cell, d, rtol=1e-12, atol=1e-12)
 
 
 def test_second_backward_through_the_same_forward_fails_loudly(monkeypatch):
@@ -235,7 +242,7 @@ def test_kernels_compile_for_the_gpu_without_one(arch, dtype):
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert [r["kernel"] for r in results] == ["rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward"]
+    assert [r["kernel"] for r in results] == [f"{c}_{d}" for c in ("rnn", "lstm", "gru") for d in ("forward", "backward")]
     for r in results:
         assert r["cubin_bytes"] > 0 and r["mma"] and r["release_add"] and r["acquire_load"], r
 
@@ -296,14 +303,14 @@ def test_a_layer_over_the_limit_runs_the_reference_after_one_notice(monkeypatch)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole", "gru"])
 def test_the_stack_takes_the_kernels_on_cuda(cell, exact_float32, monkeypatch):
     """RecurrentStack(impl="bptt") on a GPU runs the Triton Functions, with a persistent launch
     at a size of the speed targets, and agrees with autograd."""
     name = cell.split("_")[0]
     options = dict(peephole=True) if cell == "lstm_peephole" else {}
     used = []
-    function = gpu.RNNTriton if name == "rnn" else gpu.LSTMTriton
+    function = {"rnn": gpu.RNNTriton, "lstm": gpu.LSTMTriton, "gru": gpu.GRUTriton}[name]
     original = function.forward
     monkeypatch.setattr(function, "forward", staticmethod(lambda *a: used.append(1) or original(*a)))
     torch.manual_seed(0)

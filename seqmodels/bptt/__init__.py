@@ -8,9 +8,9 @@
     gpu.py        the same on CUDA: the time loops as Triton kernels (``kernels.py``); checked
                   against the reference, on a CPU through the Triton interpreter
 
-``rnn_layer`` / ``lstm_layer`` (what ``RecurrentStack(impl="bptt")`` calls, one layer each)
-take the C++ loops on a CPU (float32/float64, the loops built), the Triton kernels on a GPU
-(``gpu.usable``), and the reference everywhere else (no compiler, no Triton, float64 on a GPU,
+``rnn_layer`` / ``lstm_layer`` / ``gru_layer`` (what ``RecurrentStack(impl="bptt")`` calls, one
+layer each) take the C++ loops on a CPU (float32/float64, the loops built; none for the GRU),
+the Triton kernels on a GPU (``gpu.usable``), and the reference everywhere else (no compiler, no Triton, float64 on a GPU,
 ``SEQMODELS_FUSED=0`` / ``SEQMODELS_TRITON=0``; a GPU layer says why, once). All run one
 ``autograd.Function`` per layer: no per-step autograd graph.
 
@@ -29,7 +29,7 @@ from torch import Tensor
 from seqmodels.bptt import fast, gpu, reference
 from seqmodels.bptt.fast import clear_buffer_pool
 
-__all__ = ["rnn_layer", "lstm_layer", "clear_buffer_pool", "fast", "gpu", "reference"]
+__all__ = ["rnn_layer", "lstm_layer", "gru_layer", "clear_buffer_pool", "fast", "gpu", "reference"]
 
 
 def _float32(args: tuple) -> tuple:
@@ -95,3 +95,18 @@ def lstm_layer(x: Tensor, state: tuple[Tensor, Tensor], cell, lengths: Optional[
         mask = reference.step_mask(lengths, x.shape[0], x)
         out, h, c = _run(x, reference.LSTMReference, (x, *state, *weights, mask), recurrent, *zoneout)
     return out, (h, c)
+
+
+def gru_layer(x: Tensor, state: tuple[Tensor], cell, lengths: Optional[Tensor] = None,
+              weight_hh: Optional[Tensor] = None, recurrent: Optional[Tensor] = None,
+              zoneout: tuple = (None,)) -> tuple[Tensor, tuple[Tensor]]:
+    """One GRU layer, arguments as for ``rnn_layer``. No C++ loops: on a CPU the reference runs
+    (oneDNN's GRU is the fast choice there, and ``auto`` measures both), on a GPU the kernels."""
+    weights = (cell.weight_ih, cell.weight_hh if weight_hh is None else weight_hh, cell.bias_ih, cell.bias_hh)
+    if _gpu_kernels(x, x.shape[1], 3 * cell.hidden_size):
+        args = (x, state[0], *weights, lengths)
+        out, h = _run(x, gpu.GRUTriton, args, _needs_graph(*args), recurrent, zoneout[0])
+    else:
+        mask = reference.step_mask(lengths, x.shape[0], x)
+        out, h = _run(x, reference.GRUReference, (x, state[0], *weights, mask), recurrent, zoneout[0])
+    return out, (h,)

@@ -1,7 +1,8 @@
 """Backpropagation through time on CUDA: the time loops as Triton kernels (``kernels.py``).
 
 ``RNNTriton`` and ``LSTMTriton`` have the inputs, outputs and formulas of ``fast.RNNFunction``
-and ``fast.LSTMFunction`` (docs/bptt.md) and are checked against ``reference.py``. Around the
+and ``fast.LSTMFunction``, ``GRUTriton`` those of ``reference.GRUReference`` (docs/bptt.md),
+and all are checked against ``reference.py``. Around the
 kernels, the once-per-call work runs in cuBLAS, as on the CPU: the input projection before the
 loop; dX, dW_ih, dW_hh, the biases and the peephole gradients from dZ of all steps after it.
 
@@ -390,3 +391,83 @@ class LSTMTriton(torch.autograd.Function):
         grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, None if peep is None else cs,
                             weight_ih, d_h0.to(hs.dtype), state["c"].to(hs.dtype), c_new)
         return (*grads, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------
+# GRU
+# ---------------------------------------------------------------------------------------
+def _gru_activations(x2: Tensor, hs: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                     bias_hh: Tensor, rho: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(r, z, n) and b^n of every step at once from the saved states s_{t-1} (slots 0..T-1)."""
+    T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
+    s_in = hs[:-1] if rho is None else hs[:-1] * rho
+    a_r, a_z, a_n = F.linear(x2, weight_ih, bias_ih).view(T, B, 3 * H).chunk(3, -1)
+    b_r, b_z, b_n = (s_in @ weight_hh.t() + bias_hh).chunk(3, -1)
+    r, z = torch.sigmoid(a_r + b_r), torch.sigmoid(a_z + b_z)
+    return torch.cat((r, z, torch.tanh(a_n + r * b_n)), -1), b_n
+
+
+class GRUTriton(torch.autograd.Function):
+    """One GRU layer, its time loops in Triton: the formulas of ``reference.GRUReference``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                bias_hh: Tensor, lengths: Optional[Tensor], save: bool, r: Optional[Tensor] = None,
+                d_h: Optional[Tensor] = None):
+        T, B, I = x.shape
+        H = weight_hh.shape[1]
+        x2 = x.reshape(T * B, I)
+        w_t = weight_hh.t().contiguous()
+        r, d_h, lens = _contiguous(r, x), _contiguous(d_h, x), _lengths(lengths, x)
+        flags = dict(HAS_R=r is not None, HAS_DH=d_h is not None, HAS_LEN=lens is not None)
+        state = {}
+
+        def make_args(retry: bool):
+            state["xz"] = F.linear(x2, weight_ih, bias_ih).view(T, B, 3 * H)  # -> r, z, n
+            state["b_n"] = x.new_empty(T, B, H)
+            state["hs"] = x.new_empty(T + 1, B, H)
+            state["hs"][0] = h0
+            return (state["xz"], state["hs"], state["b_n"], w_t, bias_hh.contiguous(), _dummy(x, r), _dummy(x, d_h),
+                    _dummy(x, lens))
+
+        _run(kernels().gru_forward, B, H, T, x, make_args, flags)
+        hs, acts, b_n = state["hs"], state["xz"], state["b_n"]
+        if save:
+            ctx.save_for_backward(x2, hs, acts, b_n, weight_ih, weight_hh, bias_ih, bias_hh)
+            ctx.flags, ctx.r, ctx.d_h, ctx.lens = flags, r, d_h, lens
+        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out: Tensor, d_hT: Tensor):
+        _first_backward(ctx)
+        x2, hs, acts, b_n, weight_ih, weight_hh, bias_ih, bias_hh = ctx.saved_tensors
+        T, B, H3 = acts.shape
+        H = H3 // 3
+        dy = d_out.to(hs.dtype).contiguous()
+        r = ctx.r
+        state = {}
+
+        def make_args(retry: bool):
+            if retry:  # the timed-out launch overwrote part of the activations and b^n
+                gates, b = _gru_activations(x2, hs, weight_ih, weight_hh, bias_ih, bias_hh, r)
+                acts.copy_(gates)
+                b_n.copy_(b)
+            state["carry"] = d_hT.to(acc_dtype(hs.dtype)).contiguous().clone()
+            return (acts, b_n, hs, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, r), _dummy(dy, ctx.d_h),
+                    _dummy(dy, ctx.lens))
+
+        _run(kernels().gru_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
+        d_b = acts  # now δb_t of every step; b_n holds δa^n
+        back = d_b[0] @ weight_hh
+        d_h0 = state["carry"] + (back if r is None else r * back)
+        need = ctx.needs_input_grad
+        db2 = d_b.view(T * B, 3 * H)
+        s_prev = hs[:-1] if r is None else hs[:-1] * r
+        d_w_hh = db2.t() @ s_prev.reshape(T * B, H) if need[3] else None
+        d_b_hh = db2.sum(0) if need[5] else None
+        d_b[..., 2 * H:] = b_n  # δa = δb but in the n block
+        d_w_ih = db2.t() @ x2 if need[2] else None
+        d_b_ih = db2.sum(0) if need[4] else None
+        d_x = (db2 @ weight_ih).view(T, B, -1) if need[0] else None
+        return (d_x, d_h0.to(hs.dtype) if need[1] else None, d_w_ih, d_w_hh, d_b_ih, d_b_hh, None, None, None, None)

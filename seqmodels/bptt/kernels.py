@@ -10,8 +10,8 @@ it), exactly as on the CPU. What runs here is the part that must step through ti
     backward, step t    δh_t = carry_h + r ⊙ (δz_{t+1} W_hh)    (the recurrent GEMM)
                         δz_t and the carries of δh, δc          (fused, in registers)
 
-Each program owns a block of batch rows × hidden units (BB × BH) and, for the LSTM, all four
-gates of those units, so the elementwise part of a step needs nothing from other programs; only
+Each program owns a block of batch rows × hidden units (BB × BH) and all the gates of those
+units, so the elementwise part of a step needs nothing from other programs; only
 the GEMM input (h_{t-1} in the forward, δz_{t+1} in the backward, all columns of the program's
 rows) comes from the others.
 
@@ -26,8 +26,9 @@ Two ways to step (``SYNC``):
                             another) checks multi-program grids on a CPU.
 
 Buffers (time-major, contiguous; offsets in int64 from the time index on):
-    xz / acts (T, B, G)   in: x W_ihᵀ + b_ih + b_hh; the forward overwrites each step with the
-                          activations (RNN: h̃; LSTM: i, f, g, o), the backward with δz_t
+    xz / acts (T, B, G)   in: x W_ihᵀ + b_ih + b_hh (GRU: + b_ih only); the forward overwrites
+                          each step with the activations (RNN: h̃; LSTM: i, f, g, o; GRU: r, z, n),
+                          the backward with δz_t (GRU: δb_t, its recurrent part)
     hs (T+1, B, H)        slot 0 = h_0, slot t = h_t (masked: carried through padding)
     cs (T+1, B, H) ACC    the same for the LSTM's cell state
 The GEMM operands (h, W, δz) are in the model's dtype (float32, bfloat16 or float16); products
@@ -349,5 +350,111 @@ def lstm_backward(acts, cs, dy, w, carry_h, carry_c, r, d_h, d_c, lengths, p_i, 
         tl.store(a + 3 * H, dz_o.to(acts.dtype.element_ty), mask=ok)
         tl.store(carry_h + own, keep_h, mask=ok)
         tl.store(carry_c + own, keep_c, mask=ok)
+        if SYNC:
+            _grid_sync(sync, (step - t_stop + 1) * programs, SPIN)
+
+
+# ---------------------------------------------------------------------------------------
+# GRU, gates in torch's order (r, z, n):  a = x W_ihᵀ + b_ih (given),  b = (s ⊙ ρ) W_hhᵀ + b_hh,
+#   r = σ(a^r + b^r),  z = σ(a^z + b^z),  n = tanh(a^n + r b^n),  h̃ = (1 − z) n + z s
+# ---------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=_STEP_ARGS)
+def gru_forward(xz, hs, b_n, w_t, b_hh, r, d_h, lengths, sync, B, H, t_start, t_stop,
+                HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr, SYNC: tl.constexpr,
+                BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, SPIN: tl.constexpr,
+                ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """w_t = W_hhᵀ (H, 3H); b_hh (3H); xz (T, B, 3H) gets r, z, n; b_n (T, B, H) gets b^n, which
+    the backward needs (δa^r = δa^n ⊙ b^n ⊙ r(1 − r)) and the input projection cannot hold."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    own = rows[:, None] * H + cols[None, :]
+    gate = rows[:, None] * (3 * H) + cols[None, :]  # gate r in a (B, 3H) slice; z, n at +H, +2H
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    br = tl.load(b_hh + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    bz = tl.load(b_hh + H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    bn = tl.load(b_hh + 2 * H + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    for t in range(t_start, t_stop):
+        slot = tl.cast(t, tl.int64) * B * H
+        zslot = tl.cast(t, tl.int64) * B * (3 * H)
+        acc_r = tl.zeros((BB, BH), ACC)
+        acc_z = tl.zeros((BB, BH), ACC)
+        acc_n = tl.zeros((BB, BH), ACC)
+        for k0 in range(0, H, BK):
+            ks = k0 + tl.arange(0, BK)
+            k_ok = ks < H
+            h_k = _gemm_input(hs + slot, r, rows, row_ok, ks, k_ok, H, HAS_R, ACC)
+            w_k = w_t + ks[:, None] * (3 * H) + cols[None, :]
+            w_ok = k_ok[:, None] & col_ok[None, :]
+            acc_r = _dot(h_k, tl.load(w_k, mask=w_ok, other=0.0), acc_r, PRECISION, UPCAST)
+            acc_z = _dot(h_k, tl.load(w_k + H, mask=w_ok, other=0.0), acc_z, PRECISION, UPCAST)
+            acc_n = _dot(h_k, tl.load(w_k + 2 * H, mask=w_ok, other=0.0), acc_n, PRECISION, UPCAST)
+        a = xz + zslot + gate
+        rg = _sigmoid(tl.load(a, mask=ok, other=0.0).to(ACC) + acc_r + br)
+        zg = _sigmoid(tl.load(a + H, mask=ok, other=0.0).to(ACC) + acc_z + bz)
+        b = acc_n + bn
+        n = _tanh(tl.load(a + 2 * H, mask=ok, other=0.0).to(ACC) + rg * b)
+        s_prev = tl.load(hs + slot + own, mask=ok, other=0.0, cache_modifier=".cg").to(ACC)
+        h_out = (1.0 - zg) * n + zg * s_prev
+        if HAS_DH:
+            d = tl.load(d_h + slot + own, mask=ok, other=0.0).to(ACC)
+            h_out = d * s_prev + (1.0 - d) * h_out
+        m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
+        tl.store(hs + slot + B * H + own, (m * h_out + (1.0 - m) * s_prev).to(hs.dtype.element_ty), mask=ok)
+        tl.store(a, rg.to(xz.dtype.element_ty), mask=ok)
+        tl.store(a + H, zg.to(xz.dtype.element_ty), mask=ok)
+        tl.store(a + 2 * H, n.to(xz.dtype.element_ty), mask=ok)
+        tl.store(b_n + slot + own, b.to(b_n.dtype.element_ty), mask=ok)
+        if SYNC:
+            _grid_sync(sync, (t - t_start + 1) * programs, SPIN)
+
+
+@triton.jit(do_not_specialize=_STEP_ARGS)
+def gru_backward(acts, b_n, hs, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_start,
+                 HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr, SYNC: tl.constexpr,
+                 BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                 SPIN: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """Steps t = t_start − 1 down to t_stop. acts (T, B, 3H): r, z, n in, δb_t out (in place);
+    b_n (T, B, H): b^n in, δa^n out (the n block of δa_t, where δa and δb differ); w = W_hh
+    (3H, H); carry (B, H) ACC as for the RNN."""
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1) * BH + tl.arange(0, BH)
+    row_ok, col_ok = rows < B, cols < H
+    ok = row_ok[:, None] & col_ok[None, :]
+    own = rows[:, None] * H + cols[None, :]
+    gate = rows[:, None] * (3 * H) + cols[None, :]
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    for step in range(t_stop, t_start):
+        t = t_start - 1 - (step - t_stop)
+        slot = tl.cast(t, tl.int64) * B * H
+        zslot = tl.cast(t, tl.int64) * B * (3 * H)
+        dh = tl.load(carry + own, mask=ok, other=0.0)
+        if t + 1 < T:  # + ρ ⊙ (δb_{t+1} W_hh)
+            dh += _back_through_w_hh(acts + zslot + B * (3 * H), w, r, rows, row_ok, cols, col_ok, H, 3 * H, BB, BH,
+                                     BK, HAS_R, PRECISION, UPCAST, ACC)
+        m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
+        g = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
+        dh_til = g
+        keep = (1.0 - m) * dh
+        if HAS_DH:
+            d = tl.load(d_h + slot + own, mask=ok, other=0.0).to(ACC)
+            dh_til = (1.0 - d) * g
+            keep += d * g
+        a = acts + zslot + gate
+        rg = tl.load(a, mask=ok, other=0.0).to(ACC)
+        zg = tl.load(a + H, mask=ok, other=0.0).to(ACC)
+        n = tl.load(a + 2 * H, mask=ok, other=0.0).to(ACC)
+        s_prev = tl.load(hs + slot + own, mask=ok, other=0.0).to(ACC)
+        b = tl.load(b_n + slot + own, mask=ok, other=0.0).to(ACC)
+        da_n = dh_til * (1.0 - zg) * (1.0 - n * n)
+        da_z = dh_til * (s_prev - n) * zg * (1.0 - zg)
+        da_r = da_n * b * rg * (1.0 - rg)
+        keep += dh_til * zg
+        tl.store(a, da_r.to(acts.dtype.element_ty), mask=ok)
+        tl.store(a + H, da_z.to(acts.dtype.element_ty), mask=ok)
+        tl.store(a + 2 * H, (da_n * rg).to(acts.dtype.element_ty), mask=ok)
+        tl.store(b_n + slot + own, da_n.to(b_n.dtype.element_ty), mask=ok)
+        tl.store(carry + own, keep, mask=ok)
         if SYNC:
             _grid_sync(sync, (step - t_stop + 1) * programs, SPIN)

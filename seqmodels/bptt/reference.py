@@ -170,3 +170,67 @@ class LSTMReference(torch.autograd.Function):
         h_prev = h[:-1] if r is None else h[:-1] * r
         return ((rows @ weight_ih).view_as(x), dh, dc, rows.T @ x.flatten(0, 1), rows.T @ h_prev.flatten(0, 1),
                 d_b, d_b.clone(), *d_p, None, None, None, None)
+
+
+class GRUReference(torch.autograd.Function):
+    """One GRU layer (PyTorch's formulation, ``cells.GRUCell``; docs/bptt.md, "GRU"), masks as
+    in section 4, gates stacked (r, z, n).
+
+    Forward, with s_{t-1} the state and ρ the recurrent dropout mask (all ones when off):
+               a_t = x_t W_ihᵀ + b_ih,   b_t = (s_{t-1} ⊙ ρ) W_hhᵀ + b_hh     (blocks r, z, n)
+               r = σ(a^r + b^r),  z = σ(a^z + b^z),  n = tanh(a^n + r ⊙ b^n)
+               h̃_t = (1 − z) n + z s_{t-1},   ĥ_t = d_t s_{t-1} + (1 − d_t) h̃_t   (zoneout d)
+               s_t = m_t ĥ_t + (1 − m_t) s_{t-1},   y_t = m_t ĥ_t
+    Backward, δs_t the gradient reaching s_t from later steps, G = m_t (δs_t + ∂L/∂y_t):
+               δh̃ = (1 − d_t) G
+               δa^n = δh̃ (1 − z)(1 − n²),   δb^n = δa^n ⊙ r
+               δa^z = δb^z = δh̃ (s_{t-1} − n) z (1 − z)
+               δa^r = δb^r = δa^n ⊙ b^n ⊙ r (1 − r)
+               δs_{t-1} = (1 − m_t) δs_t + d_t G + δh̃ ⊙ z + ρ ⊙ (δb_t W_hh)
+    and over all steps, dA and dB (T·B, 3H) the rows δa_t and δb_t (they differ in the n block):
+               dW_ih = dAᵀ X, db_ih = Σ_rows dA, dX = dA W_ih, dW_hh = dBᵀ (S_prev ⊙ ρ), db_hh = Σ_rows dB.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
+                bias_hh: Tensor, mask: Optional[Tensor], rho: Optional[Tensor] = None, d: Optional[Tensor] = None):
+        s, gates, b_n, y = [s0], [], [], []
+        for t in range(x.shape[0]):
+            s_in = s[t] if rho is None else s[t] * rho
+            a_r, a_z, a_n = (x[t] @ weight_ih.T + bias_ih).chunk(3, 1)
+            h_r, h_z, h_n = (s_in @ weight_hh.T + bias_hh).chunk(3, 1)
+            r, z = torch.sigmoid(a_r + h_r), torch.sigmoid(a_z + h_z)
+            n = torch.tanh(a_n + r * h_n)
+            h_tilde = (1 - z) * n + z * s[t]
+            h_out = h_tilde if d is None else d[t] * s[t] + (1 - d[t]) * h_tilde
+            m = 1 if mask is None else mask[t]
+            s.append(m * h_out + (1 - m) * s[t])
+            y.append(m * h_out)
+            gates.append(torch.stack((r, z, n)))
+            b_n.append(h_n)
+        ctx.save_for_backward(x, torch.stack(s), torch.stack(gates), torch.stack(b_n), weight_ih, weight_hh,
+                              mask, rho, d)
+        return torch.stack(y), s[-1]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_y: Tensor, d_sT: Tensor):
+        x, s, gates, b_n, weight_ih, weight_hh, mask, rho, d = ctx.saved_tensors
+        T = x.shape[0]
+        ds, d_a, d_b = d_sT, [None] * T, [None] * T
+        for t in reversed(range(T)):
+            r, z, n = gates[t]
+            m = 1 if mask is None else mask[t]
+            g = m * (ds + d_y[t])
+            dh = g if d is None else (1 - d[t]) * g
+            da_n = dh * (1 - z) * (1 - n ** 2)
+            da_z = dh * (s[t] - n) * z * (1 - z)
+            da_r = da_n * b_n[t] * r * (1 - r)
+            d_a[t] = torch.cat((da_r, da_z, da_n), 1)
+            d_b[t] = torch.cat((da_r, da_z, da_n * r), 1)
+            back = d_b[t] @ weight_hh
+            ds = (1 - m) * ds + dh * z + (back if rho is None else rho * back) + (0 if d is None else d[t] * g)
+        dA, dB = torch.stack(d_a).flatten(0, 1), torch.stack(d_b).flatten(0, 1)  # (T·B, 3H)
+        s_prev = s[:-1] if rho is None else s[:-1] * rho
+        return ((dA @ weight_ih).view_as(x), ds, dA.T @ x.flatten(0, 1), dB.T @ s_prev.flatten(0, 1),
+                dA.sum(0), dB.sum(0), None, None, None)

@@ -22,7 +22,7 @@ def compile_kernel(name: str, arch: int, dtype: str) -> dict:
     fn = getattr(kernels, name)
     flags = dict(SYNC=True, BB=64, BH=32, BK=32, PRECISION="tf32" if dtype == "float32" else "ieee", SPIN=1 << 17,
                  ACC=tl.float32, UPCAST=False, HAS_R=True, HAS_DH=True, HAS_LEN=True)
-    flags.update(dict(TANH=True) if name.startswith("rnn") else dict(PEEP=True, HAS_DC=True))
+    flags.update({"rnn": dict(TANH=True), "lstm": dict(PEEP=True, HAS_DC=True), "gru": {}}[name.split("_")[0]])
     pointers = fn.arg_names[:fn.arg_names.index("B")]
     signature = {}
     for arg in fn.arg_names:
@@ -44,5 +44,5 @@ def compile_kernel(name: str, arch: int, dtype: str) -> dict:
 
 if __name__ == "__main__":
     arch, dtype = int(sys.argv[1]), sys.argv[2]
-    for name in ("rnn_forward", "rnn_backward", "lstm_forward", "lstm_backward"):
+    for name in [f"{cell}_{direction}" for cell in ("rnn", "lstm", "gru") for direction in ("forward", "backward")]:
         print(json.dumps(compile_kernel(name, arch, dtype)), flush=True)
