@@ -39,12 +39,17 @@ def _vector_flags(isa: str) -> list[str]:
     return ["-mprefer-vector-width=512"] if isa.startswith("avx512") else []
 
 
+def extension_name() -> str:
+    """One build per ISA level: a cache shared by machines of different CPUs keeps them apart."""
+    return f"seqmodels_fused_{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
 @functools.lru_cache(maxsize=None)
 def _build():
     from torch.utils import cpp_extension
 
     isa = torch.backends.cpu.get_cpu_capability().lower()
-    name = f"seqmodels_fused_{isa}"
+    name = extension_name()
     if not compat.extension_is_built(name):
         print(f"seqmodels: compiling the BPTT loops for this CPU ({isa}), ~30 s, once", file=sys.stderr, flush=True)
     for omp_cflags, omp_ldflags in _OPENMP_FLAGS:

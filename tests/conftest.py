@@ -28,6 +28,18 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+def fresh_user_env(home) -> dict:
+    """The environment of a user with no W&B key or settings (WANDB_* unset, an empty HOME) for
+    a subprocess, which still loads the C++ loops this machine has built (not ~12 s of compiling
+    them again under the new HOME)."""
+    from seqmodels import compat, fused
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(home), NETRC=str(Path(home) / "no-netrc"), PYTHONPATH=str(ROOT),
+               TORCH_EXTENSIONS_DIR=compat.extension_root(fused.extension_name()))
+    return env
+
+
 @pytest.fixture
 def in_tmp_dir(tmp_path, monkeypatch):
     """Run in an empty folder; afterwards finish the W&B run (Lightning never does) and reset

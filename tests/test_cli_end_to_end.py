@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_user_env
 
 TINY = ["--trainer.max_epochs=2", "--data.init_args.train_size=256", "--data.init_args.val_size=64",
         "--data.init_args.test_size=32", "--data.init_args.test_lengths=[5, 40]",
@@ -23,8 +23,7 @@ def run_cli(*args: str, cwd, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_fit_twice_then_test_with_wandb_offline_and_no_key(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), PYTHONPATH=str(ROOT))
+    env = fresh_user_env(tmp_path)
     config = str(ROOT / "configs" / "sums_rnn.yaml")
 
     runs = [run_cli("fit", "--config", config, *TINY, cwd=tmp_path, env=env) for _ in range(2)]

@@ -5,14 +5,13 @@ gradient histograms through ``WandbLogger.watch``, checkpoints as artifacts with
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
 from seqmodels.tracking import describe_run, flat_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, fresh_user_env
 from tests.helpers.wandb_files import OfflineRun
 
 SUMS = str(ROOT / "configs" / "sums_lstm.yaml")
@@ -26,8 +25,7 @@ def offline_fit(tmp_path_factory):
     """One fit of the sums LSTM as a user without a W&B key runs it (64 steps, gradient
     histograms every 50, every checkpoint as an artifact)."""
     tmp_path = tmp_path_factory.mktemp("wandb")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(tmp_path), NETRC=str(tmp_path / "no-netrc"), PYTHONPATH=str(ROOT))
+    env = fresh_user_env(tmp_path)
     run = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", SUMS, *TINY,
                           "--trainer.logger.init_args.log_model=all"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
