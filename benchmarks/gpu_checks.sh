@@ -15,6 +15,8 @@
 #   triton       python -m pytest -m "gpu and triton": only the GPU tests of the Triton kernels (a minute)
 #   kernels      benchmarks/cells.py --device cuda: the Triton kernels of impl bptt (RNN, LSTM, peephole
 #                LSTM) against cuDNN at the three sizes of issue 20, train and inference tokens/s, peak memory
+#   plans        benchmarks/triton_plans.py: the LSTM kernels' training step under the 8 widest launch plans
+#                at the three sizes (which blocks and warps gpu.plan should pick)
 #   peephole     benchmarks/shakespeare.py, $PEEPHOLE_MINUTES (3) minutes each: shakespeare_lstm_gpu.yaml
 #                as shipped (cuDNN), then with configs/peephole.yaml (the Triton kernels): tokens/s, val loss
 #
@@ -48,6 +50,8 @@ for stage in $stages; do
       python3 -m pytest -m "gpu and triton" -q -rfEs -p no:cacheprovider 2>&1 | tee "$OUT/pytest_triton.log" ;;
     kernels)
       python3 benchmarks/cells.py --device cuda --json 2>&1 | tee "$OUT/kernels_gpu.log" ;;
+    plans)
+      python3 benchmarks/triton_plans.py 2>&1 | tee "$OUT/plans_gpu.log" ;;
     peephole)
       { python3 benchmarks/shakespeare.py --minutes "${PEEPHOLE_MINUTES:-3}" --config configs/shakespeare_lstm_gpu.yaml &&
         python3 benchmarks/shakespeare.py --minutes "${PEEPHOLE_MINUTES:-3}" --config configs/shakespeare_lstm_gpu.yaml \
@@ -56,7 +60,7 @@ for stage in $stages; do
       python3 benchmarks/chorales.py --path "${JSB:-.gpu_data/JSB_Chorales.mat}" --model lstm \
         --minutes "${JSB_MINUTES:-6}" --patience "${JSB_PATIENCE:-50}" 2>&1 | tee "$OUT/jsb_gpu.log" ;;
     *)
-      echo "unknown stage $stage (tests, shakespeare, jsb, triton, kernels, peephole)"; false ;;
+      echo "unknown stage $stage (tests, shakespeare, jsb, triton, kernels, plans, peephole)"; false ;;
   esac
   rc=$?
   echo "=== $stage: exit $rc, $(( $(date +%s) - start )) s ===" | tee -a "$OUT/stages.txt"

@@ -16,6 +16,7 @@ before the first import of ``kernels.py``): that is how the CPU-only test suite 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
@@ -95,11 +96,13 @@ def notice(reason: str) -> None:
 @dataclass(frozen=True)
 class Plan:
     """Blocks of the kernels' grid: BB batch rows x BH hidden units per program, BK the GEMM's
-    inner step; persistent: one launch for all steps (grid <= SMs) or one launch per step."""
+    inner step, ``warps`` per program; persistent: one launch for all steps (grid <= SMs) or
+    one launch per step."""
     BB: int
     BH: int
     BK: int
     persistent: bool
+    warps: int = 4
 
     def grid(self, B: int, H: int) -> tuple[int, int]:
         return _cdiv(B, self.BB), _cdiv(H, self.BH)
@@ -116,27 +119,30 @@ def _pow2_at_least(n: int, low: int, high: int) -> int:
     return p
 
 
-def plan(B: int, H: int, sms: int) -> Plan:
-    """The blocks for a (B, H) layer on a GPU with ``sms`` multiprocessors.
-
-    A persistent launch needs every program resident: at most ``sms`` programs. Among the
-    blocks that fit, the most programs (parallelism: the GEMM of one step is small), then the
-    taller batch block (each batch block reads all of W_hh once per step). tl.dot wants every
-    block dimension >= 16; rows and units past B and H are masked off.
-    """
-    best = None
+def persistent_plans(B: int, H: int, sms: int) -> list[Plan]:
+    """Every persistent plan for a (B, H) layer on a GPU with ``sms`` multiprocessors: blocks of
+    16 to 128 rows and 16 to 64 units (tl.dot wants every dimension >= 16; rows and units past B
+    and H are masked off), no bigger than B and H need, at most ``sms`` programs (all resident at
+    once), 4 or 8 warps. ``benchmarks/triton_plans.py`` times them all."""
+    plans = []
     for BB in (16, 32, 64, 128):
-        if BB > _pow2_at_least(B, 16, 128):
-            break
         for BH in (16, 32, 64):
-            if BH > _pow2_at_least(H, 16, 64):
-                break
-            n = _cdiv(B, BB) * _cdiv(H, BH)
-            if n <= sms and (best is None or (n, BB) > (best[0], best[1])):
-                best = (n, BB, BH)
-    if best is None:  # too many programs for one wave: step by step, big blocks
+            if BB > _pow2_at_least(B, 16, 128) or BH > _pow2_at_least(H, 16, 64):
+                continue
+            if _cdiv(B, BB) * _cdiv(H, BH) <= sms:
+                plans += [Plan(BB, BH, 32, persistent=True, warps=w) for w in (4, 8)]
+    return plans
+
+
+def plan(B: int, H: int, sms: int) -> Plan:
+    """The plan for a (B, H) layer: among ``persistent_plans``, the most programs (parallelism:
+    the GEMM of one step is small), then the taller batch block (each batch block reads all of
+    W_hh once per step), 4 warps; with none (more blocks than SMs even at the biggest), one
+    launch per step with big blocks."""
+    plans = [p for p in persistent_plans(B, H, sms) if p.warps == 4]
+    if not plans:
         return Plan(_pow2_at_least(B, 16, 64), _pow2_at_least(H, 16, 64), 32, persistent=False)
-    return Plan(best[1], best[2], 32, persistent=True)
+    return max(plans, key=lambda p: (p.grid(B, H)[0] * p.grid(B, H)[1], p.BB))
 
 
 def _multiprocessors(x: Tensor) -> int:
@@ -173,7 +179,7 @@ def _launch(kernel, plan_: Plan, B: int, H: int, T: int, args: tuple, flags: dic
     """All T steps: one persistent launch, or one launch per step (and again that way if the
     persistent launch's barrier timed out, since its results are then unusable)."""
     grid = plan_.grid(B, H)
-    consts = dict(BB=plan_.BB, BH=plan_.BH, BK=plan_.BK, SPIN=SPIN, **flags)
+    consts = dict(BB=plan_.BB, BH=plan_.BH, BK=plan_.BK, SPIN=SPIN, num_warps=plan_.warps, **flags)
     first = args[0]
     if plan_.persistent:
         sync = torch.zeros(2, dtype=torch.int32, device=first.device)
@@ -210,7 +216,7 @@ def _run(kernel, B: int, H: int, T: int, x: Tensor, make_args, flags: dict, back
     try:
         _launch(kernel, plan_, B, H, T, make_args(False), flags, backward)
     except _BarrierTimeout:
-        _launch(kernel, Plan(plan_.BB, plan_.BH, plan_.BK, persistent=False), B, H, T, make_args(True), flags,
+        _launch(kernel, dataclasses.replace(plan_, persistent=False), B, H, T, make_args(True), flags,
                 backward)
 
 
