@@ -271,16 +271,17 @@ def test_plan_fits_every_program_on_the_gpu_or_steps():
     assert gpu.plan(64, 512, 132).grid(64, 512)[0] * gpu.plan(64, 512, 132).grid(64, 512)[1] > 64  # uses the GPU
 
 
-def test_the_plan_sweep_lists_the_plans_it_would_time():
+def test_the_plan_sweep_lists_the_plans_it_would_time(monkeypatch, capsys):
     """benchmarks/triton_plans.py --list (no GPU needed): every size, the default plan among
     the timed ones."""
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "triton_plans.py"), "--list", "--top", "4"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    heads = [line for line in run.stdout.splitlines() if line.startswith("B=")]
+    from benchmarks import triton_plans
+
+    monkeypatch.setattr(sys, "argv", ["triton_plans.py", "--list", "--top", "4"])
+    triton_plans.main()
+    out = capsys.readouterr().out
+    heads = [line for line in out.splitlines() if line.startswith("B=")]
     assert len(heads) == 3 and all("4 plans timed" in h and "(persistent)" in h for h in heads)
-    assert run.stdout.count("  BB=") == 12
+    assert out.count("  BB=") == 12
     default = gpu.plan(64, 512, 132)
     assert f"default BB={default.BB} BH={default.BH} warps=4" in heads[0]
 
