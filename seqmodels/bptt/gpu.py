@@ -16,6 +16,7 @@ before the first import of ``kernels.py``): that is how the CPU-only test suite 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -213,11 +214,14 @@ def _run(kernel, B: int, H: int, T: int, x: Tensor, make_args, flags: dict, back
         _step_notice(f"batch {B} x hidden {H} needs more blocks than the GPU has multiprocessors")
     flags = dict(flags, PRECISION=_precision(x.dtype), ACC=_acc_triton(x.dtype),
                  UPCAST=interpreted() and x.dtype == torch.bfloat16)
-    try:
-        _launch(kernel, plan_, B, H, T, make_args(False), flags, backward)
-    except _BarrierTimeout:
-        _launch(kernel, dataclasses.replace(plan_, persistent=False), B, H, T, make_args(True), flags,
-                backward)
+    # Triton launches on the current device: with several GPUs (DDP), make it x's
+    on_device = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        try:
+            _launch(kernel, plan_, B, H, T, make_args(False), flags, backward)
+        except _BarrierTimeout:
+            _launch(kernel, dataclasses.replace(plan_, persistent=False), B, H, T, make_args(True), flags,
+                    backward)
 
 
 def _dummy(x: Tensor, t: Optional[Tensor]) -> Tensor:
