@@ -70,7 +70,9 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _grid_sync(sync, target, SPIN: tl.constexpr):
     """Wait until ``target`` arrivals are counted in sync[0] (all programs, this step); after
-    SPIN polls give up and set sync[1] (the host then reruns the layer step by step)."""
+    SPIN polls give up and set sync[1] (the host then reruns the layer step by step).
+    The atomics on a scalar run in one thread of the program (thread 0; Triton broadcasts the
+    result), so each program arrives once; the slow compile test checks that in the PTX."""
     tl.debug_barrier()  # every thread of this program has issued its stores
     tl.atomic_add(sync, 1, sem="release", scope="gpu")
     seen = tl.atomic_add(sync, 0, sem="acquire", scope="gpu")
@@ -87,7 +89,10 @@ def _grid_sync(sync, target, SPIN: tl.constexpr):
 @triton.jit
 def _gemm_input(h, r, rows, row_ok, ks, k_ok, H, HAS_R: tl.constexpr, ACC: tl.constexpr):
     """The (BB, BK) tile of h_{t-1} ⊙ r that the step's GEMM multiplies: columns ks of the
-    program's rows, written by other programs last step (so past L1: ``.cg``)."""
+    program's rows, written by other programs last step. That these loads see those writes is
+    the barrier's doing (release add, acquire load, then a CTA barrier: PTX's memory model
+    orders every thread's later loads after the other programs' stores); ``.cg`` (skip L1)
+    is only a hint, which Triton's pipeliner drops when it turns the load into a ``cp.async``."""
     offsets = rows[:, None] * H + ks[None, :]
     both = row_ok[:, None] & k_ok[None, :]
     h_k = tl.load(h + offsets, mask=both, other=0.0, cache_modifier=".cg")

@@ -4,6 +4,7 @@ with what its PTX holds. Run with TRITON_INTERPRET unset (tests/test_triton_kern
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import triton
@@ -39,7 +40,17 @@ def compile_kernel(name: str, arch: int, dtype: str) -> dict:
     return {"kernel": name, "arch": arch, "dtype": dtype, "cubin_bytes": len(compiled.asm["cubin"]),
             "mma": "mma" in ptx, "release_add": "release.add" in ptx,
             "acquire_load": "ld.global.gpu.acquire" in ptx or "acquire.add" in ptx,
-            "shared_bytes": compiled.metadata.shared}
+            "arrive_once": arrives_once(ptx), "shared_bytes": compiled.metadata.shared}
+
+
+def arrives_once(ptx: str) -> bool:
+    """Whether every arrival at the grid barrier (the release add on the counter) is predicated
+    on thread 0 of the program: the target counts programs, so one add per thread would open
+    the barrier before the step is done everywhere."""
+    thread = set(re.findall(r"mov\.u32\s+(%r\d+),\s*%tid\.x;", ptx))
+    first = {p for p, r in re.findall(r"setp\.eq\.[bsu]32\s+(%p\d+),\s*(%r\d+),\s*0;", ptx) if r in thread}
+    guards = re.findall(r"(?m)^\s*(?:@(%p\d+))?\s*(?:red|atom)\.global\.gpu\.release\.add", ptx)
+    return bool(guards) and all(g in first for g in guards)
 
 
 if __name__ == "__main__":
