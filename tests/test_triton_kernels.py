@@ -236,23 +236,35 @@ def test_gradients_equal_finite_differences(monkeypatch):
         assert abs(numeric - analytic) <= 1e-7 * max(1.0, abs(analytic))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("arch, dtype", [(90, "float32"), (80, "bfloat16")])
-def test_kernels_compile_for_the_gpu_without_one(arch, dtype):
-    """What the interpreter cannot show: the kernels compile to a cubin for sm_90 (H100/H200)
-    and sm_80 (A100) with Triton's own ptxas, their GEMMs on the tensor cores (mma), and the
-    grid barrier as a release add and acquire loads in global memory, the add done by thread 0
-    only (one arrival per program)."""
+COMPILED = [(90, "float32", "none"), (90, "bfloat16", "none"), (90, "float32", "all"), (80, "bfloat16", "all")]
+
+
+@pytest.fixture(scope="module")
+def compiled() -> list[dict]:
+    """Every kernel compiled for each of COMPILED (arch, dtype, options), in one subprocess
+    (tests/helpers/compile_kernels.py: the launch gpu.plan makes at (256, 1024) on 132 SMs)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = str(root)
-    run = subprocess.run([sys.executable, str(root / "tests" / "helpers" / "compile_kernels.py"), str(arch), dtype],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, str(root / "tests" / "helpers" / "compile_kernels.py"),
+                          *[f"{a}:{d}:{o}" for a, d, o in COMPILED]], capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch, dtype, options", COMPILED)
+def test_kernels_compile_for_the_gpu_without_one(compiled, arch, dtype, options):
+    """What the interpreter cannot show: the kernels compile to a cubin for sm_90 (H100/H200)
+    and sm_80 (A100) with Triton's own ptxas, their GEMMs on the tensor cores (mma), and the
+    grid barrier as a release add and acquire loads in global memory, the add done by thread 0
+    only (one arrival per program). The plain cells, as the benchmarks and most runs launch
+    them at (256, 1024), spill no register (no stack)."""
+    results = [r for r in compiled if (r["arch"], r["dtype"], r["options"]) == (arch, dtype, options)]
     assert [r["kernel"] for r in results] == [f"{c}_{d}" for c in ("rnn", "lstm", "gru") for d in ("forward", "backward")]
     for r in results:
         assert r["cubin_bytes"] > 0 and r["mma"] and r["release_add"] and r["acquire_load"] and r["arrive_once"], r
+        assert options == "all" or r["stack_bytes"] == 0, f"{r['kernel']} spills registers: {r}"
 
 
 def test_plan_fits_every_program_on_the_gpu_or_steps():
@@ -265,11 +277,13 @@ def test_plan_fits_every_program_on_the_gpu_or_steps():
                 nb, nh = p.grid(B, H)
                 assert nb * p.BB >= B and nh * p.BH >= H and min(p.BB, p.BH, p.BK) >= 16
                 assert (nb * nh <= sms) == p.persistent or (nb * nh > sms and not p.persistent)
+                assert p.warps == gpu.warps_for(p.BB, p.BH) and (p.persistent or p.BB * p.BH <= 2048)
                 if p.persistent:
                     assert nb * nh <= sms and p in gpu.persistent_plans(B, H, sms)
                 for q in gpu.persistent_plans(B, H, sms):  # what benchmarks/triton_plans.py times
                     assert q.persistent and q.grid(B, H)[0] * q.grid(B, H)[1] <= sms and q.warps in (4, 8)
     assert gpu.plan(64, 512, 132).grid(64, 512)[0] * gpu.plan(64, 512, 132).grid(64, 512)[1] > 64  # uses the GPU
+    assert gpu.plan(256, 1024, 132) == gpu.Plan(128, 16, 32, persistent=True, warps=8)  # no spill (compile test)
 
 
 def test_the_plan_sweep_lists_the_plans_it_would_time(monkeypatch, capsys):

@@ -135,14 +135,23 @@ def persistent_plans(B: int, H: int, sms: int) -> list[Plan]:
     return plans
 
 
+def warps_for(BB: int, BH: int) -> int:
+    """8 warps for blocks of 2048 (BB x BH) elements or more, else 4. Each gate's tile spreads
+    over the threads; at 4 warps a 2048-element block leaves 16 elements per thread per tile,
+    and the LSTM and GRU kernels spill registers (ptxas for sm_90: up to ~900 bytes at
+    (B, H) = (256, 1024)); at 8 warps they fit (docs/bptt.md)."""
+    return 8 if BB * BH >= 2048 else 4
+
+
 def plan(B: int, H: int, sms: int) -> Plan:
     """The plan for a (B, H) layer: among ``persistent_plans``, the most programs (parallelism:
     the GEMM of one step is small), then the taller batch block (each batch block reads all of
-    W_hh once per step), 4 warps; with none (more blocks than SMs even at the biggest), one
-    launch per step with big blocks."""
-    plans = [p for p in persistent_plans(B, H, sms) if p.warps == 4]
+    W_hh once per step), with ``warps_for`` its block; with none (more blocks than SMs even at
+    the biggest), one launch per step with blocks of up to 64 x 32."""
+    plans = [p for p in persistent_plans(B, H, sms) if p.warps == warps_for(p.BB, p.BH)]
     if not plans:
-        return Plan(_pow2_at_least(B, 16, 64), _pow2_at_least(H, 16, 64), 32, persistent=False)
+        BB, BH = _pow2_at_least(B, 16, 64), _pow2_at_least(H, 16, 32)
+        return Plan(BB, BH, 32, persistent=False, warps=warps_for(BB, BH))
     return max(plans, key=lambda p: (p.grid(B, H)[0] * p.grid(B, H)[1], p.BB))
 
 
