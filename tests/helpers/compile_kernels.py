@@ -56,7 +56,8 @@ def compile_kernel(name: str, arch: int, dtype: str, options: str) -> dict:
             "warps": plan.warps, "cubin_bytes": len(compiled.asm["cubin"]),
             "mma": "mma" in ptx, "release_add": "release.add" in ptx,
             "acquire_load": "ld.global.gpu.acquire" in ptx or "acquire.add" in ptx,
-            "arrive_once": arrives_once(ptx, 32 * plan.warps), **resources(compiled.asm["cubin"])}
+            "arrive_once": arrives_once(ptx, 32 * plan.warps), "shared_bytes": compiled.metadata.shared,
+            **resources(compiled.asm["cubin"])}
 
 
 def arrives_once(ptx: str, threads: int) -> bool:
