@@ -138,8 +138,9 @@ def persistent_plans(B: int, H: int, sms: int) -> list[Plan]:
 def warps_for(BB: int, BH: int) -> int:
     """8 warps for blocks of 2048 (BB x BH) elements or more, else 4. Each gate's tile spreads
     over the threads; at 4 warps a 2048-element block leaves 16 elements per thread per tile,
-    and the LSTM and GRU kernels spill registers (ptxas for sm_90: up to ~900 bytes at
-    (B, H) = (256, 1024)); at 8 warps they fit (docs/bptt.md)."""
+    and the LSTM and GRU kernels spill registers (sm_90, (B, H) = (256, 1024): up to 304 stack
+    bytes for the plain LSTM, 1008 with every option); at 8 warps the plain cells fit
+    (docs/bptt.md, tests/helpers/compile_kernels.py)."""
     return 8 if BB * BH >= 2048 else 4
 
 

@@ -1,11 +1,11 @@
 """Compile the Triton kernels of impl bptt for a GPU architecture without a GPU (Triton ships
 ptxas and cuobjdump): ``python tests/helpers/compile_kernels.py 90:float32:all 80:bfloat16:none``
-prints one JSON line per kernel and spec with what its PTX holds and what its cubin uses (registers, stack bytes:
-spilled registers live on the stack). The kernels are compiled as a launch of ``gpu.plan`` at
-(B, H) = (256, 1024) on a GPU with 132 multiprocessors (an H100/H200) would compile them:
-pointers and B, H, T divisible by 16, its blocks and warps; ``all`` turns on every option
-(recurrent dropout, zoneout, lengths, peepholes), ``none`` compiles the plain cells.
-Run with TRITON_INTERPRET unset (tests/test_triton_kernels.py does)."""
+prints one JSON line per kernel and spec (arch:dtype:options) with what its PTX holds and what
+its cubin uses (registers; stack bytes, where spilled registers live). The kernels are compiled
+as a launch of ``gpu.plan`` at (B, H) = (256, 1024) on a GPU with 132 multiprocessors (an
+H100/H200) would compile them: pointers and B, H, T divisible by 16, its blocks and warps;
+``all`` turns on every option (recurrent dropout, zoneout, lengths, peepholes), ``none``
+compiles the plain cells. Run with TRITON_INTERPRET unset (tests/test_triton_kernels.py does)."""
 from __future__ import annotations
 
 import json
