@@ -42,8 +42,8 @@ from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world
 
 from seqmodels.caches import default_cache_dir
 from seqmodels.errors import ConfigError
+from seqmodels.formats import UNK
 
-UNK = "<unk>"
 BATCHING = ("stream", "random")
 CACHE_VERSION = "1"
 

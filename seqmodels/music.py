@@ -1,7 +1,7 @@
 """Piano rolls: the published frame-level metrics, the two reference baselines, and the MIDI
 (music21) and PNG (matplotlib, Agg) writers.
 
-A piano roll is a (T, 88) 0/1 array, column i = MIDI note 21 + i, one row per time step.
+A piano roll is a (T, 88) 0/1 array, one row per time step (``seqmodels.formats``).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from data_modules.chorales import LOWEST_NOTE, N_PITCHES  # the piano-roll format is the data's
+from seqmodels.formats import LOWEST_NOTE, N_PITCHES
 
 
 # ---- metrics -------------------------------------------------------------------------------
@@ -138,14 +138,6 @@ def write_midi(roll: np.ndarray, path: str | Path, steps_per_quarter: float = 1.
     finally:
         mf.close()
     return path
-
-
-def read_midi_roll(path: str | Path, steps_per_quarter: float = 1.0) -> np.ndarray:
-    """A MIDI file back to a piano roll: every note at its exact time, sampled at the start of
-    each step (``data_modules.chorales.midi_to_roll``, as for a folder of MIDI files)."""
-    from data_modules.chorales import midi_to_roll
-
-    return midi_to_roll(path, steps_per_quarter)
 
 
 def plot_roll(roll: np.ndarray, path: str | Path, title: str = "", prime_frames: int = 0) -> Path:

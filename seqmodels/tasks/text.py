@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.text import Perplexity
 
-from data_modules.text import UNK  # the vocabulary's format is the data's
 from seqmodels.errors import ConfigError
+from seqmodels.formats import UNK
 from seqmodels.recurrent import State
 from seqmodels.tasks.base import Network, SequenceModel
 
