@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     os.environ.setdefault("WANDB_SILENT", "true")
     from seqmodels.cli import main as cli_main
 
-    from data_modules.chorales import load_file
+    from data_modules.music_formats import load_file
 
     rolls = load_file(args.path)
     dataset = identify_dataset(rolls)

@@ -12,8 +12,9 @@ import pytest
 import scipy.io
 import torch
 
-from data_modules.chorales import (ChoralesDataModule, load_corpus, load_file, score_to_roll,
-                                   split_counts)
+from data_modules.bach_corpus import load_corpus, score_to_roll
+from data_modules.chorales import ChoralesDataModule
+from data_modules.music_formats import load_file, split_counts
 from seqmodels.errors import ConfigError
 
 SHARED_JSB = Path(__file__).resolve().parents[2] / "shared" / "data" / "JSB_Chorales.mat"
@@ -168,7 +169,7 @@ def test_the_benchmark_identifies_the_canonical_files():
 
 # ---- the embedded corpus -----------------------------------------------------------------
 def test_embedded_corpus_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
-    import data_modules.chorales as chorales
+    import data_modules.bach_corpus as bach_corpus
 
     rolls, names = load_corpus(max_chorales=5, cache_dir=tmp_path, progress=False)
     assert [len(rolls[s]) for s in ("train", "valid", "test")] == list(split_counts(5)) == [3, 1, 1]
@@ -183,7 +184,7 @@ def test_embedded_corpus_is_converted_once_then_loaded_from_the_cache(tmp_path, 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of using the cache")
 
-    monkeypatch.setattr(chorales, "convert_corpus", no_conversion)
+    monkeypatch.setattr(bach_corpus, "convert_corpus", no_conversion)
     start = time.perf_counter()
     dm = ChoralesDataModule(max_chorales=5, cache_dir=str(tmp_path))
     dm.prepare_data()

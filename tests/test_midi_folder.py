@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import data_modules.chorales as chorales
-from data_modules.chorales import ChoralesDataModule, load_midi_folder, midi_to_roll, split_counts
+import data_modules.midi_folder as midi_folder
+from data_modules.chorales import ChoralesDataModule
+from data_modules.midi_folder import load_midi_folder, midi_to_roll
+from data_modules.music_formats import split_counts
 from seqmodels.music import write_midi
 from tests.test_chorales_data import one_line_error
 
@@ -146,12 +148,12 @@ def test_the_conversion_is_cached_and_redone_when_a_file_or_the_time_step_change
     assert len(entries) == 1 and not list(cache.glob("*.tmp-*"))  # written atomically
 
     calls = []
-    real = chorales.midi_to_roll
+    real = midi_folder.midi_to_roll
 
     def no_conversion(*args, **kwargs):
         raise AssertionError("converted again instead of using the cache")
 
-    monkeypatch.setattr(chorales, "midi_to_roll", no_conversion)
+    monkeypatch.setattr(midi_folder, "midi_to_roll", no_conversion)
     with pytest.warns(UserWarning, match="skipped 1 of 5 MIDI files that music21 could not parse: zz.mid"):
         again, again_names = load_midi_folder(folder, 1, cache, progress=True)
     assert capsys.readouterr().err == ""  # no conversion, no bar
@@ -164,7 +166,7 @@ def test_the_conversion_is_cached_and_redone_when_a_file_or_the_time_step_change
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(chorales, "midi_to_roll", counting)
+    monkeypatch.setattr(midi_folder, "midi_to_roll", counting)
     new = random_roll(9, steps=7)
     write_midi(new, folder / "b.mid", 1)
     os.utime(folder / "b.mid", ns=(10**18, 10**18))  # a new modification time whatever the clock's resolution

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from data_modules.chorales import ChoralesDataModule, RollDataset, pad_rolls
+from data_modules.midi_folder import midi_to_roll
 from seqmodels.errors import ConfigError
-from seqmodels.music import (FrameAccuracy, FrameNLL, plot_roll, read_midi_roll, roll_to_notes,
-                             write_midi)
+from seqmodels.music import FrameAccuracy, FrameNLL, plot_roll, roll_to_notes, write_midi
 from seqmodels.sampling import generate_roll, sample
 from seqmodels.tasks import Network, PolyphonicMusicModel
 from tests.conftest import ROOT
@@ -169,8 +169,8 @@ def test_midi_round_trip_and_png(tmp_path):
     assert (60, 0, 4) in roll_to_notes(roll) and (48, 5, 3) in roll_to_notes(roll)
     midi = write_midi(roll, tmp_path / "x.mid")
     assert midi.read_bytes()[:4] == b"MThd"
-    np.testing.assert_array_equal(read_midi_roll(midi), roll)  # every step, to the last
-    back2 = read_midi_roll(write_midi(roll, tmp_path / "y.mid", steps_per_quarter=2), steps_per_quarter=2)
+    np.testing.assert_array_equal(midi_to_roll(midi), roll)  # every step, to the last
+    back2 = midi_to_roll(write_midi(roll, tmp_path / "y.mid", steps_per_quarter=2), steps_per_quarter=2)
     np.testing.assert_array_equal(back2, roll)
     png = plot_roll(roll, tmp_path / "x.png", title="test", prime_frames=2)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -265,7 +265,6 @@ def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_d
     sequence given, the real and the generated continuation as one PNG (logged to W&B) and two
     MIDI files (saved to the W&B run); the generated one starts with the same 8 frames."""
     from seqmodels.cli import main
-    from seqmodels.music import read_midi_roll
 
     songs = {s: [[tuple(60 + (t + k + i) % 7 for k in range(3)) for t in range(30 + i)] for i in range(n)]
              for s, n in (("train", 4), ("valid", 2), ("test", 2))}
@@ -273,7 +272,7 @@ def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_d
     cli = main(["fit", "--config", str(ROOT / "configs" / "jsb_lstm.yaml"), f"--data.path={data}", *TINY])
     callback = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ContinuationComparison")
     assert callback.paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    real, generated = read_midi_roll(callback.paths["real"]), read_midi_roll(callback.paths["generated"])
+    real, generated = midi_to_roll(callback.paths["real"]), midi_to_roll(callback.paths["generated"])
     tests = cli.datamodule.load()["test"]
     assert any(len(t) == len(real) and np.array_equal(t, real) for t in tests), "the real continuation is a test sequence"
     assert np.array_equal(generated[:8], real[:8]), "the model continues the same 8 frames"
