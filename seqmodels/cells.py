@@ -1,26 +1,18 @@
-"""Recurrent cells, written out as equations, and the registry that describes each cell once.
-No Lightning, no data, no logging.
+"""Recurrent cells, written out as equations. torch only: no Lightning, no data, no logging.
 
 A cell computes one time step: ``cell(x, state) -> state``, x (B, I), state a tuple of (B, H)
 tensors with h first: ``(h,)`` for the vanilla RNN and the GRU, ``(h, c)`` for the LSTM.
 Parameter names and shapes follow ``torch.nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (layer 0), so a
 torch state dict maps onto these cells one to one.
 
-``CELLS`` (bottom of this file) is the registry: for each cell its class, its state, its
-options, the torch op that runs it natively, its hand-written BPTT and when that is the
-fastest choice on a CPU. Everything else (the stack, ``impl: auto``, the CLI's choices) asks
-the registry; a new cell is a class here, one registry entry, and tests.
+``seqmodels.registry.CELLS`` describes each cell once (its gates, state, options, torch twin and
+hand-written backward); everything else asks the registry.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional
-
 import torch
 from torch import Tensor, nn
-
-from seqmodels import bptt, fused
 
 NONLINEARITIES = ("tanh", "relu")
 State = tuple[Tensor, ...]  # h first: (h,) or (h, c); (B, H) per cell, (num_layers, B, H) per stack
@@ -162,59 +154,3 @@ class GRUCell(nn.Module):
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
         return ((1 - z) * n + z * h,)
-
-
-# ---- the registry ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CellType:
-    """Everything the rest of the code needs to know about one kind of cell.
-
-    cell        the class: the equations of one step, torch's parameter names
-    gates       the blocks of H rows stacked in weight_ih / weight_hh, in torch's order
-    state       names of the state tensors, h first
-    options     the cell's own constructor options (beyond the sizes), as RecurrentStack names them
-    native      cell -> the name of torch's fused op for it (``torch._VF.<name>``, cuDNN mode
-                ``<NAME>``), or None when torch has none for these options
-    bptt        one layer with a hand-written backward through time, or None:
-                (x (T, B, I), state, cell, lengths, weight_hh or None) -> (output (T, B, H),
-                final state); weight_hh replaces cell.weight_hh (weight drop)
-    bptt_on_cpu (training, batch, hidden) -> whether ``bptt`` beats ``native`` on a CPU
-                (``impl: auto``; measured by benchmarks/cells.py, docs/bptt.md)
-    bptt_fast_on device types where ``bptt`` has a fast path (C++ loops, Triton kernels), so that
-                ``impl: auto`` measures it against ``native`` there; elsewhere it runs the
-                plain-torch reference, which ``auto`` takes only when nothing else can run
-    """
-
-    cell: type[nn.Module]
-    gates: tuple[str, ...]
-    state: tuple[str, ...]
-    options: tuple[str, ...]
-    native: Callable[[nn.Module], Optional[str]]
-    bptt: Optional[Callable] = None
-    bptt_on_cpu: Callable[[bool, Optional[int], Optional[int]], bool] = lambda training, batch, hidden: False
-    bptt_fast_on: tuple[str, ...] = ("cpu", "cuda")
-
-
-# LSTM training on CPU: oneDNN's LSTM trains as fast or faster than the fused bptt loops when a
-# step is small, under BPTT_MIN_UNITS state units (B · H) or under BPTT_MIN_HIDDEN units per
-# sequence (too few for the loops to share a step between threads); docs/bptt.md has the figures.
-BPTT_MIN_UNITS = 16 * 128
-BPTT_MIN_HIDDEN = 64
-
-
-def lstm_bptt_on_cpu(training: bool, batch: Optional[int], hidden: Optional[int]) -> bool:
-    """Training only (oneDNN's inference is faster), a big enough step, the C++ loops built."""
-    big = batch is None or hidden is None or (batch * hidden >= BPTT_MIN_UNITS and hidden >= BPTT_MIN_HIDDEN)
-    return training and big and fused.kernels() is not None
-
-
-CELLS: dict[str, CellType] = {
-    # torch.nn.RNN's CPU path is not fused: the hand-written backward trains faster (docs/bptt.md)
-    "rnn": CellType(RNNCell, ("z",), ("h",), ("nonlinearity",), lambda cell: f"rnn_{cell.nonlinearity}",
-                    bptt.rnn_layer, lambda training, batch, hidden: True),
-    "lstm": CellType(LSTMCell, ("i", "f", "g", "o"), ("h", "c"), ("forget_bias", "peephole"),
-                     lambda cell: None if cell.peephole else "lstm", bptt.lstm_layer, lstm_bptt_on_cpu),
-    # the GRU's hand-written BPTT has GPU kernels only; on a CPU oneDNN's GRU is the fast one
-    "gru": CellType(GRUCell, ("r", "z", "n"), ("h",), (), lambda cell: "gru", bptt.gru_layer,
-                    bptt_fast_on=("cuda",)),
-}

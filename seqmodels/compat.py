@@ -1,6 +1,7 @@
 """Every private torch, Lightning and torchdata internal this project relies on, in one place,
-with the versions they were read against. Importing this module checks those versions and
-fails loudly on an untested one (``SEQMODELS_ALLOW_UNTESTED=1`` turns that into a warning).
+with the versions they were read against. Importing this module checks those versions (from
+the installed packages' metadata: it imports neither Lightning nor torchdata, so the cells stay
+light) and warns, in one line, about an untested one.
 
 torch
     ``torch._VF.<rnn_tanh | rnn_relu | lstm | gru>``: the fused RNN ops behind torch.nn.RNN /
@@ -48,25 +49,29 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def check_versions(installed: dict[str, str] | None = None) -> None:
-    """Raise RuntimeError (or warn, with SEQMODELS_ALLOW_UNTESTED=1) when an installed package
-    is outside the versions whose internals this module was checked against."""
-    if installed is None:
-        import lightning
-        import torchdata
+def installed_versions() -> dict[str, str]:
+    """The installed versions of the checked packages, read from their metadata (no import)."""
+    from importlib import metadata
 
-        installed = {"torch": torch.__version__, "lightning": lightning.__version__,
-                     "torchdata": torchdata.__version__}
-    for name, version in installed.items():
+    versions = {"torch": torch.__version__}
+    for name in ("lightning", "torchdata"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass  # not installed: nothing of it will be used
+    return versions
+
+
+def check_versions(installed: dict[str, str] | None = None) -> None:
+    """One warning per installed package outside the versions whose internals this module was
+    checked against: the project may still work, and this says where to look if it does not."""
+    for name, version in (installed or installed_versions()).items():
         low, high = TESTED[name]
         if not _version(low) <= _version(version) < _version(high):
-            message = (f"seqmodels uses private internals of {name} checked with versions >= {low} and < {high}, "
-                       f"but {name} {version} is installed: install a tested version (pip install '{name}>={low},<{high}') "
-                       "or set SEQMODELS_ALLOW_UNTESTED=1 to try anyway (seqmodels/compat.py lists what to check)")
-            if os.environ.get("SEQMODELS_ALLOW_UNTESTED") == "1":
-                warnings.warn(message, stacklevel=2)
-            else:
-                raise RuntimeError(message)
+            warnings.warn(f"seqmodels uses private internals of {name} checked with versions >= {low} and < {high}, "
+                          f"but {name} {version} is installed: if something breaks, install a tested version "
+                          f"(pip install '{name}>={low},<{high}'); seqmodels/compat.py lists what to check",
+                          stacklevel=2)
 
 
 check_versions()

@@ -1,11 +1,14 @@
 """The C++ time loops of ``csrc/fused_bptt.cpp``, built at first use; None where they cannot be.
 
-``kernels()`` returns ``torch.ops.seqmodels_fused`` (rnn_forward, rnn_backward, lstm_forward,
+``loops()`` returns ``torch.ops.seqmodels_fused`` (rnn_forward, rnn_backward, lstm_forward,
 lstm_backward) once the extension is built and loaded, or None. It is built once per machine
 with torch.utils.cpp_extension (a C++ compiler and ninja; ~1 min on 2 cores, then cached
 under ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) for the CPU it runs on
-(``-march=native``). Where it cannot be built, the bptt impl runs ``bptt/reference.py`` (same
-math, plain torch, slower) after one warning that says why. ``SEQMODELS_FUSED=0`` turns it off.
+(``-march=native``). Where it cannot be built, ``impl: cpp`` runs ``bptt/reference.py`` (same
+math, plain torch, slower) after one warning that says why (``seqmodels.backends``).
+
+``SEQMODELS_COMPILED=0`` turns all compiled code off, these loops and the Triton kernels: the
+project's only environment variable (``compiled_code_enabled``).
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ from seqmodels import compat
 CSRC = Path(__file__).with_name("csrc")
 
 
-def enabled() -> bool:
-    """False when the environment says ``SEQMODELS_FUSED=0``."""
-    return os.environ.get("SEQMODELS_FUSED", "1") != "0"
+def compiled_code_enabled() -> bool:
+    """False when the environment says ``SEQMODELS_COMPILED=0`` (no C++ loops, no Triton kernels)."""
+    return os.environ.get("SEQMODELS_COMPILED", "1") != "0"
 
 
 # (compiler flags, linker flags): with OpenMP the loops share each step between torch's
@@ -51,7 +54,7 @@ def _build():
     isa = torch.backends.cpu.get_cpu_capability().lower()
     name = extension_name()
     if not compat.extension_is_built(name):
-        print(f"seqmodels: compiling the BPTT loops for this CPU ({isa}), ~30 s, once", file=sys.stderr, flush=True)
+        print(f"seqmodels: compiling the C++ BPTT loops for this CPU ({isa}), ~30 s, once", file=sys.stderr, flush=True)
     for omp_cflags, omp_ldflags in _OPENMP_FLAGS:
         try:
             cpp_extension.load(
@@ -65,18 +68,11 @@ def _build():
     lines = str(error).strip().splitlines() or [type(error).__name__]
     reason = next((line.strip() for line in lines if "error:" in line), lines[-1])
     warnings.warn(f"seqmodels: the fused C++ BPTT loops could not be built ({reason}); "
-                  "the bptt impl runs its plain-torch reference (correct, slower). Install a C++ "
+                  "impl cpp runs the plain-torch reference (correct, slower). Install a C++ "
                   "compiler and `pip install ninja` for the fast path.", stacklevel=3)
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def warn_disabled() -> None:
-    """Once per process, when a bptt layer runs on a CPU with the loops turned off."""
-    warnings.warn("seqmodels: SEQMODELS_FUSED=0, so impl bptt runs its plain-torch reference on the CPU "
-                  "(correct, several times slower); unset it for the C++ loops", stacklevel=5)
-
-
-def kernels():
-    """``torch.ops.seqmodels_fused``, or None (disabled, or not buildable here)."""
-    return _build() if enabled() else None
+def loops():
+    """``torch.ops.seqmodels_fused``, or None (compiled code turned off, or not buildable here)."""
+    return _build() if compiled_code_enabled() else None

@@ -3,15 +3,12 @@
 ``RecurrentStack(x, state=None, lengths=None) -> (output, state)`` mirrors torch.nn.RNN /
 nn.LSTM / nn.GRU with ``batch_first=True``: x (B, T, I) -> output (B, T, H) of the last layer,
 state always a tuple, h first: ``(h,)`` for the RNN and the GRU, ``(h, c)`` for the LSTM, each
-(num_layers, B, H). What differs between cells comes from the registry (``cells.CELLS``).
+(num_layers, B, H). What differs between cells comes from the registry (``registry.CELLS``).
 
-Implementations (``impl``), all on the very same parameters:
-    autograd  the readable loop over ``cells.py``; autograd derives the backward pass
-    bptt      one ``torch.autograd.Function`` per layer with a hand-written backward through
-              time (``bptt/``: a readable reference and the C++ fast path, derivations in
-              docs/bptt.md); cells that have one
-    native    torch's fused kernels (oneDNN on CPU, cuDNN on GPU); cells torch has
-    auto      the fastest correct one for the cell and the call (see ``resolve_impl``)
+How the recurrence is computed (``impl``: torch's fused op, the C++ loops or the plain-torch
+reference of the hand-written backward, autograd over the cell's equations; ``auto`` by
+default) is decided in ``seqmodels.backends``, and only there. All run on the very same
+parameters and compute the same function.
 
 Precision: the recurrence always runs in the parameters' dtype, float32 under mixed precision
 (``bf16-mixed``, ``16-mixed``): autocast is switched off inside the stack, whatever the impl
@@ -30,16 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from seqmodels import autotune, compat
-from seqmodels.cells import CELLS, NONLINEARITIES, CellType, State
+from seqmodels import autotune, backends, compat
+from seqmodels.cells import NONLINEARITIES, State
 from seqmodels.errors import ConfigError
-
-IMPLS = ("auto", "autograd", "bptt", "native")
-OPTION_DEFAULTS = {"nonlinearity": "tanh", "forget_bias": 1.0, "peephole": False}  # RecurrentStack's
-# Regularizers inside the recurrence (RecurrentLayer has the equations), each a probability in
-# [0, 1); the hand-written BPTT applies those in BPTT_REGULARIZERS, torch's fused kernels none.
-REGULARIZERS = ("recurrent_dropout", "zoneout_h", "zoneout_c", "weight_drop")
-BPTT_REGULARIZERS = REGULARIZERS
+from seqmodels.registry import CELLS, REGULARIZERS, CellType
 
 
 @dataclass(frozen=True)
@@ -55,9 +46,9 @@ class Regularizers:
         return tuple(name for name in REGULARIZERS if getattr(self, name))
 
 
-def check_regularizers(regs: Regularizers, kind: CellType, name: str, impl: str) -> None:
-    """Each a probability in [0, 1), zoneout_c only for a cell with a cell state, and an impl that
-    can apply them all; else a one-line ConfigError."""
+def check_regularizers(regs: Regularizers, kind: CellType, name: str) -> None:
+    """Each a probability in [0, 1), zoneout_c only for a cell with a cell state; else a
+    one-line ConfigError."""
     for reg in REGULARIZERS:
         p = getattr(regs, reg)
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
@@ -65,19 +56,10 @@ def check_regularizers(regs: Regularizers, kind: CellType, name: str, impl: str)
     if regs.zoneout_c and "c" not in kind.state:
         raise ConfigError(f"zoneout_c: {regs.zoneout_c} does not apply to cell: {name}, which has no cell state c "
                           "(zoneout_h zones out its h)")
-    on = regs.active()
-    if on and impl == "native":
-        can = ["auto", "autograd"] + (["bptt"] if kind.bptt and set(on) <= set(BPTT_REGULARIZERS) else [])
-        raise ConfigError(f"impl: native cannot apply {', '.join(on)} (torch's fused kernels have no such "
-                          f"option); use impl: {', '.join(can)}")
-    missing = [reg for reg in on if reg not in BPTT_REGULARIZERS]
-    if impl == "bptt" and missing:
-        raise ConfigError(f"impl: bptt does not apply {', '.join(missing)} yet (its hand-written backward has "
-                          f"{', '.join(BPTT_REGULARIZERS)}); use impl: auto or autograd")
 
 
 def check_stack_args(cell: str, input_size: int, hidden_size: int, num_layers: int, dropout: float,
-                     impl: str = "auto", **options) -> None:
+                     **options) -> None:
     """Raise a one-line ConfigError naming the parameter and its allowed values."""
     if cell not in CELLS:
         raise ConfigError(f"cell must be one of {list(CELLS)}, got {cell!r}")
@@ -88,47 +70,12 @@ def check_stack_args(cell: str, input_size: int, hidden_size: int, num_layers: i
         raise ConfigError(f"dropout must be in [0, 1), got {dropout!r}")
     if options.get("nonlinearity", "tanh") not in NONLINEARITIES:
         raise ConfigError(f"nonlinearity must be one of {list(NONLINEARITIES)}, got {options['nonlinearity']!r}")
-    if impl not in IMPLS:
-        raise ConfigError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
     kind = CELLS[cell]
+    defaults = {k: v for other in CELLS.values() for k, v in other.options.items()}
     for name, value in options.items():
-        if name not in kind.options and value != OPTION_DEFAULTS[name]:
+        if name not in kind.options and value != defaults.get(name):
             takes = f"its options: {', '.join(kind.options)}" if kind.options else "it has no options"
             raise ConfigError(f"{name}: {value!r} does not apply to cell: {cell} ({takes})")
-
-
-def check_impl(impl: str, kind: CellType, cell: nn.Module, name: str, options: dict) -> None:
-    """The chosen impl can run this cell (the registry says), or a one-line ConfigError."""
-    if impl == "native" and kind.native(cell) is None:
-        chosen = ", ".join(f"{k}: {v}" for k, v in options.items() if v != OPTION_DEFAULTS[k]) or "these options"
-        others = ["auto", "autograd"] + (["bptt"] if kind.bptt else [])
-        raise ConfigError(f"impl: native cannot run cell: {name} with {chosen} (torch has no such op); "
-                          f"use impl: {', '.join(others)}")
-    if impl == "bptt" and kind.bptt is None:
-        raise ConfigError(f"impl: bptt has no hand-written backward for cell: {name}; use impl: auto, autograd or native")
-
-
-def resolve_impl(impl: str, kind: CellType, cell: nn.Module, device_type: str = "cpu", training: bool = False,
-                 batch: int | None = None, hidden: int | None = None, regularizers: tuple[str, ...] = ()) -> str:
-    """The implementation ``auto`` stands for; any other ``impl`` is returned as is.
-
-    ``auto`` asks the registry (``cells.CELLS``): ``bptt`` when torch has no fused op for the
-    cell (e.g. peepholes) or, on a CPU, when the cell's ``bptt_on_cpu`` rule says the
-    hand-written loops are faster for this call (``training``: a backward will follow; the
-    batch and hidden sizes); otherwise ``native`` (oneDNN, cuDNN), and ``autograd`` for a cell
-    with neither. All of them compute the same function of the same parameters. With recurrent
-    regularizers on, never ``native``: ``bptt`` where it applies them all and has a fast path on
-    this device (``CellType.bptt_fast_on``), else ``autograd``.
-    """
-    if impl != "auto":
-        return impl
-    if regularizers:
-        bptt_fits = kind.bptt is not None and set(regularizers) <= set(BPTT_REGULARIZERS)
-        return "bptt" if bptt_fits and device_type in kind.bptt_fast_on else "autograd"
-    native = kind.native(cell) is not None
-    if kind.bptt is not None and (not native or (device_type == "cpu" and kind.bptt_on_cpu(training, batch, hidden))):
-        return "bptt"
-    return "native" if native else "autograd"
 
 
 def _float32(state: Tensor | tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
@@ -230,17 +177,29 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
     ) -> None:
         super().__init__()
         options = dict(nonlinearity=nonlinearity, forget_bias=forget_bias, peephole=peephole)
-        check_stack_args(cell, input_size, hidden_size, num_layers, dropout, impl, **options)
+        check_stack_args(cell, input_size, hidden_size, num_layers, dropout, **options)
         self.kind = CELLS[cell]
         self.cell_type, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
-        self.dropout, self.impl, self.autotune = dropout, impl, autotune
-        self.auto_decisions: dict[str, autotune.Decision] = {}  # impl auto's measured choices, by key
+        self.dropout, self.autotune = dropout, autotune
+        self.backends: dict[str, backends.Choice] = {}  # what ran, by call key (the tasks log these)
+        self._chosen: dict[tuple[str, str], backends.Choice] = {}  # by (impl, call key)
         own = {k: v for k, v in options.items() if k in self.kind.options}
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(RecurrentLayer(self.kind.cell(i, hidden_size, **own)) for i in sizes)
-        check_impl(impl, self.kind, self.layers[0].cell, cell, own)
         self.regularizers = Regularizers(recurrent_dropout, zoneout_h, zoneout_c, weight_drop)
-        check_regularizers(self.regularizers, self.kind, cell, impl)
+        check_regularizers(self.regularizers, self.kind, cell)
+        self.impl = impl
+
+    @property
+    def impl(self) -> str:
+        """How the recurrence runs (``seqmodels.backends``); set it to change that."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        impl = backends.canonical_impl(impl, self.kind)
+        backends.check(impl, self.kind, self.layers[0].cell, self.cell_type, self.regularizers.active())
+        self._impl = impl
 
     @property
     def peephole(self) -> bool:
@@ -265,21 +224,46 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
                 return self.forward(_float32(x), None if state is None else _float32(state), lengths)
         if state is None:
             state = self.initial_state(x.shape[0], x)
-        training = self.impl == "auto" and torch.is_grad_enabled() and (  # only auto asks
-            x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        regs = self.regularizers.active()
-        impl = resolve_impl(self.impl, self.kind, self.layers[0].cell, x.device.type, training,
-                            batch=x.shape[0], hidden=self.hidden_size, regularizers=regs)
-        if training and self.autotune and not regs:  # with regularizers at most one candidate is left
-            impl = self._measured_impl(x, state, lengths, static=impl)
-        return self.run_impl(impl, x, state, lengths)
+        return self.run_backend(self.backend_for(x, state, lengths), x, state, lengths)
 
-    def run_impl(self, impl: str, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """The stack through one implementation (``forward`` picks it)."""
-        if impl == "native":
+    def call_key(self, x: Tensor, training: bool) -> str:
+        """What one decision covers: device, cell and options, train or infer, layers and sizes
+        (``autotune.make_key``)."""
+        cell = self.layers[0].cell
+        label = self.cell_type + "".join(f"-{k}={v}" for k, v in self.kind.options_of(cell).items()
+                                         if v != self.kind.options[k] and k != "forget_bias")
+        label += "-regularized" if self.regularizers.active() else ""  # other candidates
+        return autotune.make_key(x.device, label, training, self.num_layers, x.shape[0], x.shape[1], cell.input_size,
+                                 self.hidden_size, x.dtype)
+
+    def backend_for(self, x: Tensor, state: State, lengths: Tensor | None) -> str:
+        """The backend of this call (``seqmodels.backends.choose``), said once per call key."""
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        key = self.call_key(x, training)
+        if (self.impl, key) in self._chosen:
+            return self._chosen[self.impl, key].backend
+
+        def measure(candidates: list[str], first: str) -> backends.Choice:
+            decision = autotune.choose(key, candidates, first,
+                                       autotune.measuring_pass(self, x, state, lengths, training))
+            return backends.Choice(decision.impl, decision.source, decision.why())
+
+        choice = backends.choose(self.impl, self.kind, self.layers[0].cell, x, self.regularizers.active(),
+                                 measure if self.autotune else None)
+        autotune.say(f"seqmodels: {self.cell_type} {self.num_layers}x{self.hidden_size} at {autotune.describe(key)} "
+                     f"runs on {choice.backend} ({backends.DESCRIPTION[choice.backend]}; impl: {self.impl}, "
+                     f"{choice.why()})")
+        self.backends[key] = self._chosen[self.impl, key] = choice
+        return choice.backend
+
+    def run_backend(self, backend: str, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
+        """The stack through one backend (``backend_for`` picks it)."""
+        if backend == "torch":
             return self._forward_native(x, state, lengths)
-        if impl == "bptt":
-            return self._forward_bptt(x, state, lengths)
+        if backend in backends.HANDWRITTEN:
+            return self._forward_handwritten(self.kind.layers[backend], x, state, lengths)
+        if backend != "autograd":
+            raise ValueError(f"unknown backend {backend!r}; one of {backends.BACKENDS}")
         mask = None
         if lengths is not None:
             mask = torch.arange(x.shape[1], device=x.device) < lengths.to(x.device).unsqueeze(1)
@@ -291,26 +275,8 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
             finals.append(s)
         return x, tuple(torch.stack(s) for s in zip(*finals))
 
-    def _measured_impl(self, x: Tensor, state: State, lengths: Tensor | None, static: str) -> str:
-        """``auto`` on a training pass: the faster of native and bptt at this shape, measured once
-        per machine and shape (``seqmodels.autotune``); the static rule where only one can run."""
-        cell = self.layers[0].cell
-        candidates = [impl for impl, ok in (("native", self.kind.native(cell) is not None),
-                                            ("bptt", self.kind.bptt is not None and
-                                             x.device.type in self.kind.bptt_fast_on)) if ok]
-        if len(candidates) < 2:
-            return static
-        label = self.cell_type + ("-peephole" if self.peephole else "") + \
-            (f"-{cell.nonlinearity}" if self.cell_type == "rnn" else "")
-        key = autotune.make_key(x.device, label, self.num_layers, x.shape[0], x.shape[1], cell.input_size,
-                                self.hidden_size, x.dtype)
-        decision = autotune.choose(key, candidates, static, autotune.training_pass(self, x, state, lengths),
-                                   announce=autotune.say)
-        self.auto_decisions[key] = decision
-        return decision.impl
-
     # ---- hand-written BPTT, one autograd.Function call per layer ---------------------
-    def _forward_bptt(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
+    def _forward_handwritten(self, run_layer, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
         """Time-major inside (per-step slices contiguous); dropout between layers stays here."""
         if lengths is not None:
             lengths = lengths.to(x.device, torch.long).clamp(0, x.shape[1])
@@ -322,7 +288,7 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
             # weight drop: the masked W_hh goes in, and autograd takes dW back through the mask
             weight_hh, recurrent, zoneout = regularizer_masks(self.regularizers, layer.cell, x.shape[1], x.shape[0],
                                                               x, self.training, len(state))
-            x, s = self.kind.bptt(x, tuple(s[l] for s in state), layer.cell, lengths, weight_hh, recurrent, zoneout)
+            x, s = run_layer(x, tuple(s[l] for s in state), layer.cell, lengths, weight_hh, recurrent, zoneout)
             finals.append(s)
         return x.transpose(0, 1), tuple(torch.stack(s) for s in zip(*finals))
 
@@ -335,7 +301,7 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         cuDNN's layout, as ``torch.nn.LSTM.flatten_parameters`` does: cuDNN then runs on the
         module's own parameters, with no per-call copy and no "not part of single contiguous
         chunk of memory" warning. Values, names and Parameter objects stay; no-op on CPU."""
-        op = self.kind.native(self.layers[0].cell)
+        op = self.kind.native_op(self.layers[0].cell)
         weights = self._flat_weights()
         if op is None or compat.cudnn_is_flat(weights) or not compat.cudnn_can_flatten(weights):
             return  # the cheap check first: on a GPU this runs before every native call
@@ -346,7 +312,7 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         """torch.nn.RNN / nn.LSTM / nn.GRU's own op (``compat.native_rnn_op``), on this module's parameters."""
         if x.is_cuda:
             self.flatten_parameters()  # a no-op once flat; covers modules built on the GPU
-        fn = compat.native_rnn_op(self.kind.native(self.layers[0].cell))
+        fn = compat.native_rnn_op(self.kind.native_op(self.layers[0].cell))
         pack = (lambda s: s) if len(state) > 1 else (lambda s: s[0])  # torch: (h, c), or h alone
         args = (self._flat_weights(), True, self.num_layers, self.dropout, self.training, False)
         if lengths is None:
@@ -363,7 +329,7 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
 
     def torch_state_dict(self) -> dict[str, Tensor]:
         """Parameters under torch.nn.RNN / nn.LSTM / nn.GRU names (``weight_ih_l0``, ...)."""
-        if self.kind.native(self.layers[0].cell) is None:
+        if self.kind.native_op(self.layers[0].cell) is None:
             raise ValueError(f"this {self.cell_type} has no torch.nn equivalent (its options: "
                              f"{', '.join(self.kind.options)})")
         return {f"{n}_l{l}": getattr(layer.cell, n).detach().clone()

@@ -16,9 +16,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # the user's ~/.cache/huggingface; set before anything imports datasets, which reads it then.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="seqmodels-tests-hf-datasets-")
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
-# impl auto's measured decisions: one file for the session (subprocesses included), so every run
-# of a test at the same shape takes the same implementation, and the user's cache stays untouched
-os.environ["SEQMODELS_AUTOTUNE_CACHE"] = os.path.join(os.environ["HF_DATASETS_CACHE"], "autotune.json")
+# seqmodels' cache folder (impl auto's measured decisions, converted data) for the session,
+# subprocesses included: every run of a test at the same shape takes the same backend, and the
+# user's cache stays untouched
+os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["HF_DATASETS_CACHE"], "xdg-cache")
 # Without a GPU the Triton kernels of impl bptt (seqmodels/bptt/kernels.py) run on CPU tensors in
 # Triton's interpreter; it must be on before they are first imported (triton.jit reads it then).
 if "TRITON_INTERPRET" not in os.environ:

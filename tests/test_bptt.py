@@ -15,7 +15,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seqmodels import bptt, fused
 from seqmodels.cells import LSTMCell
-from seqmodels.recurrent import RecurrentStack, resolve_impl
+from seqmodels.recurrent import RecurrentStack
 
 VARIANTS = {
     "rnn_tanh": dict(cell="rnn", nonlinearity="tanh"),
@@ -25,12 +25,15 @@ VARIANTS = {
 }
 
 
+HANDWRITTEN = {"impl": "cpp"}  # the hand-written backward a test runs (the ``loops`` fixture sets it)
+
+
 def make_stack(variant: str, input_size: int, hidden_size: int, num_layers: int = 2,
-               impl: str = "bptt", dtype=torch.float32, seed: int = 0) -> RecurrentStack:
+               impl: str | None = None, dtype=torch.float32, seed: int = 0) -> RecurrentStack:
     """A stack with random weights; peephole vectors random too (they start at 0)."""
     torch.manual_seed(seed)
     stack = RecurrentStack(input_size=input_size, hidden_size=hidden_size, num_layers=num_layers,
-                           impl=impl, **VARIANTS[variant]).to(dtype)
+                           impl=impl or HANDWRITTEN["impl"], **VARIANTS[variant]).to(dtype)
     with torch.no_grad():
         for name, p in stack.named_parameters():
             if "weight_c" in name:
@@ -88,8 +91,8 @@ def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
     for a, b in zip(plain(x, (h, c)), peep(x, (h, c))):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=1e-15)
     # and through the stack: bptt with zero peepholes equals torch.nn.LSTM's kernel
-    stack = make_stack("lstm_peephole", 3, 4, impl="bptt")
-    native = make_stack("lstm", 3, 4, impl="native")
+    stack = make_stack("lstm_peephole", 3, 4, impl="cpp")
+    native = make_stack("lstm", 3, 4, impl="torch")
     with torch.no_grad():
         for name, p in stack.named_parameters():
             p.copy_(torch.zeros_like(p) if "weight_c" in name else native.get_parameter(name))
@@ -102,14 +105,13 @@ def test_peephole_lstm_with_zero_peepholes_equals_plain_lstm():
 
 
 # ---- gradcheck in float64 ------------------------------------------------------------
-@pytest.fixture(params=[pytest.param("fast", marks=pytest.mark.cxx), "reference"])
+@pytest.fixture(params=[pytest.param("cpp", marks=pytest.mark.cxx), "reference"])
 def loops(request, monkeypatch):
-    """Both layers of the hand-written BPTT: the fast path (the C++ loops; they must build
+    """Both implementations of the hand-written BPTT on a CPU: the C++ loops (they must build
     here, a failed build fails the test) and the plain-torch reference."""
-    if request.param == "fast":
-        assert fused.kernels() is not None, "the fused C++ loops did not build (see the warning)"
-    else:
-        monkeypatch.setattr(bptt.fast, "fused_kernels", lambda x: None)
+    if request.param == "cpp":
+        assert fused.loops() is not None, "the fused C++ loops did not build (see the warning)"
+    monkeypatch.setitem(HANDWRITTEN, "impl", request.param)
     return request.param
 
 
@@ -139,7 +141,7 @@ def test_gradcheck_gru_bptt():
     """The GRU's hand-written BPTT (its reference; the GPU kernels are checked against it in
     test_triton_kernels.py): masks, a non-zero initial state, 2 layers, as above."""
     torch.manual_seed(0)
-    stack = RecurrentStack("gru", 2, 3, num_layers=2, impl="bptt").double()
+    stack = RecurrentStack("gru", 2, 3, num_layers=2, impl="reference").double()
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([4, 1, 3])
     x = torch.randn(3, 4, 2, dtype=torch.float64, generator=gen)
@@ -166,7 +168,7 @@ def test_impls_agree_float32(variant, padded, loops):
     lengths = torch.tensor([20, 3, 17, 1, 20, 9]) if padded else None
     weights = torch.randn(B, T, 16, generator=gen)
     ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
-    impls = ["bptt"] + ([] if stack.peephole else ["native"])
+    impls = [HANDWRITTEN["impl"]] + ([] if stack.peephole else ["torch"])
     for impl in impls:
         loss, grads = loss_and_grads(stack, impl, x, state, lengths, weights)
         assert_same_loss(loss, ref_loss)
@@ -191,7 +193,7 @@ def test_impls_agree_float32_large_weights(variant, hidden, avx512, monkeypatch)
     lengths = torch.tensor([12, 5, 9])
     weights = torch.randn(B, T, hidden, generator=gen)
     ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
-    loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
+    loss, grads = loss_and_grads(stack, HANDWRITTEN["impl"], x, state, lengths, weights)
     assert_same_loss(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5
@@ -204,7 +206,7 @@ def test_fused_loops_split_across_threads(variant, B, H, two_threads):
     """The C++ loops share each step among torch's threads (a step big enough for it), against
     autograd with uneven lengths: by rows when every thread gets >= 8 sequences and W_hh fits in
     a core's cache (41 rows: 20 + 21), else by units (12 rows, 120 units: 48 + 72)."""
-    assert fused.kernels() is not None
+    assert fused.loops() is not None
     stack = make_stack(variant, input_size=9, hidden_size=H, num_layers=1)
     gen = torch.Generator().manual_seed(5)
     T = 9
@@ -213,7 +215,7 @@ def test_fused_loops_split_across_threads(variant, B, H, two_threads):
     lengths = torch.randint(0, T + 1, (B,), generator=gen)
     weights = torch.randn(B, T, H, generator=gen)
     ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
-    loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
+    loss, grads = loss_and_grads(stack, HANDWRITTEN["impl"], x, state, lengths, weights)
     assert_same_loss(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5
@@ -238,7 +240,7 @@ def test_fused_tanh_and_sigmoid_match_torch_over_a_wide_range():
     """The C++ loops' own exp (a polynomial, vectorized) against torch's tanh and sigmoid, on
     4001 pre-activations in [-30, 30]: an RNN step h = tanh(w x) with x = 1, W_hh = 0 and an
     LSTM step whose gates see the same values (i = σ(z), c = i·g, h = σ(z)·tanh(c))."""
-    assert fused.kernels() is not None
+    assert fused.loops() is not None
     z = torch.linspace(-30, 30, 4001)
     rnn = make_stack("rnn_tanh", input_size=1, hidden_size=z.numel(), num_layers=1)
     lstm = make_stack("lstm", input_size=1, hidden_size=z.numel(), num_layers=1)
@@ -267,7 +269,7 @@ def test_fused_loops_leave_torch_rng_alone():
 import torch
 from seqmodels.recurrent import RecurrentStack
 torch.manual_seed(0)
-stack = RecurrentStack("lstm", 3, 4, impl="bptt")
+stack = RecurrentStack("lstm", 3, 4, impl="cpp")
 for dtype in (torch.float32, torch.float64):
     s = stack.to(dtype)
     before = torch.get_rng_state()
@@ -288,7 +290,7 @@ def test_fused_build_without_openmp_retries_for_one_thread(monkeypatch):
 
     from torch.utils import cpp_extension
 
-    assert fused.kernels() is not None  # the real build, loaded: the retry below only records
+    assert fused.loops() is not None  # the real build, loaded: the retry below only records
     attempts = []
 
     def no_openmp(**kwargs):
@@ -301,7 +303,7 @@ def test_fused_build_without_openmp_retries_for_one_thread(monkeypatch):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert fused.kernels() is not None
+            assert fused.loops() is not None
         assert [("-fopenmp" in c, "-fopenmp-simd" in c, ld) for c, ld in attempts] == [
             (True, False, ["-fopenmp"]), (False, True, [])]
     finally:
@@ -319,10 +321,10 @@ def test_first_build_says_so_in_one_line(monkeypatch, capsys):
         monkeypatch.setattr(compat, "extension_is_built", lambda name, b=built: b)
         fused._build.cache_clear()
         try:
-            fused.kernels()
+            fused.loops()
         finally:
             fused._build.cache_clear()
-        lines = [line for line in capsys.readouterr().err.splitlines() if "compiling the BPTT loops" in line]
+        lines = [line for line in capsys.readouterr().err.splitlines() if "compiling the C++ BPTT loops" in line]
         assert len(lines) == expected and (not lines or "once" in lines[0])
 
 
@@ -337,13 +339,13 @@ def test_fused_build_failure_falls_back_with_one_warning(monkeypatch):
     fused._build.cache_clear()
     try:
         with pytest.warns(UserWarning, match="no compiler here.*plain-torch reference"):
-            assert fused.kernels() is None
+            assert fused.loops() is None
         stack = make_stack("lstm", input_size=3, hidden_size=4, num_layers=1)
         gen = torch.Generator().manual_seed(6)
         x, weights = torch.randn(2, 5, 3, generator=gen), torch.randn(2, 5, 4, generator=gen)
         state = random_state(stack, 2, torch.float32, gen)
         ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, None, weights)
-        loss, grads = loss_and_grads(stack, "bptt", x, state, None, weights)
+        loss, grads = loss_and_grads(stack, HANDWRITTEN["impl"], x, state, None, weights)
         assert_same_loss(loss, ref_loss)
         assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
     finally:
@@ -360,7 +362,7 @@ def test_zero_length_sequence_keeps_initial_state(variant, loops):
     lengths = torch.tensor([6, 0, 2])
     weights = torch.randn(3, 6, 5, generator=gen)
     ref_loss, ref_grads = loss_and_grads(stack, "autograd", x, state, lengths, weights)
-    loss, grads = loss_and_grads(stack, "bptt", x, state, lengths, weights)
+    loss, grads = loss_and_grads(stack, HANDWRITTEN["impl"], x, state, lengths, weights)
     assert_same_loss(loss, ref_loss)
     for g, r in zip(grads, ref_grads):
         assert rel_err(g, r) < 1e-5
@@ -390,7 +392,7 @@ def test_reused_buffers_never_leak_between_calls(variant, monkeypatch):
         return [p.grad.clone() for p in stack.parameters()]
 
     expected = [grads_autograd(x) for x in xs[:2]]
-    stack.impl = "bptt"
+    stack.impl = "cpp"
     losses = [(stack(x, None, lengths)[0] * weights).sum() for x in xs[:2]]  # two live graphs
     with torch.no_grad():
         stack(xs[2], None, lengths)  # takes buffers from the pool and gives them back
@@ -418,16 +420,16 @@ def graph_size(t: torch.Tensor) -> int:
 def test_bptt_records_no_per_step_graph(variant):
     """One Function node per layer: the graph does not grow with T (autograd's does)."""
     sizes = {}
-    for impl in ("bptt", "autograd"):
+    for impl in ("cpp", "reference", "autograd"):
         stack = make_stack(variant, 3, 4, num_layers=2, impl=impl)
         sizes[impl] = [graph_size(stack(torch.randn(2, T, 3))[0]) for T in (5, 50)]
-    assert sizes["bptt"][0] == sizes["bptt"][1] < 20
+    assert sizes["cpp"][0] == sizes["cpp"][1] < 20 and sizes["reference"][0] == sizes["reference"][1] < 20
     assert sizes["autograd"][1] > sizes["autograd"][0]
 
 
 # ---- padded batches vs torch on a PackedSequence ------------------------------------
 @pytest.mark.parametrize("variant", ["rnn_tanh", "rnn_relu", "lstm"])
-@pytest.mark.parametrize("impl", ["autograd", "bptt", "native", "auto"])
+@pytest.mark.parametrize("impl", ["autograd", "cpp", "reference", "torch", "auto"])
 def test_padded_batch_matches_packed_torch(variant, impl):
     stack = make_stack(variant, input_size=4, hidden_size=8, num_layers=2, impl=impl)
     kw = VARIANTS[variant]
@@ -496,7 +498,7 @@ def test_scalar_rnn_worked_example():
         assert p[k].grad.item() == pytest.approx(v, rel=1e-10, abs=1e-12), k
 
     # the bptt impl through a 1-unit RNN stack
-    stack = RecurrentStack("rnn", 1, 1, impl="bptt").double()
+    stack = RecurrentStack("rnn", 1, 1, impl="cpp").double()
     cell = stack.layers[0].cell
     with torch.no_grad():
         cell.weight_hh.fill_(w_hh), cell.weight_ih.fill_(w_hx)
@@ -536,56 +538,3 @@ def test_bptt_under_bf16_autocast_runs_in_float32(variant):
     for g, p in zip(grads, stack.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x.grad, x32.grad.bfloat16())
-
-
-# ---- choice of implementation ------------------------------------------------------
-def test_auto_asks_with_the_call_training_or_not(monkeypatch):
-    """The stack tells the static rule (autotune off) whether a backward follows and the step's size."""
-    from seqmodels.cells import CELLS
-
-    seen = []
-    monkeypatch.setitem(CELLS, "lstm", dataclasses.replace(CELLS["lstm"], bptt_on_cpu=lambda training, batch, hidden: (
-        seen.append((training, batch, hidden)) or training)))
-    stack = RecurrentStack("lstm", 3, 8, autotune=False)
-    used = []
-    for name in ("bptt", "native"):
-        method = getattr(stack, f"_forward_{name}")
-        monkeypatch.setattr(stack, f"_forward_{name}", lambda *a, _m=method, _n=name: used.append(_n) or _m(*a))
-    x = torch.randn(5, 4, 3)
-    stack(x)[0].sum().backward()
-    with torch.no_grad():
-        stack(x)
-    assert used == ["bptt", "native"] and seen == [(True, 5, 8), (False, 5, 8)]
-
-
-def test_resolve_impl_asks_the_registry(monkeypatch):
-    """auto: bptt where torch has no op (peepholes) or where the cell's CPU rule says bptt is
-    faster (the rule's thresholds are the registry's, not pinned here), native otherwise."""
-    from seqmodels.cells import CELLS
-
-    def auto(cell, device="cpu", training=False, **options):
-        stack = RecurrentStack(cell, 2, 4, **options)
-        return resolve_impl("auto", stack.kind, stack.layers[0].cell, device, training)
-
-    assert auto("lstm", peephole=True) == auto("lstm", "cuda", peephole=True) == "bptt"
-    assert auto("gru") == auto("gru", training=True) == auto("gru", "cuda") == "native"  # the GRU's bptt: measured on a GPU only
-    assert auto("rnn", "cuda") == auto("lstm", "cuda", training=True) == "native"
-    for cell in ("rnn", "lstm"):
-        for verdict in (True, False):
-            monkeypatch.setitem(CELLS, cell, dataclasses.replace(CELLS[cell], bptt_on_cpu=lambda t, b, h, v=verdict: v))
-            assert auto(cell, training=True) == ("bptt" if verdict else "native")
-    assert resolve_impl("bptt", CELLS["lstm"], None) == "bptt"  # anything but auto is kept
-
-
-@pytest.mark.cxx
-def test_lstm_cpu_rule_needs_training_a_big_step_and_the_loops(monkeypatch):
-    from seqmodels import cells
-
-    big = dict(batch=cells.BPTT_MIN_UNITS // cells.BPTT_MIN_HIDDEN, hidden=cells.BPTT_MIN_HIDDEN)
-    assert fused.kernels() is not None
-    assert cells.lstm_bptt_on_cpu(True, **big)
-    assert not cells.lstm_bptt_on_cpu(False, **big)  # inference: oneDNN
-    assert not cells.lstm_bptt_on_cpu(True, batch=big["batch"] - 1, hidden=big["hidden"])
-    assert not cells.lstm_bptt_on_cpu(True, batch=10 ** 6, hidden=cells.BPTT_MIN_HIDDEN - 1)
-    monkeypatch.setattr(fused, "kernels", lambda: None)
-    assert not cells.lstm_bptt_on_cpu(True, **big)  # no C++ loops: the Python ones are slower

@@ -162,15 +162,15 @@ def test_options_and_impls_a_cell_cannot_take_are_one_line_errors():
         RecurrentStack("gru", I, H, peephole=True)
     with pytest.raises(ConfigError, match="nonlinearity: 'relu' does not apply to cell: lstm"):
         RecurrentStack("lstm", I, H, nonlinearity="relu")
-    with pytest.raises(ConfigError, match="impl: native cannot run cell: lstm with peephole: True"):
-        RecurrentStack("lstm", I, H, peephole=True, impl="native")
+    with pytest.raises(ConfigError, match="impl: torch cannot run cell: lstm with peephole: True"):
+        RecurrentStack("lstm", I, H, peephole=True, impl="torch")
     import dataclasses
 
     from seqmodels.cells import CELLS
     from seqmodels.recurrent import check_impl
 
     without = dataclasses.replace(CELLS["gru"], bptt=None)  # a cell registered without a hand-written BPTT
-    with pytest.raises(ConfigError, match="impl: bptt has no hand-written backward for cell: gru"):
+    with pytest.raises(ConfigError, match="impl: cpp has no hand-written backward for cell: gru"):
         check_impl("bptt", without, RecurrentStack("gru", I, H).layers[0].cell, "gru", {})
     with pytest.raises(ConfigError, match=r"cell must be one of \['rnn', 'lstm', 'gru'\]"):
         RecurrentStack("transformer", I, H)

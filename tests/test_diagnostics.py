@@ -63,7 +63,7 @@ def direct_norms(model, x, layers: int) -> np.ndarray:
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
 def test_temporal_norms_equal_direct_autograd(cell):
     torch.manual_seed(0)
-    model = SumsRegressor(network=Network(cell=cell, hidden_size=5, num_layers=2, impl="native" if cell == "lstm" else "bptt"))
+    model = SumsRegressor(network=Network(cell=cell, hidden_size=5, num_layers=2, impl="torch" if cell == "lstm" else "bptt"))
     x, y = torch.randn(3, 7, 1), torch.randn(3, 1)
     model._y = y
     norms = temporal_gradient_norms(model, (x, y))

@@ -112,5 +112,5 @@ def test_bf16_mixed_music(cell, impl, tmp_path):
 
 
 def test_bf16_mixed_peephole_lstm_bptt():
-    one_bf16_step(SumsRegressor(network=Network(cell="lstm", peephole=True, hidden_size=8, impl="bptt")),
+    one_bf16_step(SumsRegressor(network=Network(cell="lstm", peephole=True, hidden_size=8, impl="cpp")),
                   SumsDataModule(train_size=64, val_size=8, test_size=8, batch_size=16, seq_len=6))

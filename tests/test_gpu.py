@@ -118,7 +118,7 @@ def test_native_with_tf32_stays_close_to_float32(cell):
     """cuDNN's default float32 math (TF32 tensor cores allowed): about 3 decimal digits."""
     torch.manual_seed(0)
     reference = RecurrentStack(cell=cell, input_size=16, hidden_size=64, num_layers=2, impl="autograd").cuda()
-    stack = RecurrentStack(cell=cell, input_size=16, hidden_size=64, num_layers=2, impl="native").cuda()
+    stack = RecurrentStack(cell=cell, input_size=16, hidden_size=64, num_layers=2, impl="torch").cuda()
     stack.load_state_dict(reference.state_dict())
     x = torch.randn(8, 50, 16, device="cuda")
     weights = [torch.randn(8, 50, 64, device="cuda")]
@@ -141,7 +141,7 @@ def test_cudnn_gets_the_modules_own_parameters(device, cell):
     Values, Parameter objects, state dicts and switching impl are as before. On the CPU the
     flattening is a no-op."""
     torch.manual_seed(0)
-    cpu = RecurrentStack(cell=cell, input_size=3, hidden_size=5, num_layers=3, impl="native")
+    cpu = RecurrentStack(cell=cell, input_size=3, hidden_size=5, num_layers=3, impl="torch")
     params = list(cpu.parameters())
     values = {n: p.detach().clone() for n, p in cpu.named_parameters()}
     stack = cpu.to(device)
@@ -165,7 +165,7 @@ def test_cudnn_gets_the_modules_own_parameters(device, cell):
         assert torch.allclose(stack(x)[0], outputs["32-true"], atol=1e-5), impl
     stack.impl = "native"
 
-    restored = RecurrentStack(cell=cell, input_size=3, hidden_size=5, num_layers=3, impl="native")
+    restored = RecurrentStack(cell=cell, input_size=3, hidden_size=5, num_layers=3, impl="torch")
     restored.load_state_dict({k: v.cpu() for k, v in stack.state_dict().items()})
     assert torch.allclose(restored(x.cpu())[0], outputs["32-true"].cpu(), atol=1e-5)
     assert stack.double()(x.double())[0].dtype == torch.float64  # moved again: flattened again

@@ -114,7 +114,7 @@ def test_regularizers_under_bptt_equal_autograd(cell, regs, dtype, training):
     name = cell.split("_")[0]
     torch.manual_seed(0)
     a = RecurrentStack(name, 3, 6, num_layers=2, impl="autograd", **options, **regs).to(dtype).train(training)
-    b = RecurrentStack(name, 3, 6, num_layers=2, impl="bptt", **options, **regs).to(dtype).train(training)
+    b = RecurrentStack(name, 3, 6, num_layers=2, impl="cpp", **options, **regs).to(dtype).train(training)
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 5, 3, dtype=dtype)
     results = []
@@ -182,10 +182,10 @@ def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
     (dict(cell="lstm", zoneout_h=1.0), "zoneout_h must be in [0, 1) (a probability; 0 turns it off), got 1.0"),
     (dict(cell="rnn", recurrent_dropout=-0.1), "recurrent_dropout must be in [0, 1)"),
     (dict(cell="gru", zoneout_c=0.2), "zoneout_c: 0.2 does not apply to cell: gru, which has no cell state c"),
-    (dict(cell="lstm", impl="native", recurrent_dropout=0.2),
-     "impl: native cannot apply recurrent_dropout (torch's fused kernels have no such option); use impl: auto, autograd, bptt"),
-    (dict(cell="gru", impl="native", zoneout_h=0.2), "(torch's fused kernels have no such option); use impl: auto, autograd, bptt$"),
-    (dict(cell="lstm", impl="native", weight_drop=0.2), "use impl: auto, autograd, bptt"),
+    (dict(cell="lstm", impl="torch", recurrent_dropout=0.2),
+     "impl: torch cannot apply recurrent_dropout (torch's fused kernels have no such option); use impl: auto, autograd, bptt"),
+    (dict(cell="gru", impl="torch", zoneout_h=0.2), "(torch's fused kernels have no such option); use impl: auto, autograd, bptt$"),
+    (dict(cell="lstm", impl="torch", weight_drop=0.2), "use impl: auto, autograd, bptt"),
 ])
 def test_bad_regularizers_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError) as excinfo:
@@ -216,7 +216,7 @@ def test_the_cpp_loops_apply_every_regularizer_when_threads_share_a_step(cell, B
     options = dict(peephole=True) if cell == "lstm_peephole" else {}
     torch.manual_seed(0)
     a = RecurrentStack(cell.split("_")[0], 9, H, impl="autograd", **options, **regs)
-    b = RecurrentStack(cell.split("_")[0], 9, H, impl="bptt", **options, **regs)
+    b = RecurrentStack(cell.split("_")[0], 9, H, impl="cpp", **options, **regs)
     b.load_state_dict(a.state_dict())
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(B, 9, 9, generator=gen)

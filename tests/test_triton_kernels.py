@@ -329,7 +329,7 @@ def test_a_layer_over_the_limit_runs_the_reference_after_one_notice(monkeypatch)
     monkeypatch.setattr(gpu.LSTMTriton, "apply", lambda *a: calls.append(a))
     gpu.notice.cache_clear()
     torch.manual_seed(0)
-    stack = RecurrentStack("lstm", 3, 6, impl="bptt", peephole=True)  # peephole: reference on every CPU
+    stack = RecurrentStack("lstm", 3, 6, impl="cpp", peephole=True)  # peephole: reference on every CPU
     monkeypatch.setattr(bptt.fast, "fused_kernels", lambda x: None)  # as on a GPU
     x = torch.randn(4, 5, 3)
     with pytest.warns(UserWarning, match="reference loop.*over the limit"):
@@ -346,7 +346,7 @@ def test_a_layer_over_the_limit_runs_the_reference_after_one_notice(monkeypatch)
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole", "gru"])
 def test_the_stack_takes_the_kernels_on_cuda(cell, exact_float32, monkeypatch):
-    """RecurrentStack(impl="bptt") on a GPU runs the Triton Functions, with a persistent launch
+    """RecurrentStack(impl="cpp") on a GPU runs the Triton Functions, with a persistent launch
     at a size of the speed targets, and agrees with autograd."""
     name = cell.split("_")[0]
     options = dict(peephole=True) if cell == "lstm_peephole" else {}
@@ -356,7 +356,7 @@ def test_the_stack_takes_the_kernels_on_cuda(cell, exact_float32, monkeypatch):
     monkeypatch.setattr(function, "forward", staticmethod(lambda *a: used.append(1) or original(*a)))
     torch.manual_seed(0)
     a = RecurrentStack(name, 64, 512, impl="autograd", **options).cuda()
-    b = RecurrentStack(name, 64, 512, impl="bptt", **options).cuda()
+    b = RecurrentStack(name, 64, 512, impl="cpp", **options).cuda()
     b.load_state_dict(a.state_dict())
     assert gpu.plan(64, 512, gpu._multiprocessors(torch.zeros(1, device="cuda"))).persistent
     x = torch.randn(64, 100, 64, device="cuda")

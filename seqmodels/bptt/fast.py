@@ -168,14 +168,13 @@ def _grad_weight(dz: Tensor, inputs: Tensor) -> Tensor:
     return dz.t() @ inputs
 
 
-def fused_kernels(x: Tensor):
-    """The C++ time loops (``fused.py``) for a CPU float32/float64 x, else None (then the
-    reference runs)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
-        return None
-    if not fused.enabled():
-        fused.warn_disabled()
-    return fused.kernels()
+DTYPES = (torch.float32, torch.float64)  # what the C++ loops are compiled for
+
+
+def runs(x: Tensor) -> bool:
+    """Whether the C++ loops can run a layer with input x: a CPU float32/float64 tensor, the
+    loops built (the first call builds them) and compiled code not turned off."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and fused.loops() is not None
 
 
 def _contiguous(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -227,7 +226,7 @@ class RNNFunction(torch.autograd.Function):
         "Regularizers"), None when off; with zoneout the loop leaves h̃_t in xz for the backward."""
         T, B, I = x.shape
         H = weight_hh.shape[0]
-        kernels = fused.kernels()
+        loops = fused.loops()
         lens = _Lengths(lengths, T, x)
         tanh = nonlinearity == "tanh"
         hs = x.new_empty(T + 1, B, H)  # hs[0] = s_0, hs[t] = s_t
@@ -236,13 +235,13 @@ class RNNFunction(torch.autograd.Function):
         xz = _linear_pooled(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
         r, d_h = _contiguous(r, x), _contiguous(d_h, x)
         hin = _gemm_input(h0, r)
-        kernels.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh, r, d_h, hin)
+        loops.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh, r, d_h, hin)
         htil = xz if d_h is not None and save else None  # h̃_t of every step
         if htil is None:
             _POOL.release(xz)
         if save:
             ctx.save_for_backward(x2, hs, weight_ih, weight_hh)
-            ctx.tanh, ctx.lens, ctx.kernels, ctx.r, ctx.d_h, ctx.htil = tanh, lens, kernels, r, d_h, htil
+            ctx.tanh, ctx.lens, ctx.loops, ctx.r, ctx.d_h, ctx.htil = tanh, lens, loops, r, d_h, htil
             if htil is not None:
                 weakref.finalize(ctx, _POOL.release, htil)
         return lens.masked_output(hs), hs[T].clone()
@@ -257,7 +256,7 @@ class RNNFunction(torch.autograd.Function):
         dy = _POOL.empty((T + 1, B, H), hs)
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, H), hs)
-        ctx.kernels.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh, ctx.r, ctx.d_h,
+        ctx.loops.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh, ctx.r, ctx.d_h,
                                  ctx.htil)  # leaves δs_t in dy[t]
         ds = dy[0].clone()
         dz = dz.view(T * B, H)
@@ -291,7 +290,7 @@ class LSTMFunction(torch.autograd.Function):
                 d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None):
         """torch's gate order (i, f, g, o), one fused kernel per step. It keeps the activations
         i, f, g, o and tanh(c̃) of every step, from which the backward's kernel forms the factors."""
-        kernels = fused.kernels()
+        loops = fused.loops()
         T, B, I = x.shape
         H = weight_hh.shape[1]
         x2 = x.reshape(T * B, I)
@@ -301,12 +300,12 @@ class LSTMFunction(torch.autograd.Function):
         tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
         peep = None if weight_ci is None else torch.stack((weight_ci, weight_cf, weight_co))
         r, d_h, d_c = _contiguous(r, x), _contiguous(d_h, x), _contiguous(d_c, x)
-        kernels.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs, r, d_h, d_c,
+        loops.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs, r, d_h, d_c,
                              _gemm_input(h0, r))
         c_T, lens = cs[T].clone(), _Lengths(lengths, T, x)
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
-            ctx.lengths, ctx.lens, ctx.kernels = lengths, lens, kernels
+            ctx.lengths, ctx.lens, ctx.loops = lengths, lens, loops
             ctx.r, ctx.d_h, ctx.d_c = r, d_h, d_c
             weakref.finalize(ctx, _POOL.release, cs, tcs, acts)
         else:
@@ -323,7 +322,7 @@ class LSTMFunction(torch.autograd.Function):
         dy = _POOL.empty((T + 1, B, H), hs)
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, 4 * H), hs)  # δz_t, gates (i, f, g, o)
-        d_c0 = ctx.kernels.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh.contiguous(), peep,
+        d_c0 = ctx.loops.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh.contiguous(), peep,
                                          ctx.lengths, dz, ctx.r, ctx.d_h, ctx.d_c)
         d_h0 = dy[0].clone()  # the loop leaves δh_t in dy[t]
         h_prev = hs[:-1] if ctx.r is None else hs[:-1] * ctx.r  # what the GEMMs multiplied W_hh with

@@ -6,10 +6,12 @@ and all are checked against ``reference.py``. Around the
 kernels, the once-per-call work runs in cuBLAS, as on the CPU: the input projection before the
 loop; dX, dW_ih, dW_hh, the biases and the peephole gradients from dZ of all steps after it.
 
-``usable(x, B, H)`` says whether they run for a layer, else why not; ``bptt/__init__.py`` then
-runs the reference after one notice per reason. The reasons: not a CUDA tensor (silently: the
-CPU has its C++ loops), ``SEQMODELS_TRITON=0``, Triton missing, a GPU before compute capability
-8.0, float64, and a (B, 4H) step slice of 2³¹ elements or more (offsets inside a step are int32).
+Experimental: they run only under ``impl: triton`` and have not yet run on a GPU (docs/bptt.md,
+"Status"). ``why_not(x, B, G)`` says why they cannot run a layer, or None;
+``seqmodels.backends`` then says so in one line and runs the proven path. The reasons: not a
+CUDA tensor, compiled code turned off (``SEQMODELS_COMPILED=0``), Triton missing, a GPU before
+compute capability 8.0, float64, and a (B, G) step slice of 2³¹ elements or more (offsets inside
+a step are int32).
 
 The kernels also run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before the first import of ``kernels.py``): that is how the CPU-only test suite checks them.
@@ -30,17 +32,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from seqmodels import fused
 from seqmodels.bptt.fast import _contiguous, _Lengths, _lstm_grads
 
 # Offsets within one step's (B, G) slice are int32 in the kernels.
 MAX_STEP_ELEMENTS = 2**31 - 1
 # Polls of the grid barrier before a persistent launch gives up (~0.1 s; then: one launch per step).
 SPIN = 1 << 17
-
-
-def enabled() -> bool:
-    """False when the environment says ``SEQMODELS_TRITON=0``."""
-    return os.environ.get("SEQMODELS_TRITON", "1") != "0"
 
 
 def interpreted() -> bool:
@@ -56,27 +54,30 @@ def _triton_missing() -> Optional[str]:
     return None
 
 
-def kernels():
-    from seqmodels.bptt import kernels as module  # imports triton; jit decisions read TRITON_INTERPRET
+def triton_kernels():
+    """The module of Triton kernels (imported on first use: it imports triton, and its jit
+    decisions read TRITON_INTERPRET)."""
+    from seqmodels.bptt import kernels as module
 
     return module
 
 
-def usable(x: Tensor, batch: int, gates: int) -> Optional[str]:
-    """None when the Triton kernels run a layer with input x and (batch, gates) steps, else the
-    reason they do not ("" for a tensor not on a GPU, which needs no notice)."""
-    if x.device.type != "cuda":
-        return ""
-    return why_not(torch.cuda.get_device_capability(x.device), x.dtype, batch, gates)
-
-
-def why_not(capability: tuple[int, int], dtype: torch.dtype, batch: int, gates: int) -> Optional[str]:
-    """``usable`` for a CUDA device of this compute capability."""
-    if not enabled():
-        return "SEQMODELS_TRITON=0"
+def why_not(x: Tensor, batch: int, gates: int) -> Optional[str]:
+    """None when the Triton kernels can run a layer with input x and (batch, gates) steps, else
+    the reason in a few words. CPU tensors run only in Triton's interpreter (the tests)."""
+    if x.device.type != "cuda" and not interpreted():
+        return f"the tensors are on {x.device.type}, not a CUDA GPU"
+    if not fused.compiled_code_enabled():
+        return "SEQMODELS_COMPILED=0 turns compiled code off"
     missing = _triton_missing()
     if missing:
         return missing
+    capability = torch.cuda.get_device_capability(x.device) if x.device.type == "cuda" else (9, 0)
+    return why_not_on(capability, x.dtype, batch, gates)
+
+
+def why_not_on(capability: tuple[int, int], dtype: torch.dtype, batch: int, gates: int) -> Optional[str]:
+    """``why_not`` for a CUDA device of this compute capability."""
     if capability < (8, 0):
         return f"the GPU has compute capability {capability[0]}.{capability[1]}; the kernels need 8.0 or newer"
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -85,13 +86,6 @@ def why_not(capability: tuple[int, int], dtype: torch.dtype, batch: int, gates: 
         return (f"a step of batch {batch} x {gates} gate units is over the kernels' limit of "
                 f"{MAX_STEP_ELEMENTS} elements; use a smaller batch")
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def notice(reason: str) -> None:
-    """Once per reason: the layer runs the plain-torch reference loop instead."""
-    warnings.warn(f"seqmodels: impl bptt on the GPU runs its reference loop (correct, slower): {reason}",
-                  stacklevel=4)
 
 
 @dataclass(frozen=True)
@@ -277,7 +271,7 @@ class RNNTriton(torch.autograd.Function):
             state["hs"][0] = h0
             return (state["xz"], state["hs"], w_t, _dummy(x, r), _dummy(x, d_h), _dummy(x, lens))
 
-        _run(kernels().rnn_forward, B, H, T, x, make_args, flags)
+        _run(triton_kernels().rnn_forward, B, H, T, x, make_args, flags)
         hs, acts = state["hs"], state["xz"]
         if save:
             ctx.save_for_backward(x2, hs, acts, weight_ih, weight_hh)
@@ -302,7 +296,7 @@ class RNNTriton(torch.autograd.Function):
             return (acts, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, r), _dummy(dy, ctx.d_h),
                     _dummy(dy, ctx.lens))
 
-        _run(kernels().rnn_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
+        _run(triton_kernels().rnn_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
         dz = acts  # now δz_t of every step
         back = dz[0] @ weight_hh
         d_h0 = state["carry"] + (back if r is None else r * back)
@@ -373,7 +367,7 @@ class LSTMTriton(torch.autograd.Function):
             return (state["xz"], state["hs"], state["cs"], w_t, _dummy(x, r), _dummy(x, d_h), _dummy(x, d_c),
                     _dummy(x, lens), *(peep or (x, x, x)))
 
-        _run(kernels().lstm_forward, B, H, T, x, make_args, flags)
+        _run(triton_kernels().lstm_forward, B, H, T, x, make_args, flags)
         hs, cs, acts = state["hs"], state["cs"], state["xz"]
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, weight_ih, weight_hh)
@@ -403,7 +397,7 @@ class LSTMTriton(torch.autograd.Function):
             return (acts, cs, dy, weight_hh.contiguous(), state["h"], state["c"], _dummy(dy, r), _dummy(dy, ctx.d_h),
                     _dummy(dy, ctx.d_c), _dummy(dy, ctx.lens), *(peep or (dy, dy, dy)))
 
-        _run(kernels().lstm_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
+        _run(triton_kernels().lstm_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
         dz = acts  # now δz_t of every step, gates (i, f, g, o)
         back = dz[0] @ weight_hh
         d_h0 = state["h"] + (back if r is None else r * back)
@@ -450,7 +444,7 @@ class GRUTriton(torch.autograd.Function):
             return (state["xz"], state["hs"], state["b_n"], w_t, bias_hh.contiguous(), _dummy(x, r), _dummy(x, d_h),
                     _dummy(x, lens))
 
-        _run(kernels().gru_forward, B, H, T, x, make_args, flags)
+        _run(triton_kernels().gru_forward, B, H, T, x, make_args, flags)
         hs, acts, b_n = state["hs"], state["xz"], state["b_n"]
         if save:
             ctx.save_for_backward(x2, hs, acts, b_n, weight_ih, weight_hh, bias_ih, bias_hh)
@@ -477,7 +471,7 @@ class GRUTriton(torch.autograd.Function):
             return (acts, b_n, hs, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, r), _dummy(dy, ctx.d_h),
                     _dummy(dy, ctx.lens))
 
-        _run(kernels().gru_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
+        _run(triton_kernels().gru_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
         d_b = acts  # now δb_t of every step; b_n holds δa^n
         back = d_b[0] @ weight_hh
         d_h0 = state["carry"] + (back if r is None else r * back)

@@ -11,15 +11,15 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 
-from seqmodels.cells import CELLS
+from seqmodels.backends import IMPLS
 from seqmodels.errors import ConfigError
-from seqmodels.recurrent import IMPLS, RecurrentStack
+from seqmodels.recurrent import RecurrentStack
+from seqmodels.registry import CELLS
 
 RECURRENT_INITS = ("default", "identity", "orthogonal")
 # the allowed values come from the registry and the stack, so `--help` lists them and a new cell
 # needs no edit here
 CellName = Literal[tuple(CELLS)]
-Impl = Literal[IMPLS]
 
 
 @torch.no_grad()
@@ -42,10 +42,11 @@ class Network:
         hidden_size, num_layers: the stack's size.
         dropout: between stacked layers, in [0, 1) (the text model also applies it to its
             embedding and before its read-out).
-        impl: how the recurrence is computed (``seqmodels.recurrent``); ``auto`` picks.
-        autotune: with ``impl: auto``, time native and bptt on the first training step of
-            each new shape and keep the faster (``seqmodels.autotune``, cached on disk);
-            false: the registry's static rule.
+        impl: how the recurrence is computed (``seqmodels.backends``): auto, torch, cpp, reference, autograd, triton
+            (``triton``: experimental); ``auto`` picks the fastest proven one.
+        autotune: with ``impl: auto``, time the candidates on the first call at each new
+            shape and keep the fastest (``seqmodels.autotune``, cached on disk); false: the
+            first candidate.
         nonlinearity: the vanilla RNN's.
         forget_bias: the LSTM's initial forget-gate bias.
         peephole: LSTM with peephole connections.
@@ -60,7 +61,7 @@ class Network:
     hidden_size: int = 64
     num_layers: int = 1
     dropout: float = 0.0
-    impl: Impl = "auto"
+    impl: str = "auto"
     autotune: bool = True
     nonlinearity: Literal["tanh", "relu"] = "tanh"
     forget_bias: float = 1.0
@@ -90,7 +91,7 @@ class SequenceModel(LightningModule):
         if isinstance(network, dict):  # as a checkpoint's hyperparameters hold it
             network = Network(**network)
         self.network = network
-        self._logged_decisions: set[str] = set()
+        self._logged_backends: set[str] = set()
         options = asdict(network)
         init, gain = options.pop("recurrent_init"), options.pop("recurrent_gain")
         try:
@@ -110,15 +111,15 @@ class SequenceModel(LightningModule):
             self.hparams["network"] = asdict(self.hparams["network"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        """``impl: auto``'s measured choice goes to the loggers (W&B: the run's config, beside
-        ``model.impl``) once it is made; the console has had its line from the stack."""
-        new = {k: d for k, d in self.stack.auto_decisions.items() if k not in self._logged_decisions}
+        """The backend each new call of the stack ran on (``seqmodels.backends``) goes to the
+        loggers once (W&B: the run's config, beside ``model.network.impl``); the console has
+        had its line from the stack."""
+        new = {k: c for k, c in self.stack.backends.items() if k not in self._logged_backends}
         if new and self.trainer is not None:
-            key, decision = list(new.items())[-1]
+            key, choice = list(new.items())[-1]
             for logger in self.loggers:
-                logger.log_hyperparams({"model.impl_chosen": decision.impl,
-                                        "model.impl_chosen_why": f"{key}: {decision.why()}"})
-            self._logged_decisions.update(new)
+                logger.log_hyperparams({"model.backend": choice.backend, "model.backend_why": f"{key}: {choice.why()}"})
+            self._logged_backends.update(new)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
