@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from seqmodels import RecurrentStack
-from seqmodels.cells import CELLS
+from seqmodels.registry import CELLS
 from seqmodels.errors import ConfigError
-from seqmodels.recurrent import resolve_impl
+from seqmodels import backends
+from tests.helpers.fake_cuda import FakeCuda
 
 ALL = dict(recurrent_dropout=0.3, zoneout_h=0.2, zoneout_c=0.4, weight_drop=0.5)
 
@@ -114,7 +115,8 @@ def test_regularizers_under_bptt_equal_autograd(cell, regs, dtype, training):
     name = cell.split("_")[0]
     torch.manual_seed(0)
     a = RecurrentStack(name, 3, 6, num_layers=2, impl="autograd", **options, **regs).to(dtype).train(training)
-    b = RecurrentStack(name, 3, 6, num_layers=2, impl="cpp", **options, **regs).to(dtype).train(training)
+    b = RecurrentStack(name, 3, 6, num_layers=2, impl="cpp" if "cpp" in CELLS[name].layers else "reference",
+                       **options, **regs).to(dtype).train(training)
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 5, 3, dtype=dtype)
     results = []
@@ -162,17 +164,18 @@ def test_gradcheck_of_the_reference_backward_with_recurrent_dropout_and_zoneout(
         assert torch.autograd.gradcheck(fn, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, *[p for p in peep if p is not None]))
 
 
-def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
-    lstm, gru = CELLS["lstm"], CELLS["gru"]
-    cell = RecurrentStack("lstm", 2, 4).layers[0].cell
-    assert resolve_impl("auto", lstm, cell, "cpu", True, 64, 256, regularizers=("weight_drop",)) == "bptt"
-    assert resolve_impl("auto", lstm, cell, "cpu", False, 2, 4, regularizers=("weight_drop",)) == "bptt"
-    assert resolve_impl("auto", lstm, cell, "cuda", True, 64, 256, regularizers=("zoneout_h",)) == "bptt"
-    gru_cell = RecurrentStack("gru", 2, 4).layers[0].cell
-    assert resolve_impl("auto", gru, gru_cell, "cpu", True, 64, 256, regularizers=("recurrent_dropout",)) == "autograd"
+def test_auto_never_picks_torch_with_a_regularizer(monkeypatch):
+    cpu, cuda = torch.zeros(2, 3, 2), FakeCuda(2, 3, 2)
+    for name in CELLS:
+        cell = RecurrentStack(name, 2, 4).layers[0].cell
+        for x in (cpu, cuda):
+            assert "torch" not in backends.candidates(CELLS[name], cell, x, ("weight_drop",))
+    assert backends.candidates(CELLS["lstm"], RecurrentStack("lstm", 2, 4).layers[0].cell, cpu, ("zoneout_h",)) == ["cpp"]
+    assert backends.candidates(CELLS["gru"], RecurrentStack("gru", 2, 4).layers[0].cell, cpu,
+                               ("recurrent_dropout",)) == ["reference", "autograd"]
     for regs in (dict(weight_drop=0.3), dict(zoneout_h=0.1), dict(recurrent_dropout=0.2, zoneout_c=0.1)):
         stack = RecurrentStack("lstm", 2, 64, **regs)
-        monkeypatch.setattr(stack, "_forward_native", lambda *a: pytest.fail("native ran"))
+        monkeypatch.setattr(stack, "_forward_native", lambda *a: pytest.fail("torch's op ran"))
         stack(torch.randn(16, 3, 2))[0].sum().backward()
         with torch.no_grad():
             stack.eval()(torch.randn(16, 3, 2))
@@ -183,9 +186,11 @@ def test_auto_never_picks_native_with_a_regularizer(monkeypatch):
     (dict(cell="rnn", recurrent_dropout=-0.1), "recurrent_dropout must be in [0, 1)"),
     (dict(cell="gru", zoneout_c=0.2), "zoneout_c: 0.2 does not apply to cell: gru, which has no cell state c"),
     (dict(cell="lstm", impl="torch", recurrent_dropout=0.2),
-     "impl: torch cannot apply recurrent_dropout (torch's fused kernels have no such option); use impl: auto, autograd, bptt"),
-    (dict(cell="gru", impl="torch", zoneout_h=0.2), "(torch's fused kernels have no such option); use impl: auto, autograd, bptt$"),
-    (dict(cell="lstm", impl="torch", weight_drop=0.2), "use impl: auto, autograd, bptt"),
+     "impl: torch cannot apply recurrent_dropout (torch's fused ops have no such option); use impl: auto, autograd, "
+     "cpp, reference, triton"),
+    (dict(cell="gru", impl="torch", zoneout_h=0.2), "(torch's fused ops have no such option); use impl: auto, autograd, "
+     "reference, triton$"),
+    (dict(cell="lstm", impl="native", weight_drop=0.2), "impl: torch cannot apply weight_drop"),
 ])
 def test_bad_regularizers_are_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError) as excinfo:
