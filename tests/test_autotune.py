@@ -17,8 +17,9 @@ from seqmodels import RecurrentStack, autotune
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
     """Each test: its own cache file, nothing decided yet in this process."""
-    path = tmp_path / "autotune.json"
-    monkeypatch.setenv("SEQMODELS_AUTOTUNE_CACHE", str(path))
+    path = tmp_path / "seqmodels" / "autotune.json"
+    path.parent.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     autotune.reset()
     yield path
     autotune.reset()
@@ -32,55 +33,57 @@ def fake_run(seconds: dict[str, float], clock: list[float], calls: list[str]):
 
 
 # ---- selection and the time budget, with injected timings ------------------------------------
-def test_the_fastest_wins_unless_the_static_choice_is_within_the_margin():
-    assert autotune.select({"native": 1.0, "bptt": 0.8}, static="native") == "bptt"
-    assert autotune.select({"native": 1.0, "bptt": 0.8}, static="bptt") == "bptt"
-    assert autotune.select({"native": 0.99, "bptt": 1.0}, static="bptt") == "bptt"  # 1% apart: noise
-    assert autotune.select({"native": 0.90, "bptt": 1.0}, static="bptt") == "native"
-    assert autotune.select({"native": 0.5, "bptt": 1.0}, static="autograd") == "native"
+def test_the_fastest_wins_unless_the_first_candidate_is_within_the_margin():
+    assert autotune.select({"torch": 1.0, "cpp": 0.8}, first="torch") == "cpp"
+    assert autotune.select({"torch": 1.0, "cpp": 0.8}, first="cpp") == "cpp"
+    assert autotune.select({"torch": 0.99, "cpp": 1.0}, first="cpp") == "cpp"  # 1% apart: noise
+    assert autotune.select({"torch": 0.90, "cpp": 1.0}, first="cpp") == "torch"
+    assert autotune.select({"torch": 0.5, "cpp": 1.0}, first="autograd") == "torch"
 
 
 def test_measure_warms_up_alternates_and_takes_the_median():
     clock, calls = [0.0], []
-    times = autotune.measure(["native", "bptt"], fake_run({"native": 0.2, "bptt": 0.1}, clock, calls),
+    times = autotune.measure(["torch", "cpp"], fake_run({"torch": 0.2, "cpp": 0.1}, clock, calls),
                              clock=lambda: clock[0], rounds=3, max_seconds=100)
-    assert calls == ["native", "bptt", "native", "bptt", "bptt", "native", "native", "bptt"]
-    assert times == pytest.approx({"native": 0.2, "bptt": 0.1})
+    assert calls == ["torch", "cpp", "torch", "cpp", "cpp", "torch", "torch", "cpp"]
+    assert times == pytest.approx({"torch": 0.2, "cpp": 0.1})
 
 
 def test_measure_stops_when_its_time_is_spent():
     clock, calls = [0.0], []
-    autotune.measure(["native", "bptt"], fake_run({"native": 2.0, "bptt": 1.0}, clock, calls),
+    autotune.measure(["torch", "cpp"], fake_run({"torch": 2.0, "cpp": 1.0}, clock, calls),
                      clock=lambda: clock[0], rounds=5, max_seconds=2.5)
     assert len(calls) == 2 + 2  # the untimed pass each, then one round: 3 s > 2.5 s
 
 
 # ---- the key and the cache file ----------------------------------------------------------------
 def test_the_key_names_machine_torch_cell_and_bucketed_shape():
-    key = autotune.make_key(torch.device("cpu"), "lstm", 2, 48, 100, 64, 256, torch.float32)
+    key = autotune.make_key(torch.device("cpu"), "lstm", True, 2, 48, 100, 64, 256, torch.float32)
     fields = key.split("|")
     assert fields[0] == f"cpu-{torch.backends.cpu.get_cpu_capability().lower()}"
-    assert fields[1:] == [f"torch{torch.__version__}", f"threads{torch.get_num_threads()}", "lstm", "L2",
+    assert fields[1:] == [f"torch{torch.__version__}", f"threads{torch.get_num_threads()}", "lstm", "train", "L2",
                           "B64", "T128", "I64", "H256", "float32"]
     assert [autotune.bucket(n) for n in (1, 2, 3, 64, 65)] == [1, 2, 4, 64, 128]
-    assert autotune.make_key(torch.device("cpu"), "lstm", 2, 33, 65, 64, 256, torch.float32) == key
-    assert autotune.make_key(torch.device("cpu"), "lstm", 2, 48, 100, 64, 256, torch.float64) != key
+    assert autotune.make_key(torch.device("cpu"), "lstm", True, 2, 33, 65, 64, 256, torch.float32) == key
+    assert autotune.make_key(torch.device("cpu"), "lstm", True, 2, 48, 100, 64, 256, torch.float64) != key
+    assert autotune.make_key(torch.device("cpu"), "lstm", False, 2, 48, 100, 64, 256, torch.float32) != key
+    assert autotune.describe(key) == f"train B≤64 T≤128 on {fields[0]}"
 
 
-def decide(key="k|x|y|lstm|L1|B1|T1|I1|H1|float32", seconds=None, static="native"):
+def decide(key="k|x|y|lstm|train|L1|B1|T1|I1|H1|float32", seconds=None, static="torch"):
     clock, calls = [0.0], []
-    run = fake_run(seconds or {"native": 1.0, "bptt": 0.5}, clock, calls)
-    return autotune.choose(key, ["native", "bptt"], static, run, clock=lambda: clock[0]), calls
+    run = fake_run(seconds or {"torch": 1.0, "cpp": 0.5}, clock, calls)
+    return autotune.choose(key, ["torch", "cpp"], static, run, clock=lambda: clock[0]), calls
 
 
 def test_a_decision_is_cached_on_disk_and_not_measured_again(fresh_cache):
     decision, calls = decide()
-    assert decision.impl == "bptt" and decision.source == "measured" and calls
+    assert decision.impl == "cpp" and decision.source == "measured" and calls
     saved = json.loads(fresh_cache.read_text())
-    assert saved["torch"] == torch.__version__ and saved["entries"][next(iter(saved["entries"]))]["impl"] == "bptt"
+    assert saved["torch"] == torch.__version__ and saved["entries"][next(iter(saved["entries"]))]["impl"] == "cpp"
     autotune.reset()  # a new process
-    again, calls = decide(seconds={"native": 0.1, "bptt": 9.0})
-    assert (again.impl, again.source, calls) == ("bptt", "cache", [])
+    again, calls = decide(seconds={"torch": 0.1, "cpp": 9.0})
+    assert (again.impl, again.source, calls) == ("cpp", "cached", [])
 
 
 @pytest.mark.parametrize("content", ["{not json", '["a list"]', '{"version": 1}'])
@@ -98,27 +101,27 @@ def test_an_unreadable_cache_warns_then_measures_again(fresh_cache):
         decision, calls = decide()
     messages = [str(w.message) for w in record]
     assert any("cannot read the autotune cache" in m for m in messages), messages
-    assert decision.impl == "bptt" and calls
+    assert decision.impl == "cpp" and calls
 
 
 def test_a_cache_of_another_torch_version_warns_then_measures_again(fresh_cache):
     fresh_cache.write_text(json.dumps({"version": autotune.CACHE_VERSION, "torch": "1.0.0", "entries": {
-        "k|x|y|lstm|L1|B1|T1|I1|H1|float32": {"impl": "native", "seconds": {}}}}))
+        "k|x|y|lstm|train|L1|B1|T1|I1|H1|float32": {"impl": "torch", "seconds": {}}}}))
     with pytest.warns(UserWarning, match="written by torch 1.0.0"):
         decision, calls = decide()
-    assert (decision.impl, decision.source) == ("bptt", "measured") and calls
+    assert (decision.impl, decision.source) == ("cpp", "measured") and calls
 
 
 def test_an_unwritable_cache_folder_warns_once_and_keeps_the_decision_in_memory(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("")
-    monkeypatch.setenv("SEQMODELS_AUTOTUNE_CACHE", str(tmp_path / "a_file" / "autotune.json"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))
     autotune.reset()
     with pytest.warns(UserWarning, match="cannot write the autotune cache .*in memory only"):
         first, _ = decide()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        second, calls = decide(key="k|x|y|lstm|L1|B2|T1|I1|H1|float32")  # a second key: no second warning
-    assert first.impl == second.impl == "bptt" and calls
+        second, calls = decide(key="k|x|y|lstm|train|L1|B2|T1|I1|H1|float32")  # a second key: no second warning
+    assert first.impl == second.impl == "cpp" and calls
     assert decide()[0] is first  # remembered for this process
 
 
@@ -126,7 +129,7 @@ def test_an_unwritable_cache_folder_warns_once_and_keeps_the_decision_in_memory(
 def twins(**kwargs):
     torch.manual_seed(0)
     a = RecurrentStack("lstm", 8, 16, num_layers=2, dropout=0.3, **kwargs)
-    b = RecurrentStack("lstm", 8, 16, num_layers=2, dropout=0.3, impl="native", autotune=False)
+    b = RecurrentStack("lstm", 8, 16, num_layers=2, dropout=0.3, impl="torch", autotune=False)
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -143,9 +146,9 @@ def test_measuring_leaves_no_trace(fresh_cache, capsys):
         out, (h, c) = stack(x)
         assert all(p.grad is None for p in stack.parameters()), "measuring accumulates no gradient"
         if stack is a:
-            chosen = next(iter(a.auto_decisions.values())).impl
-            b.impl = chosen
-            assert chosen in ("native", "bptt")
+            chosen = next(iter(a.backends.values()))
+            assert chosen.source == "measured" and chosen.backend in ("torch", "cpp")
+            b.impl = chosen.backend
         (out.sum() + h.sum()).backward()
         opt.step()
         results.append((out, [p.grad for p in stack.parameters()], [p.detach().clone() for p in stack.parameters()],
@@ -159,34 +162,53 @@ def test_measuring_leaves_no_trace(fresh_cache, capsys):
     for sa, sb in zip(state_a.values(), state_b.values()):
         torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], rtol=0, atol=0)
     assert torch.equal(rng_a, rng_b), "the dropout stream is where it would be without measuring"
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("impl auto:")]
-    assert len(lines) == 1 and "measured" in lines[0] and "per forward+backward" in lines[0]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "impl: auto" in line]
+    assert len(lines) == 1 and "measured" in lines[0] and "per pass" in lines[0], lines
     a(x)[0].sum().backward()
-    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("impl auto:")]
+    assert not [line for line in capsys.readouterr().err.splitlines() if "impl: auto" in line]
 
 
-def test_measuring_happens_only_for_training_with_two_candidates_and_the_option_on(fresh_cache):
+def test_measuring_happens_only_with_two_candidates_and_the_option_on(fresh_cache):
     x = torch.randn(2, 5, 8)
     off = RecurrentStack("lstm", 8, 16, autotune=False)
     off(x)[0].sum().backward()
-    with torch.no_grad():
-        inference = RecurrentStack("lstm", 8, 16)
-        inference(x)
-    peephole = RecurrentStack("lstm", 8, 16, peephole=True)  # no native op: bptt, nothing to compare
+    peephole = RecurrentStack("lstm", 8, 16, peephole=True)  # no torch op: cpp alone
     peephole(x)[0].sum().backward()
-    gru = RecurrentStack("gru", 8, 16)  # its hand-written BPTT has no CPU fast path: native
+    gru = RecurrentStack("gru", 8, 16)  # no C++ loops: torch's op alone
     gru(x)[0].sum().backward()
-    fixed = RecurrentStack("lstm", 8, 16, impl="native")
+    fixed = RecurrentStack("lstm", 8, 16, impl="torch")
     fixed(x)[0].sum().backward()
-    assert not any(s.auto_decisions for s in (off, inference, peephole, gru, fixed))
+    assert [next(iter(s.backends.values())).source for s in (off, peephole, gru, fixed)] == ["rule"] * 3 + ["asked"]
+    assert [next(iter(s.backends.values())).backend for s in (off, peephole, gru)] == ["torch", "cpp", "torch"]
     assert not fresh_cache.exists()
     on = RecurrentStack("rnn", 8, 16)
     on(x)[0].sum().backward()
-    assert len(on.auto_decisions) == 1 and fresh_cache.exists()
+    with torch.no_grad():
+        on(x)  # inference is measured too, under its own key
+    assert [c.source for c in on.backends.values()] == ["measured", "measured"] and fresh_cache.exists()
+    assert sorted(k.split("|")[4] for k in on.backends) == ["infer", "train"]
+
+
+def test_a_candidate_that_fails_while_measured_is_dropped_with_one_line(fresh_cache, monkeypatch, capsys):
+    from seqmodels.registry import CELLS
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("illegal memory access\nsecond line")
+
+    monkeypatch.setitem(CELLS["lstm"].layers, "cpp", broken)
+    stack = RecurrentStack("lstm", 8, 16)
+    out, _ = stack(torch.randn(2, 5, 8))  # the run goes on, on the candidate left
+    out.sum().backward()
+    assert next(iter(stack.backends.values())).backend == "torch"
+    dropped = [line for line in capsys.readouterr().err.splitlines() if "dropped" in line]
+    assert dropped == ["impl auto: dropped cpp while measuring (RuntimeError: illegal memory access)"]
+    monkeypatch.setitem(CELLS["lstm"].layers, "cpp", broken)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # every candidate fails: the first error
+        autotune.measure(["cpp"], lambda impl: broken())
 
 
 def test_the_choice_reaches_the_loggers(tmp_path):
-    """A fit with impl auto logs model.impl_chosen beside the config (CSVLogger's hparams.yaml)."""
+    """A fit logs model.backend beside the config (CSVLogger's hparams.yaml)."""
     import yaml
     from lightning.pytorch import Trainer
     from lightning.pytorch.loggers import CSVLogger
@@ -201,19 +223,22 @@ def test_the_choice_reaches_the_loggers(tmp_path):
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(model, data)
     logged = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
-    assert logged["model.impl_chosen"] in ("native", "bptt")
-    assert "per forward+backward" in logged["model.impl_chosen_why"]
+    assert logged["model.backend"] in ("torch", "cpp")
+    assert "per pass" in logged["model.backend_why"] or "cached" in logged["model.backend_why"]
 
 
-def test_fused_loops_turned_off_warn_once_with_impl_bptt(monkeypatch):
-    from seqmodels import fused
+def test_compiled_code_turned_off_runs_the_reference_after_one_line(monkeypatch):
+    from seqmodels import backends, fused
 
-    monkeypatch.setenv("SEQMODELS_FUSED", "0")
-    fused.warn_disabled.cache_clear()
-    stack = RecurrentStack("lstm", 4, 8, impl="bptt")
-    with pytest.warns(UserWarning, match="SEQMODELS_FUSED=0, so impl bptt runs its plain-torch reference"):
+    monkeypatch.setenv("SEQMODELS_COMPILED", "0")
+    backends._notice.cache_clear()
+    stack = RecurrentStack("lstm", 4, 8, impl="cpp")
+    with pytest.warns(UserWarning, match=r"impl: cpp cannot run here \(SEQMODELS_COMPILED=0 turns compiled code off\); "
+                                         r"running reference"):
         stack(torch.randn(2, 3, 4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stack(torch.randn(2, 3, 4))
-    fused.warn_disabled.cache_clear()
+    assert fused.loops() is None and next(iter(stack.backends.values())).backend == "reference"
+    assert RecurrentStack("lstm", 4, 8)(torch.randn(2, 3, 4)) is not None  # auto: torch's op, no C++ candidate
+    backends._notice.cache_clear()
