@@ -1,5 +1,5 @@
 """The command line: LightningCLI with W&B that never prompts, the config logged once,
-and one-line errors for impossible settings.
+and one-line errors for impossible settings, the project's own and the frameworks' (``main``).
 
     python cli.py fit --config configs/sums_lstm.yaml
     python cli.py test --config configs/sums_lstm.yaml --ckpt_path <ckpt>
@@ -17,11 +17,11 @@ import warnings
 from pathlib import Path
 
 import yaml
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from seqmodels import compat
-from seqmodels.errors import ConfigError, find_user_error
+from seqmodels.errors import ConfigError, find_framework_error, find_user_error
 from seqmodels.runs import run_dir
 from seqmodels.sampling import sample
 from seqmodels.schedules import WarmupCosineLR, size_to_trainer
@@ -114,17 +114,75 @@ class LoggedConfigCallback(SaveConfigCallback):
     ``optimizer.lr``: ``tracking.flat_config``), and writes it into the run's directory.
 
     Nothing goes to ``trainer.log_dir`` (for W&B a fixed folder shared by every run), so a
-    second run in the same folder never finds a config file in its way.
+    second run in the same folder never finds a config file in its way. In a folder that has a
+    config already (a resumed run), the new one replaces it, and is logged, only once the run is
+    built (its first batch, see ``BuildBoundary``): a resume that stops with an error keeps the
+    run's config as it was.
     """
+
+    _pending: tuple[Trainer, str] | None = None
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
+        if os.path.exists(os.path.join(run_dir(trainer), CONFIG_FILENAME)):
+            self._pending = (trainer, text)
+            return
+        self._write(trainer, text)
+
+    @staticmethod
+    def _write(trainer: Trainer, text: str) -> None:
         directory = run_dir(trainer)
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, CONFIG_FILENAME), "w") as f:
             f.write(text)
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_config(yaml.safe_load(text)))
+
+    def _built(self, trainer: Trainer, *args) -> None:
+        if self._pending is not None and not trainer.sanity_checking:
+            self._write(*self._pending)
+            self._pending = None
+
+    on_train_batch_start = on_validation_batch_start = on_test_batch_start = on_predict_batch_start = _built
+
+
+class BuildBoundary(Callback):
+    """Where building a run ends and running it begins, for ``main``'s one-line errors.
+
+    The build is everything before the model's first batch of real work: parsing the config,
+    instantiating the data, model, optimizer, scheduler, callbacks, loggers and Trainer, then,
+    inside ``trainer.fit`` (or validate/test/predict), the data's and the model's ``setup``,
+    ``configure_model``, ``configure_optimizers`` (the optimizer and scheduler as Lightning
+    wraps them, and ``WarmupCosineLR`` sized to the run), restoring a checkpoint, and Lightning's
+    loop set-up (dataloaders, ``val_check_interval`` against the epoch). It ends at the first
+    training batch (``fit``), the first batch of the evaluation loop (``validate``, ``test``,
+    ``predict``), or when ``sample`` starts generating: from then on every error keeps its
+    traceback. The sanity check's validation pass runs the model before the first training
+    batch; from its first batch to its end it counts as running, not building, so a crash in
+    ``validation_step`` or in an epoch-end hook keeps its traceback too.
+    """
+
+    def __init__(self) -> None:
+        self.built = False
+        self.sanity_checking = False
+
+    @property
+    def building(self) -> bool:
+        return not self.built and not self.sanity_checking
+
+    def end(self, *args) -> None:
+        self.built = True
+
+    on_train_batch_start = on_test_batch_start = on_predict_batch_start = end
+
+    def on_validation_batch_start(self, trainer: Trainer, *args) -> None:
+        if trainer.sanity_checking:
+            self.sanity_checking = True
+        else:
+            self.built = True
+
+    def on_sanity_check_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.sanity_checking = False
 
 
 class SeqTrainer(Trainer):
@@ -164,6 +222,9 @@ class SeqTrainer(Trainer):
         if top_k < 0:
             raise ConfigError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
         load_weights(model, ckpt_path)
+        for callback in self.callbacks:
+            if isinstance(callback, BuildBoundary):
+                callback.end()
         result = sample(model, datamodule, prime=prime, prime_frames=prime_frames, length=length,
                         temperature=temperature, top_k=top_k, seed=seed,
                         output=output or os.path.dirname(os.path.abspath(ckpt_path)))
@@ -238,7 +299,8 @@ def with_base_config(parser_kwargs: dict) -> dict:
 class SeqCLI(compat.ConfigFirstCLI, LightningCLI):
     """LightningCLI over every SequenceModel and LightningDataModule, by ``class_path``."""
 
-    def __init__(self, args: list[str] | None = None, **kwargs) -> None:
+    def __init__(self, args: list[str] | None = None, build: BuildBoundary | None = None, **kwargs) -> None:
+        self.build = build or BuildBoundary()
         kwargs["parser_kwargs"] = with_base_config(kwargs.get("parser_kwargs", {}))
         kwargs.setdefault("save_config_callback", LoggedConfigCallback)
         kwargs.setdefault("save_config_kwargs", {"save_to_log_dir": False})
@@ -281,6 +343,13 @@ class SeqCLI(compat.ConfigFirstCLI, LightningCLI):
                               compute_fn=lambda data: getattr(data, "vocab", None))
         parser.link_arguments("data", "model.init_args.input_size", apply_on="instantiate",
                               compute_fn=lambda data: getattr(data, "input_size", None))
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """Lightning's, plus the ``BuildBoundary`` as the first callback (so that it sees each
+        batch start before any other callback's hook runs)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.insert(0, self.build)
+        return trainer
 
     def _check_before_run(self) -> None:
         """Before fit/validate/test/predict: the checkpoint fits and the output is writable."""
@@ -337,19 +406,106 @@ def condense_parser_error(message: str) -> str:
     return text
 
 
-def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
-    """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``). A UserError
-    (ConfigError, TrainingDiverged) anywhere, or a config the parser rejects (an unknown
-    key, a wrong type, a missing file), becomes one line on stderr and exit code 2."""
-    kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+def _roles() -> tuple[tuple[type, str], ...]:
+    """The config section that builds each kind of object, most specific first."""
+    from lightning.pytorch.loggers import Logger
+    from torch.optim import Optimizer
+    from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+
+    return ((Optimizer, "optimizer"), (LRScheduler, "lr_scheduler"), (ReduceLROnPlateau, "lr_scheduler"),
+            (Logger, "trainer.logger"), (Callback, "trainer.callbacks"), (LightningDataModule, "data"),
+            (LightningModule, "model"), (Trainer, "trainer"))
+
+
+def _public_path(cls: type) -> str:
+    """``torch.optim.Adam`` rather than ``torch.optim.adam.Adam``: the shortest module path,
+    among those already imported, that exports the class."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{module.__name__}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _named_option(cls: type, message: str) -> str | None:
+    """The argument of ``cls.__init__`` that ``message`` names first, if it names one."""
+    import inspect
+
     try:
-        return SeqCLI(args=args, trainer_class=SeqTrainer, **kwargs)
+        params = [p.name for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    found = [(match.start(), p) for p in params
+             if (match := re.search(rf"(?<![\w.]){re.escape(p)}(?!\w)", message))]
+    return min(found)[1] if found else None
+
+
+def describe_framework_error(error: BaseException) -> str:
+    """A framework's error as one line: the config section whose object raised it (the
+    innermost frame of its traceback whose ``self`` is an optimizer, scheduler, logger, callback,
+    data module, model or Trainer), with the first argument of that class the message names as
+    the option: ``trainer.max_epochs: `max_epochs` must be a non-negative integer or -1. You
+    passed in -5.``. Otherwise (and for the Trainer when no option is named, since every error
+    inside ``trainer.fit`` has a Trainer frame) the exception's class and the module that
+    raised it."""
+    frames, tb = [], error.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    raised_in = frames[-1].f_globals.get("__name__", "?") if frames else "?"
+    text = condense_parser_error(str(error)) if raised_in.startswith("jsonargparse") else str(error)
+    message = " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
+    if len(message) > 600:
+        message = message[:600] + " ..."
+    roles = _roles()
+    for frame in reversed(frames):
+        obj = frame.f_locals.get("self")
+        role = next((name for cls, name in roles if isinstance(obj, cls)), None)
+        if role is None:
+            continue
+        option = _named_option(type(obj), message)
+        if role == "trainer":  # every error inside trainer.fit has a Trainer frame: name an option or nothing
+            if option is None:
+                break
+            return f"trainer.{option}: {message}"
+        key = f"{role}.{option}" if option else role
+        path = _public_path(type(obj))
+        return f"{key}: {message} (in {path}; see `--{role}.help {path}`)"
+    return f"{type(error).__name__}: {message} (raised in {raised_in})"
+
+
+def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
+    """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``). One line on
+    stderr and exit code 2, without a traceback, for:
+
+    * a UserError (ConfigError, TrainingDiverged) anywhere, at any time;
+    * a config the parser rejects (an unknown key, a wrong type, a missing file);
+    * any error a framework (Lightning, torch, torchmetrics, jsonargparse, ...: code outside
+      this project) raises while the run is being built (``BuildBoundary``: up to the first
+      batch): ``--trainer.max_epochs -5``, ``--optimizer.init_args.lr -1``, an unknown
+      accelerator, a scheduler Lightning cannot drive. ``describe_framework_error`` names the
+      config section (and option) it came from.
+
+    Everything else keeps its traceback: an error raised by this project's own code that is
+    not a UserError (a bug), and any error once the run is built (a crash inside a training
+    step). ``SEQMODELS_TRACEBACK=1`` shows the traceback of a framework's error too. Nothing
+    is deleted on the way out: a run folder or checkpoint written before the error stays."""
+    kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+    build = BuildBoundary()
+    try:
+        return SeqCLI(args=args, trainer_class=SeqTrainer, build=build, **kwargs)
     except argparse.ArgumentError as err:
         print(f"error: {condense_parser_error(str(err))}", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:
         user_error = find_user_error(err)
-        if user_error is None:
+        if user_error is not None:
+            print(f"error: {user_error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        framework_error = find_framework_error(err) if build.building else None
+        if framework_error is None or os.environ.get("SEQMODELS_TRACEBACK") == "1":
             raise
-        print(f"error: {user_error}", file=sys.stderr)
+        print(f"error: {describe_framework_error(framework_error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -3,6 +3,7 @@ exit code 2, nothing written, and no existing checkpoint altered."""
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,141 @@ def test_predict_writes_beside_the_checkpoint_and_refuses_another_tasks(trained,
     line = run_failing(["predict", "--config", TEXT, f"--data.init_args.path={corpus}", f"--ckpt_path={trained}",
                         f"--data.init_args.cache_dir={in_tmp_dir / 'cache'}"], capsys)
     assert "was written by another model or task" in line
+
+
+# ---- the frameworks' errors while the run is built: one line too -------------------------------
+CSV = ["--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"]
+EARLY_STOPPING = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                  "--trainer.callbacks.monitor=val/loss", "--trainer.callbacks.mode=foo"]
+# raised by Lightning, torch.optim or (through jsonargparse) a callback while the objects are made
+FRAMEWORK_ERRORS = {
+    ("--trainer.max_epochs=-5",):
+        "error: trainer.max_epochs: `max_epochs` must be a non-negative integer or -1. You passed in -5.",
+    ("--optimizer.init_args.lr=-1",):
+        "error: optimizer: Invalid learning rate: -1.0 (in torch.optim.Adam; see `--optimizer.help torch.optim.Adam`)",
+    ("--optimizer.init_args.weight_decay=-1",): "error: optimizer.weight_decay: Invalid weight_decay value: -1.0",
+    ("--trainer.accelerator=foo",):
+        "error: trainer.accelerator: You selected an invalid accelerator name: `accelerator='foo'`",
+    tuple(EARLY_STOPPING):
+        "error: trainer.callbacks.mode: `mode` can be min, max, got foo (in lightning.pytorch.callbacks.EarlyStopping",
+}
+# raised inside trainer.fit, by configure_optimizers or Lightning's loop set-up (after the run's
+# folder and config are written, before the first training batch)
+FIT_ERRORS = {
+    "--lr_scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau":
+        "error: MisconfigurationException: `configure_optimizers` must include a monitor when a `ReduceLROnPlateau`",
+    "--trainer.val_check_interval=1000": "error: trainer.val_check_interval: `val_check_interval` (1000) must be "
+                                         "less than or equal to the number of the training batches (1)",
+}
+
+
+def one_line_without_traceback(args, capsys, notes: tuple[str, ...] = ()) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(note in err for note in notes), err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("args", list(FRAMEWORK_ERRORS), ids=lambda args: args[-1])
+def test_framework_errors_while_building_are_one_line(args, in_tmp_dir, capsys):
+    line = one_line_without_traceback(["fit", "--config", SUMS, *TINY_SUMS, *args], capsys)
+    assert line.startswith(FRAMEWORK_ERRORS[args]), line
+    assert not list(in_tmp_dir.iterdir()), "nothing may be written before the error"
+
+
+@pytest.mark.parametrize("arg", list(FIT_ERRORS))
+def test_framework_errors_inside_fit_before_the_first_batch_are_one_line(arg, in_tmp_dir, capsys):
+    line = one_line_without_traceback(["fit", "--config", SUMS, *TINY_SUMS, *CSV, arg], capsys)
+    assert line.startswith(FIT_ERRORS[arg]), line
+    assert not list(in_tmp_dir.rglob("*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny sums run with the configs' own logger (W&B, offline): its ``runs`` folder."""
+    import os
+
+    import wandb
+
+    folder = tmp_path_factory.mktemp("trained_run")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        main(["fit", "--config", SUMS, *TINY_SUMS])
+    finally:
+        os.chdir(cwd)
+        wandb.finish()
+        wandb.teardown()
+    return folder / "runs"
+
+
+@pytest.mark.parametrize("arg", list(FIT_ERRORS))
+def test_a_resume_that_fails_while_building_keeps_the_run_as_it_was(arg, trained_run, in_tmp_dir, capsys):
+    """--ckpt_path last continues in the run's own folder: its checkpoints and config stay."""
+    import shutil
+
+    shutil.copytree(trained_run, in_tmp_dir / "runs", symlinks=True)
+    (run,) = (in_tmp_dir / "runs" / "seqmodels").iterdir()
+    saved = {path: digest(path) for path in run.rglob("*") if path.is_file()}
+    assert run / "cli_config.yaml" in saved and run / "checkpoints" / "last.ckpt" in saved
+    resuming = f"resuming from {Path('runs') / 'seqmodels' / run.name / 'checkpoints' / 'last.ckpt'}"
+    line = one_line_without_traceback(["fit", "--config", SUMS, *TINY_SUMS, "--ckpt_path=last", arg], capsys,
+                                      notes=(resuming,))
+    assert line.startswith(FIT_ERRORS[arg]), line
+    assert {path: digest(path) for path in run.rglob("*") if path.is_file()} == saved
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--trainer.max_epochs", "error: trainer.max_epochs: `max_epochs` must be a non-negative integer or -1. You "
+                             "passed in -5."),
+    ("--optimizer.init_args.lr", "error: optimizer: Invalid learning rate: -5.0 (in torch.optim.Adam; see "),
+], ids=["max_epochs", "lr"])
+def test_framework_errors_as_a_new_user_types_them(arg, message, tmp_path):
+    """`python cli.py fit --config ... --trainer.max_epochs -5`: one line, exit code 2, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import fresh_user_env
+
+    run = subprocess.run([sys.executable, str(ROOT / "cli.py"), "fit", "--config", SUMS, arg, "-5"], cwd=tmp_path,
+                         env=fresh_user_env(tmp_path), capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    (line,) = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert line.startswith(message), line
+    assert not list(tmp_path.glob("runs")), "nothing may be written before the error"
+
+
+def test_seqmodels_traceback_shows_a_frameworks_traceback(in_tmp_dir, monkeypatch):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    monkeypatch.setenv("SEQMODELS_TRACEBACK", "1")
+    with pytest.raises(MisconfigurationException, match="max_epochs"):
+        main(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.max_epochs=-5"])
+
+
+def _torch_rejects(*args, **kwargs):
+    import torch
+
+    torch.optim.SGD([], lr=0.1)  # torch raises ValueError: optimizer got an empty parameter list
+
+
+def _project_bug(*args, **kwargs):
+    raise ValueError("optimizer got an empty parameter list")
+
+
+@pytest.mark.parametrize("where,raises", [
+    ("seqmodels.tasks.SumsRegressor.training_step", _torch_rejects),      # the first training batch
+    ("seqmodels.tasks.SumsRegressor.validation_step", _torch_rejects),    # the sanity check's first batch
+    ("data_modules.SumsDataModule.setup", _project_bug),                  # while building, but our own code
+], ids=["training_step", "sanity_check", "project_code"])
+def test_crashes_after_the_build_and_bugs_of_our_own_keep_their_traceback(where, raises, in_tmp_dir, monkeypatch,
+                                                                          capsys):
+    monkeypatch.setattr(where, raises)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        main(["fit", "--config", SUMS, *TINY_SUMS, *CSV])
+    assert "error:" not in capsys.readouterr().err
