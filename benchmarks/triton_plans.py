@@ -5,7 +5,7 @@
     python benchmarks/triton_plans.py --list             # the plans only (no GPU needed)
 
 For each cell and size (B, T, I, H), one training step (forward + backward of a 1-layer
-``RecurrentStack(impl="cpp")``, loss = output.sum()) under each plan of
+``RecurrentStack(impl="triton")``, loss = output.sum()) under each plan of
 ``gpu.persistent_plans`` (blocks of BB rows x BH units, 4 or 8 warps, at most one program per
 SM; the ``--top`` plans with the most programs, since every plan compiles its own kernels):
 the median of ``--repeats`` timed steps after two untimed ones (the first compiles). The
@@ -45,7 +45,7 @@ def time_plans(cell: str, B: int, T: int, I: int, H: int, repeats: int, sms: int
 
     name, options = ("lstm", dict(peephole=True)) if cell == "peephole" else (cell, {})
     torch.manual_seed(0)
-    stack = RecurrentStack(name, I, H, impl="cpp", **options).cuda()
+    stack = RecurrentStack(name, I, H, impl="triton", **options).cuda()
     x = torch.randn(B, T, I, device="cuda")
     default = gpu.plan(B, H, sms)
     rows = []

@@ -18,7 +18,10 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="seqmodels-tests-hf-da
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 # seqmodels' cache folder (impl auto's measured decisions, converted data) for the session,
 # subprocesses included: every run of a test at the same shape takes the same backend, and the
-# user's cache stays untouched
+# user's cache stays untouched. torch keeps its C++ extensions where it would have (it also reads
+# XDG_CACHE_HOME): the loops are built once per machine, not once per test session.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch_extensions"))
 os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["HF_DATASETS_CACHE"], "xdg-cache")
 # Without a GPU the Triton kernels of impl bptt (seqmodels/bptt/kernels.py) run on CPU tensors in
 # Triton's interpreter; it must be on before they are first imported (triton.jit reads it then).

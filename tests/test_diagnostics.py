@@ -69,7 +69,7 @@ def test_temporal_norms_equal_direct_autograd(cell):
     norms = temporal_gradient_norms(model, (x, y))
     assert norms.shape == (2, 7)
     np.testing.assert_allclose(norms, direct_norms(model, x, 2), rtol=1e-5)
-    assert model.stack.impl in ("native", "bptt") and "forward" not in vars(model.stack)  # restored
+    assert model.stack.impl in ("torch", "cpp") and "forward" not in vars(model.stack)  # restored
 
 
 def test_temporal_norms_of_a_many_to_many_model():

@@ -74,9 +74,9 @@ def stack_cases():
         name = device if isinstance(device, str) else "cuda"
         for precision in PRECISIONS[name]:
             for cell in CELLS:
-                for impl in ("autograd", "bptt", "native"):
-                    if (cell, impl) == ("peephole", "native"):
-                        continue  # no such op: a one-line ConfigError (test_cells.py)
+                for impl in ("autograd", "torch", "reference", "cpp" if name == "cpu" else "triton"):
+                    if (cell, impl) in (("peephole", "torch"), ("gru", "cpp")):
+                        continue  # no such backend for the cell: a one-line ConfigError (test_cells.py)
                     marks = device.marks if not isinstance(device, str) else ()
                     yield pytest.param(name, precision, cell, impl, marks=marks,
                                        id=f"{name}-{precision}-{cell}-{impl}")
@@ -160,10 +160,10 @@ def test_cudnn_gets_the_modules_own_parameters(device, cell):
             out, _, _ = run_stack(stack, x, None, [torch.ones(4, 6, 5, device=device)], precision, device)
         assert not [w for w in caught if "contiguous chunk" in str(w.message)], [str(w.message) for w in caught]
         outputs[precision] = out.detach()
-    for impl in ["autograd"] + (["bptt"] if stack.kind.bptt else []):  # the same function, flattened parameters
+    for impl in ["autograd"] + [b for b in ("reference",) if b in stack.kind.layers]:  # the same function, flattened parameters
         stack.impl = impl
         assert torch.allclose(stack(x)[0], outputs["32-true"], atol=1e-5), impl
-    stack.impl = "native"
+    stack.impl = "torch"
 
     restored = RecurrentStack(cell=cell, input_size=3, hidden_size=5, num_layers=3, impl="torch")
     restored.load_state_dict({k: v.cpu() for k, v in stack.state_dict().items()})
@@ -275,7 +275,7 @@ def test_flattened_weights_train_exactly_like_separate_ones(monkeypatch):
     monkeypatch.setattr(torch, "_cudnn_rnn_flatten_weight", fake_flatten, raising=False)
     monkeypatch.setattr(torch, "_use_cudnn_rnn_flatten_weight", lambda: True, raising=False)
     monkeypatch.setattr(rnn, "get_cudnn_mode", lambda mode: 2)
-    for impl in ("native", "bptt", "autograd"):
+    for impl in ("torch", "cpp", "reference", "autograd"):
         torch.manual_seed(0)
         twin = RecurrentStack(cell="lstm", input_size=3, hidden_size=6, num_layers=2, impl=impl)
         flat = RecurrentStack(cell="lstm", input_size=3, hidden_size=6, num_layers=2, impl=impl)

@@ -216,7 +216,7 @@ def test_the_cpp_loops_apply_every_regularizer_when_threads_share_a_step(cell, B
     and by units (tests/test_bptt.py has the split), uneven lengths, against autograd."""
     from seqmodels import fused
 
-    assert fused.kernels() is not None
+    assert fused.loops() is not None
     regs = NO_C if cell == "rnn" else ALL
     options = dict(peephole=True) if cell == "lstm_peephole" else {}
     torch.manual_seed(0)

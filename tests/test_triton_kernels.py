@@ -1,4 +1,4 @@
-"""The Triton kernels of impl bptt on CUDA (seqmodels/bptt/kernels.py, launched by gpu.py),
+"""The Triton kernels of impl triton on CUDA (experimental) (seqmodels/bptt/kernels.py, launched by gpu.py),
 against the reference BPTT (itself gradchecked in test_bptt.py).
 
 Without a GPU they run on CPU tensors in Triton's interpreter (tests/conftest.py turns it on),
@@ -304,35 +304,37 @@ def test_the_plan_sweep_lists_the_plans_it_would_time(monkeypatch, capsys):
 
 
 def test_why_the_kernels_do_not_run_is_one_line(monkeypatch):
-    ok = gpu.why_not((9, 0), torch.float32, 64, 2048)
+    ok = gpu.why_not_on((9, 0), torch.float32, 64, 2048)
     assert ok is None
-    reasons = [gpu.why_not((7, 5), torch.float32, 64, 2048), gpu.why_not((9, 0), torch.float64, 64, 2048),
-               gpu.why_not((9, 0), torch.float32, 2**20, 2**12)]
+    reasons = [gpu.why_not_on((7, 5), torch.float32, 64, 2048), gpu.why_not_on((9, 0), torch.float64, 64, 2048),
+               gpu.why_not_on((9, 0), torch.float32, 2**20, 2**12)]
     assert "compute capability 7.5" in reasons[0] and "float64" in reasons[1] and "limit" in reasons[2]
-    monkeypatch.setenv("SEQMODELS_TRITON", "0")
-    reasons.append(gpu.why_not((9, 0), torch.float32, 64, 2048))
-    assert reasons[-1] == "SEQMODELS_TRITON=0"
-    monkeypatch.delenv("SEQMODELS_TRITON")
+    monkeypatch.setattr(gpu, "interpreted", lambda: False)
+    reasons.append(gpu.why_not(torch.zeros(1), 1, 4))
+    assert reasons[-1] == "the tensors are on cpu, not a CUDA GPU"
+    monkeypatch.setattr(gpu, "interpreted", lambda: True)
+    monkeypatch.setenv("SEQMODELS_COMPILED", "0")
+    reasons.append(gpu.why_not(torch.zeros(1), 1, 4))
+    assert reasons[-1] == "SEQMODELS_COMPILED=0 turns compiled code off"
+    monkeypatch.delenv("SEQMODELS_COMPILED")
     monkeypatch.setattr(gpu, "_triton_missing", lambda: "Triton is not installed; `pip install triton`")
-    reasons.append(gpu.why_not((9, 0), torch.float32, 64, 2048))
+    reasons.append(gpu.why_not(torch.zeros(1), 1, 4))
     assert all(r and "\n" not in r for r in reasons)
-    assert gpu.usable(torch.zeros(1), 1, 4) == ""  # a CPU tensor: the C++ loops, no notice
 
 
-def test_a_layer_over_the_limit_runs_the_reference_after_one_notice(monkeypatch):
-    """The dispatch (bptt/__init__.py): whatever gpu.usable refuses runs the reference loop,
-    with one notice per reason, and gives the reference's results, not the kernels' limits."""
-    from seqmodels import bptt
+def test_a_layer_over_the_limit_runs_a_proven_path_after_one_notice(monkeypatch):
+    """Whatever gpu.why_not refuses runs auto's proven choice instead, with one notice, and
+    gives its results, not the kernels' limits."""
+    from seqmodels import backends
 
     calls = []
-    monkeypatch.setattr(gpu, "usable", lambda x, b, g: "a step of batch 4 x 24 gate units is over the limit")
+    monkeypatch.setattr(gpu, "why_not", lambda x, b, g: "a step of batch 4 x 24 gate units is over the limit")
     monkeypatch.setattr(gpu.LSTMTriton, "apply", lambda *a: calls.append(a))
-    gpu.notice.cache_clear()
+    backends._notice.cache_clear()
     torch.manual_seed(0)
-    stack = RecurrentStack("lstm", 3, 6, impl="cpp", peephole=True)  # peephole: reference on every CPU
-    monkeypatch.setattr(bptt.fast, "fused_kernels", lambda x: None)  # as on a GPU
+    stack = RecurrentStack("lstm", 3, 6, impl="triton", peephole=True)
     x = torch.randn(4, 5, 3)
-    with pytest.warns(UserWarning, match="reference loop.*over the limit"):
+    with pytest.warns(UserWarning, match="impl: triton cannot run here.*over the limit"):
         out, _ = stack(x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -341,12 +343,13 @@ def test_a_layer_over_the_limit_runs_the_reference_after_one_notice(monkeypatch)
     ref.load_state_dict(stack.state_dict())
     torch.testing.assert_close(out, ref(x)[0], rtol=1e-5, atol=1e-6)
     assert not calls
+    backends._notice.cache_clear()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole", "gru"])
 def test_the_stack_takes_the_kernels_on_cuda(cell, exact_float32, monkeypatch):
-    """RecurrentStack(impl="cpp") on a GPU runs the Triton Functions, with a persistent launch
+    """RecurrentStack(impl="triton") on a GPU runs the Triton Functions, with a persistent launch
     at a size of the speed targets, and agrees with autograd."""
     name = cell.split("_")[0]
     options = dict(peephole=True) if cell == "lstm_peephole" else {}
@@ -356,7 +359,7 @@ def test_the_stack_takes_the_kernels_on_cuda(cell, exact_float32, monkeypatch):
     monkeypatch.setattr(function, "forward", staticmethod(lambda *a: used.append(1) or original(*a)))
     torch.manual_seed(0)
     a = RecurrentStack(name, 64, 512, impl="autograd", **options).cuda()
-    b = RecurrentStack(name, 64, 512, impl="cpp", **options).cuda()
+    b = RecurrentStack(name, 64, 512, impl="triton", **options).cuda()
     b.load_state_dict(a.state_dict())
     assert gpu.plan(64, 512, gpu._multiprocessors(torch.zeros(1, device="cuda"))).persistent
     x = torch.randn(64, 100, 64, device="cuda")

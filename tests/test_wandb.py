@@ -103,7 +103,7 @@ def test_describe_run_for_each_task():
                          {"class_path": "data_modules.ChoralesDataModule",
                           "init_args": {"path": "/data/JSB_Chorales.mat"}}, [])
     assert music == {"name": "music-gru-1x256", "group": "music",
-                     "tags": ["task:music", "cell:gru", "impl:bptt", "data:JSB_Chorales"]}
+                     "tags": ["task:music", "cell:gru", "impl:reference", "data:JSB_Chorales"]}
     assert describe_run({"class_path": "seqmodels.tasks.PolyphonicMusicModel", "init_args": {}},
                         {"class_path": "data_modules.ChoralesDataModule", "init_args": {}},
                         [])["tags"][-1] == "data:bach-chorales"
