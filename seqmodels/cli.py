@@ -476,6 +476,11 @@ def describe_framework_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {message} (raised in {raised_in})"
 
 
+def show_framework_tracebacks() -> bool:
+    """Python's development mode (``python -X dev``): framework errors keep their traceback."""
+    return bool(sys.flags.dev_mode)
+
+
 def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
     """Run the CLI (``kwargs`` go to LightningCLI, e.g. ``trainer_defaults``). One line on
     stderr and exit code 2, without a traceback, for:
@@ -490,7 +495,8 @@ def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
 
     Everything else keeps its traceback: an error raised by this project's own code that is
     not a UserError (a bug), and any error once the run is built (a crash inside a training
-    step). ``SEQMODELS_TRACEBACK=1`` shows the traceback of a framework's error too. Nothing
+    step). Python's development mode (``python -X dev``) shows the traceback of a framework's
+    error too (no variable of our own: ``SEQMODELS_COMPILED`` is the project's only one). Nothing
     is deleted on the way out: a run folder or checkpoint written before the error stays."""
     kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
     build = BuildBoundary()
@@ -505,7 +511,7 @@ def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
             print(f"error: {user_error}", file=sys.stderr)
             raise SystemExit(2) from None
         framework_error = find_framework_error(err) if build.building else None
-        if framework_error is None or os.environ.get("SEQMODELS_TRACEBACK") == "1":
+        if framework_error is None or show_framework_tracebacks():
             raise
         print(f"error: {describe_framework_error(framework_error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -348,10 +348,12 @@ def test_framework_errors_as_a_new_user_types_them(arg, message, tmp_path):
     assert not list(tmp_path.glob("runs")), "nothing may be written before the error"
 
 
-def test_seqmodels_traceback_shows_a_frameworks_traceback(in_tmp_dir, monkeypatch):
+def test_python_dev_mode_shows_a_frameworks_traceback(in_tmp_dir, monkeypatch):
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    monkeypatch.setenv("SEQMODELS_TRACEBACK", "1")
+    from seqmodels import cli
+
+    monkeypatch.setattr(cli, "show_framework_tracebacks", lambda: True)  # python -X dev
     with pytest.raises(MisconfigurationException, match="max_epochs"):
         main(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.max_epochs=-5"])
 
