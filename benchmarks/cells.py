@@ -4,16 +4,22 @@
     python benchmarks/cells.py --sizes small --repeats 5 --cells lstm
     python benchmarks/cells.py --json               # last line: {"results": [...]}
     python benchmarks/cells.py --device cuda        # GPU sizes, RNN, LSTM, peephole LSTM, GRU vs cuDNN
+    python benchmarks/cells.py --cells lstm_peephole,gru  # any cell of the registry, or a variant
+
+The cells are those of the registry (``seqmodels.registry.CELLS``), each variant named
+``<cell>_<option>`` (``rnn_relu``, ``lstm_peephole``); the rows are the backends of
+``seqmodels.backends`` that run the cell on the device (on a CPU: autograd, cpp, torch; on a
+GPU: autograd, reference, triton (experimental), torch).
 
 For every cell and size (B, T, I, H), one fresh subprocess times, in interleaved rounds (the
 order rotates every round), each implementation of ``RecurrentStack`` (1 layer) and the real
-torch module on identical weights and inputs:
+torch module (row ``nn``) on identical weights and inputs:
     training   forward + backward over the whole sequence, loss = output.sum(), x without grad
     inference  forward under torch.no_grad()
 tokens/s = B*T / seconds, the median over the rounds (after warm-up); ratio_vs_native = the
 median over rounds of (torch module's time / this implementation's time) in the same round,
 so > 1 means faster than torch.nn.RNN / nn.LSTM. The torch module itself is the row
-``impl = "torch"`` (ratio 1 by definition); ``native`` is our stack calling the same kernels.
+``impl = "nn"`` (ratio 1 by definition); ``torch`` is our stack calling the same kernels.
 
 Peak memory (``peak_mem_mb``): in another fresh subprocess per (cell, size, impl), the increase
 of the process's peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) during one
@@ -25,14 +31,14 @@ On a GPU (``--device cuda``) the same rounds run with a synchronize around every
 TF32 allowed for cuDNN and for the kernels alike (torch's cuDNN default; ``--no-tf32`` for
 exact float32 everywhere), and peak memory is the increase of
 ``torch.cuda.max_memory_allocated`` during one training step, in the timing process. The
-``peephole`` cell has no native op: its ``torch`` row is cuDNN's plain LSTM of the same size,
-the target it is compared with. ``bptt-ref`` is the plain-torch reference loop
-(``SEQMODELS_TRITON=0``), to show what the kernels replace.
+A variant without a torch twin (the peephole LSTM) has as its ``nn`` row the twin of the cell's
+default options (cuDNN's plain LSTM of the same size), the target it is compared with.
+``reference`` is the plain-torch reference loop, to show what the kernels replace.
 
 The first line names the host: the CPU model, torch's ISA level (AVX2, AVX512, ...) and the
 thread count; after each size, the implementation ``impl: auto`` would train with here: what
-its measurement would pick from these timings (``seqmodels.autotune.select``) and what the
-static rule says (``autotune: false``).
+its measurement would pick from these timings among ``backends.candidates``
+(``seqmodels.autotune.select``) and what ``autotune: false`` takes (the first candidate).
 
 Keep torch's default thread count; run one benchmark at a time.
 """
@@ -58,28 +64,38 @@ SIZES = {
     "tiny": [(4, 16, 8, 16)],
     "gpu": [(64, 256, 64, 512), (256, 256, 128, 1024), (32, 100, 64, 256)],
 }
-IMPLS = ("autograd", "bptt", "native")
-GPU_IMPLS = ("autograd", "bptt-ref", "bptt", "native")
-REFERENCE = "torch"
+IMPLS = {"cpu": ("autograd", "cpp", "torch"), "cuda": ("autograd", "reference", "triton", "torch")}
+REFERENCE = "nn"  # the torch.nn module itself
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    """Every cell of the registry and each variant, by label: ``lstm``, ``lstm_peephole``, ..."""
+    from seqmodels.registry import CELLS
+
+    return {"_".join([name, *(v if isinstance(v, str) else k for k, v in variant.items())]): (name, variant)
+            for name, kind in CELLS.items() for variant in kind.all_variants()}
 
 
 def build(cell: str, impl: str, B: int, T: int, I: int, H: int, device: str = "cpu"):
-    """The model for ``impl`` (or the torch module), on weights from one fixed seed, and x.
-    ``cell`` "peephole": the peephole LSTM, and as its torch module cuDNN's plain LSTM."""
+    """The model for ``impl`` (or the torch module), on weights from one fixed seed, and x. A
+    variant without a torch twin gets the twin of its cell's default options as its module."""
     import torch
 
     from seqmodels.recurrent import RecurrentStack
+    from seqmodels.registry import CELLS
 
     torch.manual_seed(0)
-    name, options = ("lstm", dict(peephole=True)) if cell == "peephole" else (cell, {})
-    if impl == REFERENCE:
-        options = {}
-    stack = RecurrentStack(name, I, H, num_layers=1, impl=impl if impl in ("autograd", "bptt", "native") else
-                           "native" if impl == REFERENCE else "bptt", **options).to(device)
+    name, options = variants()[cell]
+    kind = CELLS[name]
+    twin = kind.torch_twin({**kind.options, **options})
+    if impl == REFERENCE and twin is None:
+        options, twin = {}, kind.torch_twin(kind.options)
+    stack = RecurrentStack(name, I, H, num_layers=1, impl="torch" if impl == REFERENCE else impl, **options).to(device)
     x = torch.randn(B, T, I, device=device)
     if impl != REFERENCE:
         return stack, x
-    ref = {"lstm": torch.nn.LSTM, "rnn": torch.nn.RNN, "gru": torch.nn.GRU}[name](I, H, batch_first=True)
+    module, kwargs = twin
+    ref = module(I, H, batch_first=True, **kwargs)
     ref.load_state_dict(stack.torch_state_dict())
     return ref.to(device), x
 
@@ -111,21 +127,6 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-class _Impl:
-    """Runs a row's steps: ``bptt-ref`` with the Triton kernels turned off (the reference loop)."""
-
-    def __init__(self, name: str) -> None:
-        self.off = name == "bptt-ref"
-
-    def __enter__(self):
-        if self.off:
-            os.environ["SEQMODELS_TRITON"] = "0"
-
-    def __exit__(self, *exc):
-        if self.off:
-            os.environ.pop("SEQMODELS_TRITON", None)
-
-
 def gpu_peak_mb(model, x) -> float:
     """Increase of torch.cuda.max_memory_allocated during one training step (MB)."""
     import torch
@@ -141,8 +142,12 @@ def gpu_peak_mb(model, x) -> float:
 
 
 def impls_for(cell: str, device: str) -> tuple[str, ...]:
-    impls = GPU_IMPLS if device == "cuda" else IMPLS
-    return tuple(n for n in impls if not (cell == "peephole" and n == "native"))
+    """The backends of this device's rows that can run the cell (the registry says)."""
+    from seqmodels import backends
+
+    stack, _ = build(cell, "autograd", 1, 1, 1, 1)
+    runnable = backends.runnable(stack.kind, stack.layers[0].cell)
+    return tuple(n for n in IMPLS[device] if n in runnable)
 
 
 def time_config(cell: str, B: int, T: int, I: int, H: int, repeats: int, warmup: int, device: str = "cpu") -> dict:
@@ -150,18 +155,16 @@ def time_config(cell: str, B: int, T: int, I: int, H: int, repeats: int, warmup:
     names = (REFERENCE, *impls_for(cell, device))
     models = {n: build(cell, n, B, T, I, H, device) for n in names}
     for n in names:
-        with _Impl(n):
-            for _ in range(warmup):
-                train_step(*models[n])
-                infer_step(*models[n])
+        for _ in range(warmup):
+            train_step(*models[n])
+            infer_step(*models[n])
     train = {n: [] for n in names}
     infer = {n: [] for n in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            with _Impl(n):
-                train[n].append(timed(train_step, *models[n]))
-                infer[n].append(timed(infer_step, *models[n]))
+            train[n].append(timed(train_step, *models[n]))
+            infer[n].append(timed(infer_step, *models[n]))
     rows = []
     for n in names:
         row = {
@@ -176,8 +179,7 @@ def time_config(cell: str, B: int, T: int, I: int, H: int, repeats: int, warmup:
             "infer_ms": 1000 * statistics.median(infer[n]),
         }
         if device == "cuda":
-            with _Impl(n):
-                row["peak_mem_mb"] = gpu_peak_mb(*models[n])
+            row["peak_mem_mb"] = gpu_peak_mb(*models[n])
         rows.append(row)
     return {"rows": rows}
 
@@ -216,16 +218,18 @@ def host(device: str = "cpu") -> dict:
 
 
 def auto_choice(cell: str, B: int, H: int, by_impl: dict, device: str = "cpu") -> dict:
-    """What impl auto trains with at this size: measured (from these medians) and static."""
-    from seqmodels.autotune import select
-    from seqmodels.cells import CELLS
-    from seqmodels.recurrent import resolve_impl
+    """What impl auto trains with at this size: measured (from these medians, among the
+    candidates) and unmeasured (``autotune: false``: the first candidate)."""
+    import torch
 
-    stack, _ = build(cell, "bptt", B, 1, 1, H)
-    name = "lstm" if cell == "peephole" else cell
-    static = resolve_impl("auto", CELLS[name], stack.layers[0].cell, device, True, B, H)
-    measured = select({n: by_impl[n]["train_ms"] for n in ("native", "bptt") if n in by_impl}, static)
-    return {"auto_measured": measured, "auto_static": static}
+    from seqmodels import backends
+    from seqmodels.autotune import select
+
+    stack, _ = build(cell, "autograd", B, 1, 1, H)
+    like = torch.empty(B, 1, 1, device=device)
+    candidates = backends.candidates(stack.kind, stack.layers[0].cell, like, ())
+    measured = select({n: by_impl[n]["train_ms"] for n in candidates if n in by_impl}, candidates[0])
+    return {"auto_measured": measured, "auto_static": candidates[0]}
 
 
 def run_worker(args) -> None:
@@ -251,7 +255,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--sizes", choices=sorted(SIZES), help="default: full on a CPU, gpu on CUDA")
-    parser.add_argument("--cells", help="rnn, lstm, peephole, gru (default: rnn,lstm; on CUDA all four)")
+    parser.add_argument("--cells", help="cells of the registry and their variants, comma-separated: "
+                        f"{', '.join(variants())} (default: rnn,lstm; on CUDA rnn,lstm,lstm_peephole,gru)")
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: exact float32 in cuDNN and the kernels")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median of them)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -265,7 +270,10 @@ def main() -> None:
     if args.worker:
         return run_worker(args)
     args.sizes = args.sizes or ("gpu" if args.device == "cuda" else "full")
-    args.cells = args.cells or ("rnn,lstm,peephole,gru" if args.device == "cuda" else "rnn,lstm")
+    args.cells = args.cells or ("rnn,lstm,lstm_peephole,gru" if args.device == "cuda" else "rnn,lstm")
+    unknown = [c for c in args.cells.split(",") if c not in variants()]
+    if unknown:
+        parser.error(f"--cells: unknown {', '.join(unknown)}; one of {', '.join(variants())}")
 
     results = []
     machine = host(args.device)
@@ -302,8 +310,10 @@ def main() -> None:
             choice = auto_choice(cell, size[0], size[3], by_impl, args.device)
             for row in rows:
                 row.update(choice, isa=machine["isa"], device=args.device, gpu=machine.get("gpu"))
-            print(f"{'':18} bptt vs autograd, training: {by_impl['bptt']['train_ratio_vs_autograd']:.2f}x; "
-                  f"impl auto trains with {choice['auto_measured']} here (measured; static rule: "
+            fastest = max((n for n in by_impl if n not in (REFERENCE, "autograd")),
+                          key=lambda n: by_impl[n]["train_ratio_vs_autograd"])
+            print(f"{'':18} {fastest} vs autograd, training: {by_impl[fastest]['train_ratio_vs_autograd']:.2f}x; "
+                  f"impl auto trains with {choice['auto_measured']} here (measured; unmeasured: "
                   f"{choice['auto_static']})", flush=True)
     if args.json:
         print(json.dumps({"host": machine, "results": results}))

@@ -122,13 +122,10 @@ void packed_acc(const float* packed, int64_t rows, int64_t n, int64_t k, const f
   cblas_sgemm_compute(101, 111, 151, int(rows), int(n), int(k), a, int(lda), packed, int(n), 1.0f, c, int(ldc));
 }
 
-// Whether MKL's packed GEMM is exported and computes what at::mm computes (once per process);
-// SEQMODELS_PACKED_GEMM=0 turns it off (for comparisons).
+// Whether MKL's packed GEMM is exported and computes what at::mm computes (once per process).
 bool use_packed() {
   static const bool ok = [] {
-    const char* env = std::getenv("SEQMODELS_PACKED_GEMM");
-    if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute || !use_blas<float>() ||
-        (env && std::string(env) == "0"))
+    if (!cblas_sgemm_pack_get_size || !cblas_sgemm_pack || !cblas_sgemm_compute || !use_blas<float>())
       return false;
     const auto opt = at::TensorOptions().dtype(at::kFloat);
     at::Tensor a = at::arange(15, opt).reshape({3, 5}).sin(), w = at::arange(20, opt).reshape({4, 5}).cos();
