@@ -13,12 +13,14 @@
 #   jsb          benchmarks/chorales.py on $JSB (.gpu_data/JSB_Chorales.mat) with configs/jsb_lstm.yaml,
 #                at most $JSB_MINUTES (6) minutes, ended $JSB_PATIENCE (50) epochs after the best
 #   triton       python -m pytest -m "gpu and triton": only the GPU tests of the Triton kernels (a minute)
-#   kernels      benchmarks/cells.py --device cuda: the Triton kernels of impl bptt (RNN, LSTM, peephole
-#                LSTM) against cuDNN at the three sizes of issue 20, train and inference tokens/s, peak memory
+#   kernels      benchmarks/cells.py --device cuda: every backend, the experimental Triton kernels (impl
+#                triton) included, against cuDNN at the three sizes of issue 20 for RNN, LSTM, peephole
+#                LSTM and GRU: train and inference tokens/s, peak memory
 #   plans        benchmarks/triton_plans.py: the LSTM kernels' training step under the 8 widest launch plans
 #                at the three sizes (which blocks and warps gpu.plan should pick)
 #   peephole     benchmarks/shakespeare.py, $PEEPHOLE_MINUTES (3) minutes each: shakespeare_lstm_gpu.yaml
-#                as shipped (cuDNN), then with configs/peephole.yaml (the Triton kernels): tokens/s, val loss
+#                as shipped (cuDNN), then with configs/peephole.yaml (impl auto: the faster of the reference
+#                and autograd; --model.init_args.network.impl triton times the kernels): tokens/s, val loss
 #
 # On the GPU machine of this workplace (docs/gpu.md): carry .whl (../shared/gpu/wheels.sh) and
 # .gpu_data (a copy of ../shared/data/JSB_Chorales.mat), and start the command with the install

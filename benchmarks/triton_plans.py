@@ -1,4 +1,4 @@
-"""Time every persistent launch plan of the GPU kernels of impl bptt, to tune ``gpu.plan``.
+"""Time every persistent launch plan of the GPU kernels of impl triton, to tune ``gpu.plan``.
 
     python benchmarks/triton_plans.py                    # the GPU sizes, the LSTM, the 8 widest plans
     python benchmarks/triton_plans.py --size 64 256 64 512 --cells lstm

@@ -150,14 +150,6 @@ def extension_is_built(name: str) -> bool:
     return os.path.isfile(os.path.join(cpp_extension._get_build_directory(name, False), f"{name}.so"))
 
 
-def extension_root(name: str) -> str:
-    """The folder that holds the build folder of extension ``name``: what TORCH_EXTENSIONS_DIR
-    must be for another process (a fresh HOME, say) to load the same build."""
-    from torch.utils import cpp_extension
-
-    return os.path.dirname(cpp_extension._get_build_directory(name, False))
-
-
 # ---- Lightning -----------------------------------------------------------------------------
 def set_logging_step(trainer, step: int) -> None:
     """The step Lightning logs metrics at (it counts batches that stepped the optimizer)."""

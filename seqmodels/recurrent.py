@@ -95,13 +95,13 @@ class RecurrentLayer(nn.Module):
     Regularizers inside the recurrence (``Regularizers``), in training; p is each one's probability:
         weight drop        W̃_hh = W_hh ⊙ M / (1 − p), M ~ Bernoulli(1 − p) per entry, drawn once
                            per forward and used at every step (DropConnect; Merity et al. 2017)
-        recurrent dropout  W_hh (h_{t-1} ⊙ r) with r = mask / (1 − p), mask ~ Bernoulli(1 − p) per
+        recurrent dropout  W_hh (h_{t-1} ⊙ ρ) with ρ = mask / (1 − p), mask ~ Bernoulli(1 − p) per
                            sequence and unit, the same at every step (Gal & Ghahramani 2016)
         zoneout            h_t = d_t ⊙ h_{t-1} + (1 − d_t) ⊙ h̃_t with d_t ~ Bernoulli(p) per step,
                            sequence and unit (zoneout_h; zoneout_c the same for c) (Krueger et al. 2017)
     At evaluation weight drop and recurrent dropout are off and zoneout takes its expectation,
     h_t = p h_{t-1} + (1 − p) h̃_t. Random draws, in this order (``regularizer_masks``): W's
-    mask, r, d for h at every step, d for c at every step.
+    mask, ρ, d for h at every step, d for c at every step.
     """
 
     def __init__(self, cell: nn.Module) -> None:
@@ -130,7 +130,7 @@ class RecurrentLayer(nn.Module):
 def regularizer_masks(regs: Regularizers, cell: nn.Module, B: int, T: int, like: Tensor, training: bool,
                       n_state: int) -> tuple[Tensor | None, Tensor | None, tuple[Tensor | None, ...]]:
     """The regularizers of one layer's forward, drawn in this order: W̃_hh (weight drop, or None),
-    r (B, H) (recurrent dropout, or None), then zoneout's d (T, B, H) for h and for c (None where
+    ρ (B, H) (recurrent dropout, or None), then zoneout's d (T, B, H) for h and for c (None where
     off; filled with p at evaluation, its expectation). Every impl draws them here, so autograd
     and bptt see the same masks."""
     weight_hh = recurrent = None

@@ -23,7 +23,7 @@ atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
     os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "torch_extensions"))
 os.environ["XDG_CACHE_HOME"] = os.path.join(os.environ["HF_DATASETS_CACHE"], "xdg-cache")
-# Without a GPU the Triton kernels of impl bptt (seqmodels/bptt/kernels.py) run on CPU tensors in
+# Without a GPU the Triton kernels of impl triton (seqmodels/bptt/kernels.py) run on CPU tensors in
 # Triton's interpreter; it must be on before they are first imported (triton.jit reads it then).
 if "TRITON_INTERPRET" not in os.environ:
     import torch
@@ -34,13 +34,10 @@ if "TRITON_INTERPRET" not in os.environ:
 
 def fresh_user_env(home) -> dict:
     """The environment of a user with no W&B key or settings (WANDB_* unset, an empty HOME) for
-    a subprocess, which still loads the C++ loops this machine has built (not ~12 s of compiling
-    them again under the new HOME)."""
-    from seqmodels import compat, fused
-
+    a subprocess, which still loads the C++ loops this machine has built (TORCH_EXTENSIONS_DIR,
+    set above: not ~12 s of compiling them again under the new HOME)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(home), NETRC=str(Path(home) / "no-netrc"), PYTHONPATH=str(ROOT),
-               TORCH_EXTENSIONS_DIR=compat.extension_root(fused.extension_name()))
+    env.update(HOME=str(home), NETRC=str(Path(home) / "no-netrc"), PYTHONPATH=str(ROOT))
     return env
 
 

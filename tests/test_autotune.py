@@ -215,9 +215,9 @@ def test_the_choice_reaches_the_loggers(tmp_path):
 
     from data_modules import SumsDataModule
     from seqmodels.tasks import SumsRegressor
-    from seqmodels.tasks.base import Network
+    from seqmodels.tasks.base import NetworkConfig
 
-    model = SumsRegressor(Network(cell="lstm", hidden_size=8))
+    model = SumsRegressor(NetworkConfig(cell="lstm", hidden_size=8))
     data = SumsDataModule(seq_len=6, train_size=64, val_size=16, test_size=16, batch_size=16)
     trainer = Trainer(max_steps=2, logger=CSVLogger(tmp_path), enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)

@@ -332,6 +332,7 @@ def test_a_resume_that_fails_while_building_keeps_the_run_as_it_was(arg, trained
                              "passed in -5."),
     ("--optimizer.init_args.lr", "error: optimizer: Invalid learning rate: -5.0 (in torch.optim.Adam; see "),
 ], ids=["max_epochs", "lr"])
+@pytest.mark.slow  # a fresh process each; test_framework_errors_while_building_are_one_line has the same in-process
 def test_framework_errors_as_a_new_user_types_them(arg, message, tmp_path):
     """`python cli.py fit --config ... --trainer.max_epochs -5`: one line, exit code 2, no traceback."""
     import subprocess

@@ -27,10 +27,10 @@ def cases(with_twin: bool = False) -> list:
 
 
 def stack_of(name: str, variant: dict, impl: str = "autograd", num_layers: int = 2, seed: int = 0,
-             dtype=torch.float64) -> RecurrentStack:
+             dtype=torch.float64, sizes: tuple[int, int] = (I, H)) -> RecurrentStack:
     """A stack with random weights; zero-initialised parameters (peepholes) random too."""
     torch.manual_seed(seed)
-    stack = RecurrentStack(name, I, H, num_layers, impl=impl, **variant).to(dtype)
+    stack = RecurrentStack(name, *sizes, num_layers, impl=impl, **variant).to(dtype)
     with torch.no_grad():
         for p in stack.parameters():
             if not p.any():
@@ -110,9 +110,9 @@ def check_backends_agree(name: str, variant: dict, dtype: torch.dtype) -> None:
 def check_gradcheck(name: str, variant: dict) -> None:
     """gradcheck in float64 through the stack (2 layers, lengths, initial state) for every backend
     whose backward is the project's (torch's own op is torch's to check; ``auto`` is one of these)."""
-    stack = stack_of(name, variant)
-    x = torch.randn(2, 4, I, dtype=torch.float64, requires_grad=True)
-    state = tuple(torch.randn(2, 2, H, dtype=torch.float64, requires_grad=True) for _ in CELLS[name].state)
+    stack = stack_of(name, variant, sizes=(2, 3))  # small: gradcheck perturbs every entry
+    x = torch.randn(2, 4, 2, dtype=torch.float64, requires_grad=True)
+    state = tuple(torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True) for _ in CELLS[name].state)
     params = list(stack.parameters())
     for impl in [b for b in cpu_backends(stack) if b not in ("auto", "torch")]:
         stack.impl = impl
@@ -200,10 +200,13 @@ def test_a_toy_cell_gets_every_check(monkeypatch):
     and the generic checks pass on it; they fail on a cell that breaks the state API."""
     monkeypatch.setitem(CELLS, "toy", CellType(ToyCell, ("z",), ("h",), {"leak": 0.25}))
     assert backends.runnable(CELLS["toy"], ToyCell(I, H)) == ["auto", "autograd"]
-    for variant in ({},):
-        check_backends_agree("toy", variant, torch.float64)
-        check_gradcheck("toy", variant)
-        check_state_api("toy", variant)
+    from tests.test_regularizers import check_evaluation, check_gradcheck_with_every_regularizer
+
+    check_backends_agree("toy", {}, torch.float64)
+    check_gradcheck("toy", {})
+    check_state_api("toy", {})
+    check_evaluation("toy")  # the regularizers' checks too
+    check_gradcheck_with_every_regularizer("toy")
     with pytest.raises(ConfigError, match=r"impl: torch cannot run cell: toy .*use impl: auto, autograd$"):
         RecurrentStack("toy", I, H, impl="torch")
 

@@ -12,7 +12,7 @@ import torch
 
 from seqmodels.cli import main
 from seqmodels.diagnostics import GradientDistribution, temporal_gradient_norms
-from seqmodels.tasks import CharLanguageModel, Network, SumsRegressor
+from seqmodels.tasks import CharLanguageModel, NetworkConfig, SumsRegressor
 from tests.conftest import ROOT
 
 EXPLODE = str(ROOT / "configs" / "sums_rnn_explode.yaml")
@@ -63,7 +63,7 @@ def direct_norms(model, x, layers: int) -> np.ndarray:
 @pytest.mark.parametrize("cell", ["rnn", "lstm"])
 def test_temporal_norms_equal_direct_autograd(cell):
     torch.manual_seed(0)
-    model = SumsRegressor(network=Network(cell=cell, hidden_size=5, num_layers=2, impl="torch" if cell == "lstm" else "bptt"))
+    model = SumsRegressor(network=NetworkConfig(cell=cell, hidden_size=5, num_layers=2, impl="torch" if cell == "lstm" else "bptt"))
     x, y = torch.randn(3, 7, 1), torch.randn(3, 1)
     model._y = y
     norms = temporal_gradient_norms(model, (x, y))
@@ -74,7 +74,7 @@ def test_temporal_norms_equal_direct_autograd(cell):
 
 def test_temporal_norms_of_a_many_to_many_model():
     torch.manual_seed(1)
-    model = CharLanguageModel(vocab=["<unk>", *"abcd"], embedding_dim=3, network=Network(hidden_size=6, num_layers=1))
+    model = CharLanguageModel(vocab=["<unk>", *"abcd"], embedding_dim=3, network=NetworkConfig(hidden_size=6, num_layers=1))
     x = torch.randint(1, 5, (2, 9))
     norms = temporal_gradient_norms(model, (x, x, True))
     assert norms.shape == (1, 9) and (norms > 0).all()
@@ -156,7 +156,7 @@ def test_temporal_norms_of_the_music_model_with_padding():
     from seqmodels.tasks import PolyphonicMusicModel
 
     torch.manual_seed(2)
-    model = PolyphonicMusicModel(input_size=88, network=Network(cell="lstm", hidden_size=6))
+    model = PolyphonicMusicModel(input_size=88, network=NetworkConfig(cell="lstm", hidden_size=6))
     x = (torch.rand(3, 10, 88) < 0.05).float()
     lengths = torch.tensor([10, 6, 8])
     norms = temporal_gradient_norms(model, (x, lengths))

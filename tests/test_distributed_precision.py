@@ -17,7 +17,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from data_modules import ChoralesDataModule, CharTextDataModule, SumsDataModule
-from seqmodels.tasks import CharLanguageModel, Network, PolyphonicMusicModel, SumsRegressor
+from seqmodels.tasks import CharLanguageModel, NetworkConfig, PolyphonicMusicModel, SumsRegressor
 from tests.conftest import ROOT
 from tests.test_chorales_data import write_pickle
 
@@ -88,7 +88,7 @@ def one_bf16_step(model, data) -> None:
 
 @pytest.mark.parametrize("cell,impl", CELLS_IMPLS)
 def test_bf16_mixed_sums(cell, impl):
-    one_bf16_step(SumsRegressor(network=Network(cell=cell, hidden_size=8, impl=impl)),
+    one_bf16_step(SumsRegressor(network=NetworkConfig(cell=cell, hidden_size=8, impl=impl)),
                   SumsDataModule(train_size=64, val_size=8, test_size=8, batch_size=16, seq_len=6))
 
 
@@ -99,7 +99,7 @@ def test_bf16_mixed_text(cell, impl, tmp_path):
     data = CharTextDataModule(path=str(path), batch_size=4, eval_batch_size=2, bptt=12,
                               cache_dir=str(tmp_path / "cache"))
     data.prepare()
-    one_bf16_step(CharLanguageModel(vocab=data.vocab, embedding_dim=4, network=Network(cell=cell, hidden_size=8, num_layers=2, impl=impl)), data)
+    one_bf16_step(CharLanguageModel(vocab=data.vocab, embedding_dim=4, network=NetworkConfig(cell=cell, hidden_size=8, num_layers=2, impl=impl)), data)
 
 
 @pytest.mark.parametrize("cell,impl", CELLS_IMPLS)
@@ -108,9 +108,9 @@ def test_bf16_mixed_music(cell, impl, tmp_path):
              for s, n in (("train", 4), ("valid", 2), ("test", 2))}
     data = ChoralesDataModule(path=str(write_pickle(tmp_path / "tiny.pickle", songs)), batch_size=4,
                               cache_dir=str(tmp_path / "cache"), progress=False)
-    one_bf16_step(PolyphonicMusicModel(network=Network(cell=cell, hidden_size=8, impl=impl)), data)
+    one_bf16_step(PolyphonicMusicModel(network=NetworkConfig(cell=cell, hidden_size=8, impl=impl)), data)
 
 
 def test_bf16_mixed_peephole_lstm_bptt():
-    one_bf16_step(SumsRegressor(network=Network(cell="lstm", peephole=True, hidden_size=8, impl="cpp")),
+    one_bf16_step(SumsRegressor(network=NetworkConfig(cell="lstm", peephole=True, hidden_size=8, impl="cpp")),
                   SumsDataModule(train_size=64, val_size=8, test_size=8, batch_size=16, seq_len=6))

@@ -15,7 +15,7 @@ from data_modules.midi_folder import midi_to_roll
 from seqmodels.errors import ConfigError
 from seqmodels.music import FrameAccuracy, FrameNLL, plot_roll, roll_to_notes, write_midi
 from seqmodels.sampling import generate_roll, sample
-from seqmodels.tasks import Network, PolyphonicMusicModel
+from seqmodels.tasks import NetworkConfig, PolyphonicMusicModel
 from tests.conftest import ROOT
 from tests.test_chorales_data import write_mat, write_pickle
 
@@ -41,7 +41,7 @@ def metrics_over(model, rolls, batch_size, pack=False):
 @pytest.mark.parametrize("cell,impl", [("lstm", "native"), ("lstm", "autograd"), ("rnn", "bptt")])
 def test_nll_is_the_published_definition_whatever_the_batching(cell, impl):
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(network=Network(cell=cell, hidden_size=16, impl=impl))
+    model = PolyphonicMusicModel(network=NetworkConfig(cell=cell, hidden_size=16, impl=impl))
     rolls = random_rolls(13)
     # by hand: Σ over sequences of the summed BCE of frames 2..T, over Σ (T_i - 1)
     total, frames = 0.0, 0
@@ -61,7 +61,7 @@ def test_nll_is_the_published_definition_whatever_the_batching(cell, impl):
 
 def test_nll_is_not_a_mean_of_per_sequence_means():
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(network=Network(hidden_size=8))
+    model = PolyphonicMusicModel(network=NetworkConfig(hidden_size=8))
     rolls = [random_rolls(1, seed=1, low=40, high=41)[0], random_rolls(1, seed=2, low=2, high=3)[0]]
     nll, _ = metrics_over(model, rolls, batch_size=2)
     per_seq = [metrics_over(model, [r], batch_size=1)[0] for r in rolls]
@@ -86,7 +86,7 @@ def test_frame_accuracy_counts_tp_fp_fn_over_all_frames():
 
 def test_training_loss_is_the_nll_of_the_batch_and_masks_padding():
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(network=Network(hidden_size=8))
+    model = PolyphonicMusicModel(network=NetworkConfig(hidden_size=8))
     rolls = random_rolls(3, seed=5)
     batch = pad_rolls([torch.from_numpy(r).float() for r in rolls])
     model.eval()
@@ -103,14 +103,14 @@ def test_bad_model_settings():
     with pytest.raises(ConfigError, match="model.input_dropout must be in"):
         PolyphonicMusicModel(input_dropout=1.0)
     with pytest.raises(ConfigError, match="model.network.hidden_size"):
-        PolyphonicMusicModel(network=Network(hidden_size=0))
+        PolyphonicMusicModel(network=NetworkConfig(hidden_size=0))
     with pytest.raises(ConfigError, match="model.network.recurrent_init must be one of"):
-        PolyphonicMusicModel(network=Network(recurrent_init="zeros"))
+        PolyphonicMusicModel(network=NetworkConfig(recurrent_init="zeros"))
 
 
 def test_recurrent_init_reaches_the_music_model():
     """Like every task: ``recurrent_init: orthogonal`` makes each W_hh gate block orthogonal × gain."""
-    model = PolyphonicMusicModel(network=Network(cell="lstm", hidden_size=16, recurrent_init="orthogonal", recurrent_gain=0.5))
+    model = PolyphonicMusicModel(network=NetworkConfig(cell="lstm", hidden_size=16, recurrent_init="orthogonal", recurrent_gain=0.5))
     for block in model.stack.layers[0].cell.weight_hh.detach().split(16, dim=0):
         torch.testing.assert_close(block @ block.T, 0.25 * torch.eye(16), atol=1e-5, rtol=0)
 
@@ -118,7 +118,7 @@ def test_recurrent_init_reaches_the_music_model():
 # ---- generation ---------------------------------------------------------------------------
 def test_generate_is_seeded_primed_and_respects_top_k():
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(network=Network(hidden_size=8))
+    model = PolyphonicMusicModel(network=NetworkConfig(hidden_size=8))
     torch.nn.init.constant_(model.head.bias, 0.0)  # p = 0.5 everywhere: plenty of notes
     a = generate_roll(model, 20, seed=7)
     b = generate_roll(model, 20, seed=7)
@@ -147,14 +147,14 @@ def test_generate_is_seeded_primed_and_respects_top_k():
 
 
 def test_openings_seen_in_training_start_generation_from_scratch():
-    model = PolyphonicMusicModel(network=Network(hidden_size=8))
+    model = PolyphonicMusicModel(network=NetworkConfig(hidden_size=8))
     chord = torch.zeros(2, 88)
     chord[:, [39, 43, 46]] = 1  # C major
     model._remember_openings(chord)
     assert int(model.n_openings) == 2
     roll = generate_roll(model, 5, seed=0)
     assert sorted(np.flatnonzero(roll[0])) == [39, 43, 46]
-    restored = PolyphonicMusicModel(network=Network(hidden_size=8))
+    restored = PolyphonicMusicModel(network=NetworkConfig(hidden_size=8))
     restored.load_state_dict(model.state_dict())
     assert int(restored.n_openings) == 2
 
@@ -178,7 +178,7 @@ def test_midi_round_trip_and_png(tmp_path):
 
 def test_sample_writes_midi_and_png_and_reports(tmp_path):
     torch.manual_seed(0)
-    model = PolyphonicMusicModel(network=Network(hidden_size=8))
+    model = PolyphonicMusicModel(network=NetworkConfig(hidden_size=8))
     dm = ChoralesDataModule(path=str(write_mat(tmp_path / "songs.mat")))
     text = sample(model, dm, prime=None, prime_frames=3, length=12, temperature=1.0, top_k=0, seed=4,
                         output=str(tmp_path / "out"))

@@ -59,8 +59,13 @@ def test_the_lstm_with_every_regularizer_follows_its_equations(training):
     torch.testing.assert_close(out, by_hand(stack, x, training), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_at_evaluation_dropouts_are_off_and_zoneout_is_its_expectation(cell):
+def regularizers_of(cell: str) -> dict:
+    """Every regularizer that applies to the cell (zoneout_c needs a cell state)."""
+    return {k: v for k, v in ALL.items() if k != "zoneout_c" or "c" in CELLS[cell].state}
+
+
+def check_evaluation(cell: str) -> None:
+    """At evaluation the dropouts are off and zoneout is its expectation."""
     torch.manual_seed(0)
     plain = RecurrentStack(cell, 3, 5, num_layers=2, impl="autograd").eval()
     regs = dict(recurrent_dropout=0.3, weight_drop=0.5)
@@ -79,10 +84,9 @@ def test_at_evaluation_dropouts_are_off_and_zoneout_is_its_expectation(cell):
     torch.testing.assert_close(zoned(x)[0][:, -1], h)
 
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
-def test_gradcheck_through_every_regularizer(cell):
+def check_gradcheck_with_every_regularizer(cell: str) -> None:
     torch.manual_seed(0)
-    regs = ALL if cell == "lstm" else {k: v for k, v in ALL.items() if k != "zoneout_c"}
+    regs = regularizers_of(cell)
     stack = RecurrentStack(cell, 3, 4, num_layers=2, impl="autograd", **regs).double()
     x = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True)
     params = list(stack.parameters())
@@ -95,28 +99,18 @@ def test_gradcheck_through_every_regularizer(cell):
     assert torch.autograd.gradcheck(run, (x, *params))
 
 
-NO_C = {k: v for k, v in ALL.items() if k != "zoneout_c"}
-CASES = [(cell, name, regs) for cell in ("rnn", "lstm", "lstm_peephole", "gru")
-         for name, regs in (("weight_drop", dict(weight_drop=0.4)), ("recurrent_dropout", dict(recurrent_dropout=0.3)),
-                            ("zoneout_h", dict(zoneout_h=0.3)), ("zoneout_c", dict(zoneout_c=0.3)),
-                            ("all", ALL if cell.startswith("lstm") else NO_C))
-         if not (cell in ("rnn", "gru") and name == "zoneout_c")]
+def check_handwritten_equal_autograd(name: str, options: dict, regs: dict, dtype: torch.dtype, training: bool) -> None:
+    """Every hand-written backward of the cell (on a CPU) with the same masks as autograd
+    (``regularizer_masks`` draws them for both): outputs, final states and every gradient equal
+    autograd's, with uneven lengths."""
+    for impl in [b for b in ("cpp", "reference") if b in CELLS[name].layers]:
+        check_pair(name, options, regs, dtype, training, impl)
 
 
-@pytest.mark.parametrize("cell, regs", [(c, r) for c, _, r in CASES], ids=[f"{c}-{n}" for c, n, _ in CASES])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
-def test_regularizers_under_bptt_equal_autograd(cell, regs, dtype, training):
-    """The hand-written BPTT with the same masks (``regularizer_masks`` draws them for both):
-    outputs, final states and every gradient equal autograd's, with uneven lengths. Weight drop
-    runs the C++ loops on W_hh ⊙ M / (1 − p) (autograd takes dW_hh back through the mask); the
-    others run the reference's extended backward."""
-    options = dict(peephole=True) if cell == "lstm_peephole" else {}
-    name = cell.split("_")[0]
+def check_pair(name, options, regs, dtype, training, impl) -> None:
     torch.manual_seed(0)
     a = RecurrentStack(name, 3, 6, num_layers=2, impl="autograd", **options, **regs).to(dtype).train(training)
-    b = RecurrentStack(name, 3, 6, num_layers=2, impl="cpp" if "cpp" in CELLS[name].layers else "reference",
-                       **options, **regs).to(dtype).train(training)
+    b = RecurrentStack(name, 3, 6, num_layers=2, impl=impl, **options, **regs).to(dtype).train(training)
     b.load_state_dict(a.state_dict())
     x = torch.randn(4, 5, 3, dtype=dtype)
     results = []
@@ -134,6 +128,29 @@ def test_regularizers_under_bptt_equal_autograd(cell, regs, dtype, training):
         torch.testing.assert_close(ga, gb, **tol)
     if training and "weight_drop" in regs:
         assert grads_a[1].eq(0).any(), "dropped entries of W_hh get no gradient"
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_at_evaluation_dropouts_are_off_and_zoneout_is_its_expectation(cell):
+    check_evaluation(cell)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_gradcheck_through_every_regularizer(cell):
+    check_gradcheck_with_every_regularizer(cell)
+
+
+# every registered cell and variant with a hand-written backward, each regularizer alone and all at once
+CASES = [pytest.param(name, variant, regs, id="-".join([name, *map(str, variant.values()), reg]))
+         for name, kind in CELLS.items() if kind.layers for variant in kind.all_variants()
+         for reg, regs in [*((k, {k: v}) for k, v in regularizers_of(name).items()), ("all", regularizers_of(name))]]
+
+
+@pytest.mark.parametrize("name, variant, regs", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "evaluation"])
+def test_regularizers_under_the_handwritten_backward_equal_autograd(name, variant, regs, dtype, training):
+    check_handwritten_equal_autograd(name, variant, regs, dtype, training)
 
 
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "lstm_peephole"])
@@ -202,10 +219,10 @@ def test_bad_regularizers_are_one_line_errors(kwargs, message):
 
 def test_a_task_names_the_config_key():
     from seqmodels.tasks import SumsRegressor
-    from seqmodels.tasks.base import Network
+    from seqmodels.tasks.base import NetworkConfig
 
     with pytest.raises(ConfigError, match=r"^model\.network\.weight_drop must be in \[0, 1\)"):
-        SumsRegressor(Network(cell="lstm", weight_drop=1.5))
+        SumsRegressor(NetworkConfig(cell="lstm", weight_drop=1.5))
 
 
 @pytest.mark.cxx
@@ -217,7 +234,7 @@ def test_the_cpp_loops_apply_every_regularizer_when_threads_share_a_step(cell, B
     from seqmodels import fused
 
     assert fused.loops() is not None
-    regs = NO_C if cell == "rnn" else ALL
+    regs = regularizers_of(cell.split("_")[0])
     options = dict(peephole=True) if cell == "lstm_peephole" else {}
     torch.manual_seed(0)
     a = RecurrentStack(cell.split("_")[0], 9, H, impl="autograd", **options, **regs)

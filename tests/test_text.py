@@ -16,7 +16,7 @@ from data_modules.text import (CharTextDataModule, RandomWindows, StreamBatches,
 from seqmodels.cli import main
 from seqmodels.errors import ConfigError
 from seqmodels.sampling import generate_text
-from seqmodels.tasks import CharLanguageModel, Network
+from seqmodels.tasks import CharLanguageModel, NetworkConfig
 from tests.conftest import ROOT
 from tests.test_text_sources import use_tmp_datasets_cache
 
@@ -121,7 +121,7 @@ def test_unknown_characters_map_to_unk_and_never_crash(tmp_path):
     assert dm.vocab == ["<unk>", "a", "b", "c"]
     assert (np.asarray(dm.split_ids("test")) == 0).any()
     assert encode("abz", dm.vocab).tolist() == [1, 2, 0]
-    model = CharLanguageModel(vocab=dm.vocab, embedding_dim=4, network=Network(hidden_size=8, num_layers=1))
+    model = CharLanguageModel(vocab=dm.vocab, embedding_dim=4, network=NetworkConfig(hidden_size=8, num_layers=1))
     x, y, _ = next(iter(StreamBatches(dm.split_ids("test"), 2, 8)))
     logits, _ = model(x)
     assert torch.isfinite(torch.nn.functional.cross_entropy(logits.reshape(-1, 4), y.reshape(-1)))
@@ -144,7 +144,7 @@ def test_stream_batches_continue_each_stream():
 
 def test_tbptt_carries_the_detached_state_between_batches():
     torch.manual_seed(0)
-    model = CharLanguageModel(vocab=["<unk>", *"abcdefg"], embedding_dim=4, network=Network(hidden_size=8, num_layers=2))
+    model = CharLanguageModel(vocab=["<unk>", *"abcdefg"], embedding_dim=4, network=NetworkConfig(hidden_size=8, num_layers=2))
     model.log = lambda *args, **kwargs: None  # no Trainer here
     ids = np.random.default_rng(0).integers(1, 8, size=400)
     batches = list(StreamBatches(ids, batch_size=3, bptt=12))
@@ -188,7 +188,7 @@ def test_random_windows_are_seeded_per_epoch():
 
 def test_sampling_is_reproducible_with_a_seed():
     torch.manual_seed(0)
-    model = CharLanguageModel(vocab=build_vocab("abcdefgh \n"), embedding_dim=8, network=Network(hidden_size=16, num_layers=1))
+    model = CharLanguageModel(vocab=build_vocab("abcdefgh \n"), embedding_dim=8, network=NetworkConfig(hidden_size=16, num_layers=1))
     a = generate_text(model, "ab", length=50, temperature=1.0, seed=7)
     assert a == generate_text(model, "ab", length=50, temperature=1.0, seed=7)
     assert a != generate_text(model, "ab", length=50, temperature=1.0, seed=8)
@@ -290,7 +290,7 @@ def test_predict_writes_next_character_probabilities_that_match_the_test_loss(tm
                             cache_dir=str(tmp_path / "cache"))
     dm.prepare()
     torch.manual_seed(0)
-    model = CharLanguageModel(vocab=dm.vocab, embedding_dim=4, network=Network(hidden_size=8))
+    model = CharLanguageModel(vocab=dm.vocab, embedding_dim=4, network=NetworkConfig(hidden_size=8))
     trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[PredictionFiles()], default_root_dir=str(tmp_path))
     test_loss = float(trainer.test(model, dm, verbose=False)[0]["test/loss"])

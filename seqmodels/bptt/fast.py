@@ -181,12 +181,12 @@ def _contiguous(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return None if t is None else t.to(like.dtype).contiguous()
 
 
-def _gemm_input(h0: Tensor, r: Optional[Tensor]) -> Optional[Tensor]:
-    """The loop's buffer of h_{t-1} ⊙ r (two alternating slots), slot 0 = h_0 ⊙ r; None without r."""
-    if r is None:
+def _gemm_input(h0: Tensor, rho: Optional[Tensor]) -> Optional[Tensor]:
+    """The loop's buffer of h_{t-1} ⊙ ρ (two alternating slots), slot 0 = h_0 ⊙ ρ; None without ρ."""
+    if rho is None:
         return None
     hin = h0.new_empty(2, *h0.shape)
-    torch.mul(h0, r, out=hin[0])
+    torch.mul(h0, rho, out=hin[0])
     return hin
 
 
@@ -221,8 +221,8 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor, bias_hh: Tensor, lengths: Optional[Tensor],
-                nonlinearity: str, save: bool, r: Optional[Tensor] = None, d_h: Optional[Tensor] = None):
-        """``r`` (B, H), ``d_h`` (T, B, H): recurrent dropout and zoneout (docs/bptt.md,
+                nonlinearity: str, save: bool, rho: Optional[Tensor] = None, d_h: Optional[Tensor] = None):
+        """``ρ`` (B, H), ``d_h`` (T, B, H): recurrent dropout and zoneout (docs/bptt.md,
         "Regularizers"), None when off; with zoneout the loop leaves h̃_t in xz for the backward."""
         T, B, I = x.shape
         H = weight_hh.shape[0]
@@ -233,15 +233,15 @@ class RNNFunction(torch.autograd.Function):
         hs[0] = h0
         x2 = x.reshape(T * B, I)
         xz = _linear_pooled(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
-        r, d_h = _contiguous(r, x), _contiguous(d_h, x)
-        hin = _gemm_input(h0, r)
-        loops.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh, r, d_h, hin)
+        rho, d_h = _contiguous(rho, x), _contiguous(d_h, x)
+        hin = _gemm_input(h0, rho)
+        loops.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh, rho, d_h, hin)
         htil = xz if d_h is not None and save else None  # h̃_t of every step
         if htil is None:
             _POOL.release(xz)
         if save:
             ctx.save_for_backward(x2, hs, weight_ih, weight_hh)
-            ctx.tanh, ctx.lens, ctx.loops, ctx.r, ctx.d_h, ctx.htil = tanh, lens, loops, r, d_h, htil
+            ctx.tanh, ctx.lens, ctx.loops, ctx.rho, ctx.d_h, ctx.htil = tanh, lens, loops, rho, d_h, htil
             if htil is not None:
                 weakref.finalize(ctx, _POOL.release, htil)
         return lens.masked_output(hs), hs[T].clone()
@@ -256,7 +256,7 @@ class RNNFunction(torch.autograd.Function):
         dy = _POOL.empty((T + 1, B, H), hs)
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, H), hs)
-        ctx.loops.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh, ctx.r, ctx.d_h,
+        ctx.loops.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh, ctx.rho, ctx.d_h,
                                  ctx.htil)  # leaves δs_t in dy[t]
         ds = dy[0].clone()
         dz = dz.view(T * B, H)
@@ -264,7 +264,7 @@ class RNNFunction(torch.autograd.Function):
         d_x = _linear(dz, weight_ih.t()).view(T, B, -1) if need[0] else None
         d_h0 = ds if need[1] else None
         d_w_ih = _grad_weight(dz, x2) if need[2] else None  # dZᵀ X
-        s_prev = hs[:-1] if ctx.r is None else hs[:-1] * ctx.r  # what the GEMMs multiplied W_hh with
+        s_prev = hs[:-1] if ctx.rho is None else hs[:-1] * ctx.rho  # what the GEMMs multiplied W_hh with
         d_w_hh = _grad_weight(dz, s_prev.reshape(T * B, H)) if need[3] else None  # dZᵀ S_prev
         d_b = dz.sum(0) if (need[4] or need[5]) else None
         _POOL.release(dy, dz)
@@ -286,7 +286,7 @@ class LSTMFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor, bias_hh: Tensor, weight_ci: Optional[Tensor],
                 weight_cf: Optional[Tensor], weight_co: Optional[Tensor],
-                lengths: Optional[Tensor], save: bool, r: Optional[Tensor] = None,
+                lengths: Optional[Tensor], save: bool, rho: Optional[Tensor] = None,
                 d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None):
         """torch's gate order (i, f, g, o), one fused kernel per step. It keeps the activations
         i, f, g, o and tanh(c̃) of every step, from which the backward's kernel forms the factors."""
@@ -299,14 +299,14 @@ class LSTMFunction(torch.autograd.Function):
         hs[0], cs[0] = h0, c0
         tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
         peep = None if weight_ci is None else torch.stack((weight_ci, weight_cf, weight_co))
-        r, d_h, d_c = _contiguous(r, x), _contiguous(d_h, x), _contiguous(d_c, x)
-        loops.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs, r, d_h, d_c,
-                             _gemm_input(h0, r))
+        rho, d_h, d_c = _contiguous(rho, x), _contiguous(d_h, x), _contiguous(d_c, x)
+        loops.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs, rho, d_h, d_c,
+                             _gemm_input(h0, rho))
         c_T, lens = cs[T].clone(), _Lengths(lengths, T, x)
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
             ctx.lengths, ctx.lens, ctx.loops = lengths, lens, loops
-            ctx.r, ctx.d_h, ctx.d_c = r, d_h, d_c
+            ctx.rho, ctx.d_h, ctx.d_c = rho, d_h, d_c
             weakref.finalize(ctx, _POOL.release, cs, tcs, acts)
         else:
             _POOL.release(cs, acts)
@@ -323,9 +323,9 @@ class LSTMFunction(torch.autograd.Function):
         ctx.lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, 4 * H), hs)  # δz_t, gates (i, f, g, o)
         d_c0 = ctx.loops.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh.contiguous(), peep,
-                                         ctx.lengths, dz, ctx.r, ctx.d_h, ctx.d_c)
+                                         ctx.lengths, dz, ctx.rho, ctx.d_h, ctx.d_c)
         d_h0 = dy[0].clone()  # the loop leaves δh_t in dy[t]
-        h_prev = hs[:-1] if ctx.r is None else hs[:-1] * ctx.r  # what the GEMMs multiplied W_hh with
+        h_prev = hs[:-1] if ctx.rho is None else hs[:-1] * ctx.rho  # what the GEMMs multiplied W_hh with
         c_new = None
         if peep is not None and ctx.d_c is not None:  # zoned-out c: p_o saw c̃_t = f c_{t-1} + i g
             c_new = acts[..., H:2 * H] * cs[:-1] + acts[..., :H] * acts[..., 2 * H:3 * H]

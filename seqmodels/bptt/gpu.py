@@ -241,7 +241,7 @@ def _first_backward(ctx) -> None:
     """The backward overwrites the saved activations with δz (no second T·B·G buffer), so a
     second backward through the same forward (retain_graph=True) must fail loudly."""
     if getattr(ctx, "consumed", False):
-        raise RuntimeError("impl bptt on the GPU cannot backward twice through the same forward "
+        raise RuntimeError("impl triton cannot backward twice through the same forward "
                            "(retain_graph=True); use impl: autograd for that")
     ctx.consumed = True
 
@@ -255,13 +255,13 @@ class RNNTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
                 bias_hh: Tensor, lengths: Optional[Tensor], nonlinearity: str, save: bool,
-                r: Optional[Tensor] = None, d_h: Optional[Tensor] = None):
+                rho: Optional[Tensor] = None, d_h: Optional[Tensor] = None):
         T, B, I = x.shape
         H = weight_hh.shape[0]
         x2 = x.reshape(T * B, I)
         w_t = weight_hh.t().contiguous()
-        r, d_h, lens = _contiguous(r, x), _contiguous(d_h, x), _lengths(lengths, x)
-        flags = dict(TANH=nonlinearity == "tanh", HAS_R=r is not None, HAS_DH=d_h is not None,
+        rho, d_h, lens = _contiguous(rho, x), _contiguous(d_h, x), _lengths(lengths, x)
+        flags = dict(TANH=nonlinearity == "tanh", HAS_RHO=rho is not None, HAS_DH=d_h is not None,
                      HAS_LEN=lens is not None)
         state = {}
 
@@ -269,14 +269,14 @@ class RNNTriton(torch.autograd.Function):
             state["xz"] = F.linear(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)  # -> h̃_t
             state["hs"] = x.new_empty(T + 1, B, H)
             state["hs"][0] = h0
-            return (state["xz"], state["hs"], w_t, _dummy(x, r), _dummy(x, d_h), _dummy(x, lens))
+            return (state["xz"], state["hs"], w_t, _dummy(x, rho), _dummy(x, d_h), _dummy(x, lens))
 
         _run(triton_kernels().rnn_forward, B, H, T, x, make_args, flags)
         hs, acts = state["hs"], state["xz"]
         if save:
             ctx.save_for_backward(x2, hs, acts, weight_ih, weight_hh)
             ctx.bias = (bias_ih + bias_hh).detach()
-            ctx.flags, ctx.r, ctx.d_h, ctx.lens = flags, r, d_h, lens
+            ctx.flags, ctx.rho, ctx.d_h, ctx.lens = flags, rho, d_h, lens
         return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone()
 
     @staticmethod
@@ -286,24 +286,24 @@ class RNNTriton(torch.autograd.Function):
         x2, hs, acts, weight_ih, weight_hh = ctx.saved_tensors
         T, B, H = acts.shape
         dy = d_out.to(hs.dtype).contiguous()
-        r = ctx.r
+        rho = ctx.rho
         state = {}
 
         def make_args(retry: bool):
             if retry:  # the timed-out launch overwrote part of the activations
-                acts.copy_(_rnn_activations(x2, hs, weight_ih, weight_hh, ctx.bias, r, ctx.flags["TANH"]))
+                acts.copy_(_rnn_activations(x2, hs, weight_ih, weight_hh, ctx.bias, rho, ctx.flags["TANH"]))
             state["carry"] = d_hT.to(acc_dtype(hs.dtype)).contiguous().clone()
-            return (acts, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, r), _dummy(dy, ctx.d_h),
+            return (acts, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, rho), _dummy(dy, ctx.d_h),
                     _dummy(dy, ctx.lens))
 
         _run(triton_kernels().rnn_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
         dz = acts  # now δz_t of every step
         back = dz[0] @ weight_hh
-        d_h0 = state["carry"] + (back if r is None else r * back)
+        d_h0 = state["carry"] + (back if rho is None else rho * back)
         dz2 = dz.view(T * B, H)
         need = ctx.needs_input_grad
         d_x = (dz2 @ weight_ih).view(T, B, -1) if need[0] else None
-        h_prev = hs[:-1] if r is None else hs[:-1] * r
+        h_prev = hs[:-1] if rho is None else hs[:-1] * rho
         d_w_ih = dz2.t() @ x2 if need[2] else None
         d_w_hh = dz2.t() @ h_prev.reshape(T * B, H) if need[3] else None
         d_b = dz2.sum(0) if (need[4] or need[5]) else None
@@ -312,19 +312,19 @@ class RNNTriton(torch.autograd.Function):
 
 
 def _rnn_activations(x2: Tensor, hs: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor,
-                     r: Optional[Tensor], tanh: bool) -> Tensor:
+                     rho: Optional[Tensor], tanh: bool) -> Tensor:
     """h̃_t of every step at once from the saved states (no time loop: hs holds every h_{t-1})."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-    h_prev = hs[:-1] if r is None else hs[:-1] * r
+    h_prev = hs[:-1] if rho is None else hs[:-1] * rho
     z = F.linear(x2, weight_ih, bias).view(T, B, H) + h_prev @ weight_hh.t()
     return torch.tanh(z) if tanh else torch.relu(z)
 
 
 def _lstm_activations(x2: Tensor, hs: Tensor, cs: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Tensor,
-                      peep: Optional[tuple], r: Optional[Tensor]) -> Tensor:
+                      peep: Optional[tuple], rho: Optional[Tensor]) -> Tensor:
     """i, f, g, o of every step at once from the saved states h_{t-1}, c_{t-1} (slots 0..T-1)."""
     T, B, H = hs.shape[0] - 1, hs.shape[1], hs.shape[2]
-    h_prev = hs[:-1] if r is None else hs[:-1] * r
+    h_prev = hs[:-1] if rho is None else hs[:-1] * rho
     z = (F.linear(x2, weight_ih, bias).view(T, B, 4 * H) + h_prev @ weight_hh.t()).to(cs.dtype)
     z_i, z_f, z_g, z_o = z.chunk(4, -1)
     c_prev = cs[:-1]
@@ -346,15 +346,15 @@ class LSTMTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor, bias_hh: Tensor, weight_ci: Optional[Tensor], weight_cf: Optional[Tensor],
-                weight_co: Optional[Tensor], lengths: Optional[Tensor], save: bool, r: Optional[Tensor] = None,
+                weight_co: Optional[Tensor], lengths: Optional[Tensor], save: bool, rho: Optional[Tensor] = None,
                 d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None):
         T, B, I = x.shape
         H = weight_hh.shape[1]
         x2 = x.reshape(T * B, I)
         w_t = weight_hh.t().contiguous()
         peep = None if weight_ci is None else tuple(p.contiguous() for p in (weight_ci, weight_cf, weight_co))
-        r, d_h, d_c, lens = _contiguous(r, x), _contiguous(d_h, x), _contiguous(d_c, x), _lengths(lengths, x)
-        flags = dict(PEEP=peep is not None, HAS_R=r is not None, HAS_DH=d_h is not None, HAS_DC=d_c is not None,
+        rho, d_h, d_c, lens = _contiguous(rho, x), _contiguous(d_h, x), _contiguous(d_c, x), _lengths(lengths, x)
+        flags = dict(PEEP=peep is not None, HAS_RHO=rho is not None, HAS_DH=d_h is not None, HAS_DC=d_c is not None,
                      HAS_LEN=lens is not None)
         state = {}
 
@@ -364,7 +364,7 @@ class LSTMTriton(torch.autograd.Function):
             state["hs"][0] = h0
             state["cs"] = torch.empty(T + 1, B, H, dtype=acc_dtype(x.dtype), device=x.device)
             state["cs"][0] = c0
-            return (state["xz"], state["hs"], state["cs"], w_t, _dummy(x, r), _dummy(x, d_h), _dummy(x, d_c),
+            return (state["xz"], state["hs"], state["cs"], w_t, _dummy(x, rho), _dummy(x, d_h), _dummy(x, d_c),
                     _dummy(x, lens), *(peep or (x, x, x)))
 
         _run(triton_kernels().lstm_forward, B, H, T, x, make_args, flags)
@@ -372,7 +372,7 @@ class LSTMTriton(torch.autograd.Function):
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, weight_ih, weight_hh)
             ctx.bias = (bias_ih + bias_hh).detach()
-            ctx.flags, ctx.peep, ctx.r, ctx.d_h, ctx.d_c, ctx.lens = flags, peep, r, d_h, d_c, lens
+            ctx.flags, ctx.peep, ctx.rho, ctx.d_h, ctx.d_c, ctx.lens = flags, peep, rho, d_h, d_c, lens
         return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone(), cs[T].to(x.dtype)
 
     @staticmethod
@@ -383,7 +383,7 @@ class LSTMTriton(torch.autograd.Function):
         T, B, H4 = acts.shape
         H = H4 // 4
         dy = d_out.to(hs.dtype).contiguous()
-        r, peep = ctx.r, ctx.peep
+        rho, peep = ctx.rho, ctx.peep
         c_new = None
         if peep is not None and ctx.d_c is not None:  # p_o saw c̃_t = f c_{t-1} + i g, not the zoned-out c_t
             c_new = acts[..., H:2 * H] * cs[:-1] + acts[..., :H] * acts[..., 2 * H:3 * H]
@@ -391,17 +391,17 @@ class LSTMTriton(torch.autograd.Function):
 
         def make_args(retry: bool):
             if retry:  # the timed-out launch overwrote part of the activations
-                acts.copy_(_lstm_activations(x2, hs, cs, weight_ih, weight_hh, ctx.bias, peep, r))
+                acts.copy_(_lstm_activations(x2, hs, cs, weight_ih, weight_hh, ctx.bias, peep, rho))
             state["h"] = d_hT.to(acc_dtype(hs.dtype)).contiguous().clone()
             state["c"] = d_cT.to(acc_dtype(hs.dtype)).contiguous().clone()
-            return (acts, cs, dy, weight_hh.contiguous(), state["h"], state["c"], _dummy(dy, r), _dummy(dy, ctx.d_h),
+            return (acts, cs, dy, weight_hh.contiguous(), state["h"], state["c"], _dummy(dy, rho), _dummy(dy, ctx.d_h),
                     _dummy(dy, ctx.d_c), _dummy(dy, ctx.lens), *(peep or (dy, dy, dy)))
 
         _run(triton_kernels().lstm_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
         dz = acts  # now δz_t of every step, gates (i, f, g, o)
         back = dz[0] @ weight_hh
-        d_h0 = state["h"] + (back if r is None else r * back)
-        h_prev = hs[:-1] if r is None else hs[:-1] * r
+        d_h0 = state["h"] + (back if rho is None else rho * back)
+        h_prev = hs[:-1] if rho is None else hs[:-1] * rho
         grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, None if peep is None else cs,
                             weight_ih, d_h0.to(hs.dtype), state["c"].to(hs.dtype), c_new)
         return (*grads, None, None, None)
@@ -426,14 +426,14 @@ class GRUTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
-                bias_hh: Tensor, lengths: Optional[Tensor], save: bool, r: Optional[Tensor] = None,
+                bias_hh: Tensor, lengths: Optional[Tensor], save: bool, rho: Optional[Tensor] = None,
                 d_h: Optional[Tensor] = None):
         T, B, I = x.shape
         H = weight_hh.shape[1]
         x2 = x.reshape(T * B, I)
         w_t = weight_hh.t().contiguous()
-        r, d_h, lens = _contiguous(r, x), _contiguous(d_h, x), _lengths(lengths, x)
-        flags = dict(HAS_R=r is not None, HAS_DH=d_h is not None, HAS_LEN=lens is not None)
+        rho, d_h, lens = _contiguous(rho, x), _contiguous(d_h, x), _lengths(lengths, x)
+        flags = dict(HAS_RHO=rho is not None, HAS_DH=d_h is not None, HAS_LEN=lens is not None)
         state = {}
 
         def make_args(retry: bool):
@@ -441,14 +441,14 @@ class GRUTriton(torch.autograd.Function):
             state["b_n"] = x.new_empty(T, B, H)
             state["hs"] = x.new_empty(T + 1, B, H)
             state["hs"][0] = h0
-            return (state["xz"], state["hs"], state["b_n"], w_t, bias_hh.contiguous(), _dummy(x, r), _dummy(x, d_h),
+            return (state["xz"], state["hs"], state["b_n"], w_t, bias_hh.contiguous(), _dummy(x, rho), _dummy(x, d_h),
                     _dummy(x, lens))
 
         _run(triton_kernels().gru_forward, B, H, T, x, make_args, flags)
         hs, acts, b_n = state["hs"], state["xz"], state["b_n"]
         if save:
             ctx.save_for_backward(x2, hs, acts, b_n, weight_ih, weight_hh, bias_ih, bias_hh)
-            ctx.flags, ctx.r, ctx.d_h, ctx.lens = flags, r, d_h, lens
+            ctx.flags, ctx.rho, ctx.d_h, ctx.lens = flags, rho, d_h, lens
         return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone()
 
     @staticmethod
@@ -459,25 +459,25 @@ class GRUTriton(torch.autograd.Function):
         T, B, H3 = acts.shape
         H = H3 // 3
         dy = d_out.to(hs.dtype).contiguous()
-        r = ctx.r
+        rho = ctx.rho
         state = {}
 
         def make_args(retry: bool):
             if retry:  # the timed-out launch overwrote part of the activations and b^n
-                gates, b = _gru_activations(x2, hs, weight_ih, weight_hh, bias_ih, bias_hh, r)
+                gates, b = _gru_activations(x2, hs, weight_ih, weight_hh, bias_ih, bias_hh, rho)
                 acts.copy_(gates)
                 b_n.copy_(b)
             state["carry"] = d_hT.to(acc_dtype(hs.dtype)).contiguous().clone()
-            return (acts, b_n, hs, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, r), _dummy(dy, ctx.d_h),
+            return (acts, b_n, hs, dy, weight_hh.contiguous(), state["carry"], _dummy(dy, rho), _dummy(dy, ctx.d_h),
                     _dummy(dy, ctx.lens))
 
         _run(triton_kernels().gru_backward, B, H, T, hs, make_args, ctx.flags, backward=True)
         d_b = acts  # now δb_t of every step; b_n holds δa^n
         back = d_b[0] @ weight_hh
-        d_h0 = state["carry"] + (back if r is None else r * back)
+        d_h0 = state["carry"] + (back if rho is None else rho * back)
         need = ctx.needs_input_grad
         db2 = d_b.view(T * B, 3 * H)
-        s_prev = hs[:-1] if r is None else hs[:-1] * r
+        s_prev = hs[:-1] if rho is None else hs[:-1] * rho
         d_w_hh = db2.t() @ s_prev.reshape(T * B, H) if need[3] else None
         d_b_hh = db2.sum(0) if need[5] else None
         d_b[..., 2 * H:] = b_n  # δa = δb but in the n block

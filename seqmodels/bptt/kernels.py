@@ -1,13 +1,13 @@
-"""The recurrent time loops as Triton kernels, for ``impl: bptt`` on CUDA (``gpu.py`` launches them).
+"""The recurrent time loops as Triton kernels, for ``impl: triton`` on CUDA (experimental) (``gpu.py`` launches them).
 
 The formulas are those of ``reference.py`` (docs/bptt.md): these kernels only change where the
 work happens. Everything that does not depend on the previous step stays outside, in one big
 cuBLAS GEMM each (the input projection before the loop; dX, dW_ih, dW_hh and the biases after
 it), exactly as on the CPU. What runs here is the part that must step through time:
 
-    forward, step t     z_t = xz_t + (h_{t-1} ⊙ r) W_hhᵀ        (xz_t = x_t W_ihᵀ + b, given)
+    forward, step t     z_t = xz_t + (h_{t-1} ⊙ ρ) W_hhᵀ        (xz_t = x_t W_ihᵀ + b, given)
                         gates, c_t, h_t, zoneout, length mask   (fused, in registers)
-    backward, step t    δh_t = carry_h + r ⊙ (δz_{t+1} W_hh)    (the recurrent GEMM)
+    backward, step t    δh_t = carry_h + ρ ⊙ (δz_{t+1} W_hh)    (the recurrent GEMM)
                         δz_t and the carries of δh, δc          (fused, in registers)
 
 Each program owns a block of batch rows × hidden units (BB × BH) and all the gates of those
@@ -87,8 +87,8 @@ def _grid_sync(sync, target, SPIN: tl.constexpr):
 
 
 @triton.jit
-def _gemm_input(h, r, rows, row_ok, ks, k_ok, H, HAS_R: tl.constexpr, ACC: tl.constexpr):
-    """The (BB, BK) tile of h_{t-1} ⊙ r that the step's GEMM multiplies: columns ks of the
+def _gemm_input(h, rho, rows, row_ok, ks, k_ok, H, HAS_RHO: tl.constexpr, ACC: tl.constexpr):
+    """The (BB, BK) tile of h_{t-1} ⊙ ρ that the step's GEMM multiplies: columns ks of the
     program's rows, written by other programs last step. That these loads see those writes is
     the barrier's doing (release add, acquire load, then a CTA barrier: PTX's memory model
     orders every thread's later loads after the other programs' stores); ``.cg`` (skip L1)
@@ -96,17 +96,17 @@ def _gemm_input(h, r, rows, row_ok, ks, k_ok, H, HAS_R: tl.constexpr, ACC: tl.co
     offsets = rows[:, None] * H + ks[None, :]
     both = row_ok[:, None] & k_ok[None, :]
     h_k = tl.load(h + offsets, mask=both, other=0.0, cache_modifier=".cg")
-    if HAS_R:
-        r_k = tl.load(r + offsets, mask=both, other=0.0)
-        h_k = (h_k.to(ACC) * r_k.to(ACC)).to(h_k.dtype)
+    if HAS_RHO:
+        rho_k = tl.load(rho + offsets, mask=both, other=0.0)
+        h_k = (h_k.to(ACC) * rho_k.to(ACC)).to(h_k.dtype)
     return h_k
 
 
 @triton.jit
-def _back_through_w_hh(dz_next, w, r, rows, row_ok, cols, col_ok, H, G, BB: tl.constexpr, BH: tl.constexpr,
-                       BK: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+def _back_through_w_hh(dz_next, w, rho, rows, row_ok, cols, col_ok, H, G, BB: tl.constexpr, BH: tl.constexpr,
+                       BK: tl.constexpr, HAS_RHO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                        ACC: tl.constexpr):
-    """r ⊙ (δz_{t+1} W_hh) for the program's (rows, cols): δz_{t+1} (B, G) of all programs, so
+    """ρ ⊙ (δz_{t+1} W_hh) for the program's (rows, cols): δz_{t+1} (B, G) of all programs, so
     past L1 (``.cg``), times W_hh (G, H), summed over the G gate columns."""
     back = tl.zeros((BB, BH), ACC)
     for k0 in range(0, G, BK):
@@ -116,8 +116,8 @@ def _back_through_w_hh(dz_next, w, r, rows, row_ok, cols, col_ok, H, G, BB: tl.c
                        cache_modifier=".cg")
         w_k = tl.load(w + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
         back = _dot(dz_k, w_k, back, PRECISION, UPCAST)
-    if HAS_R:
-        back = back * tl.load(r + rows[:, None] * H + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+    if HAS_RHO:
+        back = back * tl.load(rho + rows[:, None] * H + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
                               other=0.0).to(ACC)
     return back
 
@@ -133,12 +133,12 @@ def _row_live(lengths, rows, row_ok, t, HAS_LEN: tl.constexpr, ACC: tl.constexpr
 
 
 # ---------------------------------------------------------------------------------------
-# Vanilla RNN:  z_t = xz_t + (h_{t-1} ⊙ r) W_hhᵀ,  h̃_t = f(z_t),  ĥ = d h_{t-1} + (1 − d) h̃,
+# Vanilla RNN:  z_t = xz_t + (h_{t-1} ⊙ ρ) W_hhᵀ,  h̃_t = f(z_t),  ĥ = d h_{t-1} + (1 − d) h̃,
 #               h_t = m ĥ + (1 − m) h_{t-1}
 # ---------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_STEP_ARGS)
-def rnn_forward(xz, hs, w_t, r, d_h, lengths, sync, B, H, t_start, t_stop,
-                TANH: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
+def rnn_forward(xz, hs, w_t, rho, d_h, lengths, sync, B, H, t_start, t_stop,
+                TANH: tl.constexpr, HAS_RHO: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
                 SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                 PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
                 UPCAST: tl.constexpr):
@@ -155,7 +155,7 @@ def rnn_forward(xz, hs, w_t, r, d_h, lengths, sync, B, H, t_start, t_stop,
         for k0 in range(0, H, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < H
-            h_k = _gemm_input(hs + slot, r, rows, row_ok, ks, k_ok, H, HAS_R, ACC)
+            h_k = _gemm_input(hs + slot, rho, rows, row_ok, ks, k_ok, H, HAS_RHO, ACC)
             w_k = tl.load(w_t + ks[:, None] * H + cols[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
             acc = _dot(h_k, w_k, acc, PRECISION, UPCAST)
         z = acc + tl.load(xz + slot + own, mask=ok, other=0.0).to(ACC)
@@ -174,13 +174,13 @@ def rnn_forward(xz, hs, w_t, r, d_h, lengths, sync, B, H, t_start, t_stop,
 
 
 @triton.jit(do_not_specialize=_STEP_ARGS)
-def rnn_backward(acts, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_start,
-                 TANH: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
+def rnn_backward(acts, dy, w, carry, rho, d_h, lengths, sync, B, H, T, t_stop, t_start,
+                 TANH: tl.constexpr, HAS_RHO: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr,
                  SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr,
                  PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
                 UPCAST: tl.constexpr):
     """Steps t = t_start − 1 down to t_stop. acts (T, B, H): h̃_t in, δz_t out (in place);
-    w = W_hh (H, H); carry (B, H) ACC: the part of δh_t that is not r ⊙ δz_{t+1} W_hh
+    w = W_hh (H, H); carry (B, H) ACC: the part of δh_t that is not ρ ⊙ δz_{t+1} W_hh
     (in: ∂L/∂h_T at t_start = T; out: after step t_stop)."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -192,9 +192,9 @@ def rnn_backward(acts, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_s
         t = t_start - 1 - (step - t_stop)
         slot = tl.cast(t, tl.int64) * B * H
         dh = tl.load(carry + own, mask=ok, other=0.0)
-        if t + 1 < T:  # + r ⊙ (δz_{t+1} W_hh)
-            back = _back_through_w_hh(acts + slot + B * H, w, r, rows, row_ok, cols, col_ok, H, H, BB, BH, BK,
-                                      HAS_R, PRECISION, UPCAST, ACC)
+        if t + 1 < T:  # + ρ ⊙ (δz_{t+1} W_hh)
+            back = _back_through_w_hh(acts + slot + B * H, w, rho, rows, row_ok, cols, col_ok, H, H, BB, BH, BK,
+                                      HAS_RHO, PRECISION, UPCAST, ACC)
             dh += back
         m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
         g = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
@@ -216,8 +216,8 @@ def rnn_backward(acts, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_s
 # LSTM, gates in torch's order (i, f, g, o), optional peepholes p_i, p_f, p_o
 # ---------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_STEP_ARGS)
-def lstm_forward(xz, hs, cs, w_t, r, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, H, t_start, t_stop,
-                 PEEP: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
+def lstm_forward(xz, hs, cs, w_t, rho, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, H, t_start, t_stop,
+                 PEEP: tl.constexpr, HAS_RHO: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
                  HAS_LEN: tl.constexpr, SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
                  BK: tl.constexpr, PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
                 UPCAST: tl.constexpr):
@@ -243,7 +243,7 @@ def lstm_forward(xz, hs, cs, w_t, r, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, 
         for k0 in range(0, H, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < H
-            h_k = _gemm_input(hs + slot, r, rows, row_ok, ks, k_ok, H, HAS_R, ACC)
+            h_k = _gemm_input(hs + slot, rho, rows, row_ok, ks, k_ok, H, HAS_RHO, ACC)
             w_k = w_t + ks[:, None] * (4 * H) + cols[None, :]
             w_ok = k_ok[:, None] & col_ok[None, :]
             acc_i = _dot(h_k, tl.load(w_k, mask=w_ok, other=0.0), acc_i, PRECISION, UPCAST)
@@ -287,15 +287,15 @@ def lstm_forward(xz, hs, cs, w_t, r, d_h, d_c, lengths, p_i, p_f, p_o, sync, B, 
 
 
 @triton.jit(do_not_specialize=_STEP_ARGS)
-def lstm_backward(acts, cs, dy, w, carry_h, carry_c, r, d_h, d_c, lengths, p_i, p_f, p_o, sync,
+def lstm_backward(acts, cs, dy, w, carry_h, carry_c, rho, d_h, d_c, lengths, p_i, p_f, p_o, sync,
                   B, H, T, t_stop, t_start,
-                  PEEP: tl.constexpr, HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
+                  PEEP: tl.constexpr, HAS_RHO: tl.constexpr, HAS_DH: tl.constexpr, HAS_DC: tl.constexpr,
                   HAS_LEN: tl.constexpr, SYNC: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
                   BK: tl.constexpr, PRECISION: tl.constexpr, SPIN: tl.constexpr, ACC: tl.constexpr,
                 UPCAST: tl.constexpr):
     """Steps t = t_start − 1 down to t_stop. acts (T, B, 4H): i, f, g, o in, δz_t out (in
     place); w = W_hh (4H, H); carry_h, carry_c (B, H) ACC: in ∂L/∂h_T, ∂L/∂c_T (at t_start =
-    T), out what reaches h, c from the steps done, except r ⊙ δz W_hh for h."""
+    T), out what reaches h, c from the steps done, except ρ ⊙ δz W_hh for h."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     cols = tl.program_id(1) * BH + tl.arange(0, BH)
     row_ok, col_ok = rows < B, cols < H
@@ -313,9 +313,9 @@ def lstm_backward(acts, cs, dy, w, carry_h, carry_c, r, d_h, d_c, lengths, p_i, 
         zslot = tl.cast(t, tl.int64) * B * (4 * H)
         dh = tl.load(carry_h + own, mask=ok, other=0.0)
         dc = tl.load(carry_c + own, mask=ok, other=0.0)
-        if t + 1 < T:  # + r ⊙ (δz_{t+1} W_hh), summed over the 4H gate columns
-            back = _back_through_w_hh(acts + zslot + B * (4 * H), w, r, rows, row_ok, cols, col_ok, H, 4 * H, BB, BH,
-                                      BK, HAS_R, PRECISION, UPCAST, ACC)
+        if t + 1 < T:  # + ρ ⊙ (δz_{t+1} W_hh), summed over the 4H gate columns
+            back = _back_through_w_hh(acts + zslot + B * (4 * H), w, rho, rows, row_ok, cols, col_ok, H, 4 * H, BB, BH,
+                                      BK, HAS_RHO, PRECISION, UPCAST, ACC)
             dh += back
         m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
         g_h = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
@@ -364,8 +364,8 @@ def lstm_backward(acts, cs, dy, w, carry_h, carry_c, r, d_h, d_c, lengths, p_i, 
 #   r = σ(a^r + b^r),  z = σ(a^z + b^z),  n = tanh(a^n + r b^n),  h̃ = (1 − z) n + z s
 # ---------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=_STEP_ARGS)
-def gru_forward(xz, hs, b_n, w_t, b_hh, r, d_h, lengths, sync, B, H, t_start, t_stop,
-                HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr, SYNC: tl.constexpr,
+def gru_forward(xz, hs, b_n, w_t, b_hh, rho, d_h, lengths, sync, B, H, t_start, t_stop,
+                HAS_RHO: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr, SYNC: tl.constexpr,
                 BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, SPIN: tl.constexpr,
                 ACC: tl.constexpr, UPCAST: tl.constexpr):
     """w_t = W_hhᵀ (H, 3H); b_hh (3H); xz (T, B, 3H) gets r, z, n; b_n (T, B, H) gets b^n, which
@@ -389,7 +389,7 @@ def gru_forward(xz, hs, b_n, w_t, b_hh, r, d_h, lengths, sync, B, H, t_start, t_
         for k0 in range(0, H, BK):
             ks = k0 + tl.arange(0, BK)
             k_ok = ks < H
-            h_k = _gemm_input(hs + slot, r, rows, row_ok, ks, k_ok, H, HAS_R, ACC)
+            h_k = _gemm_input(hs + slot, rho, rows, row_ok, ks, k_ok, H, HAS_RHO, ACC)
             w_k = w_t + ks[:, None] * (3 * H) + cols[None, :]
             w_ok = k_ok[:, None] & col_ok[None, :]
             acc_r = _dot(h_k, tl.load(w_k, mask=w_ok, other=0.0), acc_r, PRECISION, UPCAST)
@@ -416,8 +416,8 @@ def gru_forward(xz, hs, b_n, w_t, b_hh, r, d_h, lengths, sync, B, H, t_start, t_
 
 
 @triton.jit(do_not_specialize=_STEP_ARGS)
-def gru_backward(acts, b_n, hs, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_stop, t_start,
-                 HAS_R: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr, SYNC: tl.constexpr,
+def gru_backward(acts, b_n, hs, dy, w, carry, rho, d_h, lengths, sync, B, H, T, t_stop, t_start,
+                 HAS_RHO: tl.constexpr, HAS_DH: tl.constexpr, HAS_LEN: tl.constexpr, SYNC: tl.constexpr,
                  BB: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
                  SPIN: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """Steps t = t_start − 1 down to t_stop. acts (T, B, 3H): r, z, n in, δb_t out (in place);
@@ -436,8 +436,8 @@ def gru_backward(acts, b_n, hs, dy, w, carry, r, d_h, lengths, sync, B, H, T, t_
         zslot = tl.cast(t, tl.int64) * B * (3 * H)
         dh = tl.load(carry + own, mask=ok, other=0.0)
         if t + 1 < T:  # + ρ ⊙ (δb_{t+1} W_hh)
-            dh += _back_through_w_hh(acts + zslot + B * (3 * H), w, r, rows, row_ok, cols, col_ok, H, 3 * H, BB, BH,
-                                     BK, HAS_R, PRECISION, UPCAST, ACC)
+            dh += _back_through_w_hh(acts + zslot + B * (3 * H), w, rho, rows, row_ok, cols, col_ok, H, 3 * H, BB, BH,
+                                     BK, HAS_RHO, PRECISION, UPCAST, ACC)
         m = _row_live(lengths, rows, row_ok, t, HAS_LEN, ACC)
         g = m * (dh + tl.load(dy + slot + own, mask=ok, other=0.0).to(ACC))
         dh_til = g

@@ -37,33 +37,33 @@ class RNNReference(torch.autograd.Function):
     and, stacking the steps as rows: dW_hh = dZᵀ S_prev, dW_ih = dZᵀ X, db_ih = db_hh =
     Σ_rows dZ, dX = dZ W_ih, ds_0 = δs_0.
 
-    With recurrent dropout r (B, H) and zoneout d_t (T, B, H) (docs/bptt.md, "Regularizers"):
-               z_t = ... + (s_{t-1} ⊙ r) W_hhᵀ,   ĥ_t = d_t s_{t-1} + (1 − d_t) h̃_t  (replaces h̃_t in s_t, y_t)
+    With recurrent dropout ρ (B, H) and zoneout d_t (T, B, H) (docs/bptt.md, "Regularizers"):
+               z_t = ... + (s_{t-1} ⊙ ρ) W_hhᵀ,   ĥ_t = d_t s_{t-1} + (1 − d_t) h̃_t  (replaces h̃_t in s_t, y_t)
                G_t = m_t (δs_t + ∂L/∂y_t),   δh̃_t = (1 − d_t) G_t,   δz_t = δh̃_t ⊙ f'(z_t)
-               δs_{t-1} = (1 − m_t) δs_t + d_t G_t + r ⊙ (δz_t W_hh),   dW_hh = dZᵀ (S_prev ⊙ r)
+               δs_{t-1} = (1 − m_t) δs_t + d_t G_t + ρ ⊙ (δz_t W_hh),   dW_hh = dZᵀ (S_prev ⊙ ρ)
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, s0: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias_ih: Tensor,
-                bias_hh: Tensor, mask: Optional[Tensor], nonlinearity: str, r: Optional[Tensor] = None,
+                bias_hh: Tensor, mask: Optional[Tensor], nonlinearity: str, rho: Optional[Tensor] = None,
                 d: Optional[Tensor] = None):
         f = torch.tanh if nonlinearity == "tanh" else torch.relu
         s, h, y = [s0], [], []
         for t in range(x.shape[0]):
-            s_in = s[t] if r is None else s[t] * r
+            s_in = s[t] if rho is None else s[t] * rho
             h.append(f(x[t] @ weight_ih.T + bias_ih + bias_hh + s_in @ weight_hh.T))
             h_out = h[t] if d is None else d[t] * s[t] + (1 - d[t]) * h[t]
             m = 1 if mask is None else mask[t]
             s.append(m * h_out + (1 - m) * s[t])
             y.append(m * h_out)
-        ctx.save_for_backward(x, torch.stack(s), torch.stack(h), weight_ih, weight_hh, mask, r, d)
+        ctx.save_for_backward(x, torch.stack(s), torch.stack(h), weight_ih, weight_hh, mask, rho, d)
         ctx.nonlinearity = nonlinearity
         return torch.stack(y), s[-1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_y: Tensor, d_sT: Tensor):
-        x, s, h, weight_ih, weight_hh, mask, r, d = ctx.saved_tensors
+        x, s, h, weight_ih, weight_hh, mask, rho, d = ctx.saved_tensors
         T = x.shape[0]
         ds, dz = d_sT, [None] * T
         for t in reversed(range(T)):
@@ -73,10 +73,10 @@ class RNNReference(torch.autograd.Function):
             f_prime = 1 - h[t] ** 2 if ctx.nonlinearity == "tanh" else (h[t] > 0).to(h.dtype)
             dz[t] = dh * f_prime
             back = dz[t] @ weight_hh
-            ds = (1 - m) * ds + (back if r is None else r * back) + (0 if d is None else d[t] * g)
+            ds = (1 - m) * ds + (back if rho is None else rho * back) + (0 if d is None else d[t] * g)
         dZ = torch.stack(dz).flatten(0, 1)  # (T·B, H): the rows of every step
         d_b = dZ.sum(0)
-        s_prev = s[:-1] if r is None else s[:-1] * r
+        s_prev = s[:-1] if rho is None else s[:-1] * rho
         return ((dZ @ weight_ih).view_as(x), ds, dZ.T @ x.flatten(0, 1), dZ.T @ s_prev.flatten(0, 1),
                 d_b, d_b.clone(), None, None, None, None)
 
@@ -99,24 +99,24 @@ class LSTMReference(torch.autograd.Function):
     and over all steps: dW_hh = dZᵀ H_prev, dW_ih = dZᵀ X, db = Σ_rows dZ, dX = dZ W_ih,
     dp_i = Σ δz^i c_{t-1}, dp_f = Σ δz^f c_{t-1}, dp_o = Σ δz^o c̃_t.
 
-    With recurrent dropout r (B, H) and zoneout d^h_t, d^c_t (T, B, H) each (docs/bptt.md,
-    "Regularizers"): z_t uses h_{t-1} ⊙ r, and the step's state is zoned out,
+    With recurrent dropout ρ (B, H) and zoneout d^h_t, d^c_t (T, B, H) each (docs/bptt.md,
+    "Regularizers"): z_t uses h_{t-1} ⊙ ρ, and the step's state is zoned out,
                ĥ_t = d^h_t h_{t-1} + (1 − d^h_t) h̃_t,  ĉ_t = d^c_t c_{t-1} + (1 − d^c_t) c̃_t
     (ĥ, ĉ replace h̃, c̃ in h_t, c_t and y_t). Backward, G^h = m_t (δh_t + ∂L/∂y_t), G^c = m_t δc_t:
                δh̃ = (1 − d^h) G^h,   δĉ = (1 − d^c) G^c,   then the gates as above, and
                δc_{t-1} = (1 − m_t) δc_t + d^c G^c + δĉ f + p_i δz^i + p_f δz^f
-               δh_{t-1} = (1 − m_t) δh_t + d^h G^h + r ⊙ (δz_t W_hh),   dW_hh = dZᵀ (H_prev ⊙ r).
+               δh_{t-1} = (1 − m_t) δh_t + d^h G^h + ρ ⊙ (δz_t W_hh),   dW_hh = dZᵀ (H_prev ⊙ ρ).
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor, bias_hh: Tensor, p_i: Optional[Tensor], p_f: Optional[Tensor],
-                p_o: Optional[Tensor], mask: Optional[Tensor], r: Optional[Tensor] = None,
+                p_o: Optional[Tensor], mask: Optional[Tensor], rho: Optional[Tensor] = None,
                 d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None):
         peep = p_i is not None
         h, c, gates, c_new, y = [h0], [c0], [], [], []
         for t in range(x.shape[0]):
-            h_in = h[t] if r is None else h[t] * r
+            h_in = h[t] if rho is None else h[t] * rho
             z_i, z_f, z_g, z_o = (x[t] @ weight_ih.T + bias_ih + bias_hh + h_in @ weight_hh.T).chunk(4, 1)
             i = torch.sigmoid(z_i + p_i * c[t] if peep else z_i)
             f = torch.sigmoid(z_f + p_f * c[t] if peep else z_f)
@@ -133,13 +133,13 @@ class LSTMReference(torch.autograd.Function):
             c_new.append(c_tilde)
             y.append(m * h_out)
         ctx.save_for_backward(x, torch.stack(h), torch.stack(c), torch.stack(gates), torch.stack(c_new),
-                              weight_ih, weight_hh, p_i, p_f, p_o, mask, r, d_h, d_c)
+                              weight_ih, weight_hh, p_i, p_f, p_o, mask, rho, d_h, d_c)
         return torch.stack(y), h[-1], c[-1]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_y: Tensor, d_hT: Tensor, d_cT: Tensor):
-        x, h, c, gates, c_new, weight_ih, weight_hh, p_i, p_f, p_o, mask, r, d_h, d_c = ctx.saved_tensors
+        x, h, c, gates, c_new, weight_ih, weight_hh, p_i, p_f, p_o, mask, rho, d_h, d_c = ctx.saved_tensors
         peep = p_i is not None
         T = x.shape[0]
         dh, dc, dz = d_hT, d_cT, [None] * T
@@ -159,7 +159,7 @@ class LSTMReference(torch.autograd.Function):
                 (0 if d_c is None else d_c[t] * g_c)
             dz[t] = torch.cat((dz_i, dz_f, dz_g, dz_o), 1)
             back = dz[t] @ weight_hh
-            dh = (1 - m) * dh + (back if r is None else r * back) + (0 if d_h is None else d_h[t] * g_h)
+            dh = (1 - m) * dh + (back if rho is None else rho * back) + (0 if d_h is None else d_h[t] * g_h)
         dZ = torch.stack(dz)  # (T, B, 4H)
         rows = dZ.flatten(0, 1)
         d_b = rows.sum(0)
@@ -167,7 +167,7 @@ class LSTMReference(torch.autograd.Function):
         if peep:
             dz_i, dz_f, _, dz_o = dZ.chunk(4, -1)
             d_p = ((dz_i * c[:-1]).sum((0, 1)), (dz_f * c[:-1]).sum((0, 1)), (dz_o * c_new).sum((0, 1)))
-        h_prev = h[:-1] if r is None else h[:-1] * r
+        h_prev = h[:-1] if rho is None else h[:-1] * rho
         return ((rows @ weight_ih).view_as(x), dh, dc, rows.T @ x.flatten(0, 1), rows.T @ h_prev.flatten(0, 1),
                 d_b, d_b.clone(), *d_p, None, None, None, None)
 
@@ -178,14 +178,14 @@ class GRUReference(torch.autograd.Function):
 
     Forward, with s_{t-1} the state and ρ the recurrent dropout mask (all ones when off):
                a_t = x_t W_ihᵀ + b_ih,   b_t = (s_{t-1} ⊙ ρ) W_hhᵀ + b_hh     (blocks r, z, n)
-               r = σ(a^r + b^r),  z = σ(a^z + b^z),  n = tanh(a^n + r ⊙ b^n)
+               r = σ(a^r + b^r),  z = σ(a^z + b^z),  n = tanh(a^n + ρ ⊙ b^n)
                h̃_t = (1 − z) n + z s_{t-1},   ĥ_t = d_t s_{t-1} + (1 − d_t) h̃_t   (zoneout d)
                s_t = m_t ĥ_t + (1 − m_t) s_{t-1},   y_t = m_t ĥ_t
     Backward, δs_t the gradient reaching s_t from later steps, G = m_t (δs_t + ∂L/∂y_t):
                δh̃ = (1 − d_t) G
-               δa^n = δh̃ (1 − z)(1 − n²),   δb^n = δa^n ⊙ r
+               δa^n = δh̃ (1 − z)(1 − n²),   δb^n = δa^n ⊙ ρ
                δa^z = δb^z = δh̃ (s_{t-1} − n) z (1 − z)
-               δa^r = δb^r = δa^n ⊙ b^n ⊙ r (1 − r)
+               δa^r = δb^r = δa^n ⊙ b^n ⊙ ρ (1 − r)
                δs_{t-1} = (1 − m_t) δs_t + d_t G + δh̃ ⊙ z + ρ ⊙ (δb_t W_hh)
     and over all steps, dA and dB (T·B, 3H) the rows δa_t and δb_t (they differ in the n block):
                dW_ih = dAᵀ X, db_ih = Σ_rows dA, dX = dA W_ih, dW_hh = dBᵀ (S_prev ⊙ ρ), db_hh = Σ_rows dB.

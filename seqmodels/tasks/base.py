@@ -34,7 +34,7 @@ def init_recurrent_weights(stack: RecurrentStack, kind: str, gain: float) -> Non
 
 
 @dataclass(frozen=True)
-class Network:
+class NetworkConfig:
     """The recurrent stack of every task, in one place (``model.init_args.network`` in a config).
 
     Args:
@@ -54,7 +54,7 @@ class Network:
             ``identity`` (IRNN, Le et al. 2015) or ``orthogonal``, times ``recurrent_gain``.
         recurrent_dropout, zoneout_h, zoneout_c, weight_drop: regularizers inside the
             recurrence, each a probability in [0, 1) (0: off; equations in
-            ``seqmodels.recurrent.RecurrentLayer``); not with ``impl: native``.
+            ``seqmodels.recurrent.RecurrentLayer``); not with ``impl: torch``.
     """
 
     cell: CellName = "lstm"
@@ -86,10 +86,10 @@ class SequenceModel(LightningModule):
 
     task_name: str | None = None  # the task in W&B run names and tags; None: the class name
 
-    def __init__(self, network: Network, input_size: int) -> None:
+    def __init__(self, network: NetworkConfig, input_size: int) -> None:
         super().__init__()
         if isinstance(network, dict):  # as a checkpoint's hyperparameters hold it
-            network = Network(**network)
+            network = NetworkConfig(**network)
         self.network = network
         self._logged_backends: set[str] = set()
         options = asdict(network)
@@ -107,7 +107,7 @@ class SequenceModel(LightningModule):
         """Lightning's, with the network as a plain dict: checkpoints stay loadable with
         ``weights_only=True`` (no classes of this package inside)."""
         super().save_hyperparameters(*args, **kwargs)
-        if isinstance(self.hparams.get("network"), Network):
+        if isinstance(self.hparams.get("network"), NetworkConfig):
             self.hparams["network"] = asdict(self.hparams["network"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from seqmodels.errors import ConfigError
 from seqmodels.music import FrameAccuracy, FrameNLL
 from seqmodels.recurrent import State
-from seqmodels.tasks.base import Network, SequenceModel
+from seqmodels.tasks.base import NetworkConfig, SequenceModel
 
 MAX_OPENINGS = 128
 
@@ -25,12 +25,12 @@ class PolyphonicMusicModel(SequenceModel):
     batching) and ``{val,test}/acc`` the frame-level accuracy TP / (TP + FP + FN).
 
     Args:
-        network: the recurrent stack (``Network``).
+        network: the recurrent stack (``NetworkConfig``).
         input_size: pitches per frame (linked from the data by the CLI).
         input_dropout: dropout on the input frames.
         output_dropout: dropout on the top layer's output, before the read-out.
         pack: pass the batch's lengths to the stack (``lengths=``; packed sequences with
-            ``impl: native``). Off by default: the recurrence runs forward in time, so the
+            ``impl: torch``). Off by default: the recurrence runs forward in time, so the
             padding after a sequence's end cannot reach its real frames and the padded frames
             are masked out of the loss and metrics; the outputs and every metric are the same
             either way (tested), and torch's packed LSTM on CPU does not use oneDNN's fused
@@ -39,7 +39,7 @@ class PolyphonicMusicModel(SequenceModel):
 
     task_name = "music"  # in W&B run names and tags (seqmodels.tracking)
 
-    def __init__(self, network: Network = Network(), input_size: int = 88,
+    def __init__(self, network: NetworkConfig = NetworkConfig(), input_size: int = 88,
                  input_dropout: float = 0.0, output_dropout: float = 0.0, pack: bool = False) -> None:
         """input_size: pitches per frame (linked from the data by the CLI)."""
         super().__init__(network, input_size)

@@ -5,7 +5,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
 from seqmodels.recurrent import State
-from seqmodels.tasks.base import Network, SequenceModel
+from seqmodels.tasks.base import NetworkConfig, SequenceModel
 
 
 class SumsRegressor(SequenceModel):
@@ -17,7 +17,7 @@ class SumsRegressor(SequenceModel):
 
     task_name = "sums"  # in W&B run names and tags (seqmodels.tracking)
 
-    def __init__(self, network: Network = Network(), input_size: int = 1, output_size: int = 1) -> None:
+    def __init__(self, network: NetworkConfig = NetworkConfig(), input_size: int = 1, output_size: int = 1) -> None:
         """input_size: features per step (linked from the data by the CLI)."""
         super().__init__(network, input_size)
         self.save_hyperparameters(logger=False)

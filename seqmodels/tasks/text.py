@@ -21,7 +21,7 @@ from torchmetrics.text import Perplexity
 from seqmodels.errors import ConfigError
 from seqmodels.formats import UNK
 from seqmodels.recurrent import State
-from seqmodels.tasks.base import Network, SequenceModel
+from seqmodels.tasks.base import NetworkConfig, SequenceModel
 
 CARRIED_KEY = "tbptt_carried_state"  # the training stream's state, in every checkpoint
 
@@ -56,7 +56,7 @@ class CharLanguageModel(SequenceModel):
 
     task_name = "char-lm"  # in W&B run names and tags (seqmodels.tracking)
 
-    def __init__(self, vocab: list[str] | None = None, network: Network = Network(),
+    def __init__(self, vocab: list[str] | None = None, network: NetworkConfig = NetworkConfig(),
                  embedding_dim: int = 64) -> None:
         if not vocab or vocab[0] != UNK:
             raise ConfigError("model.vocab must list the symbols with '<unk>' first; it comes from the "

@@ -1,4 +1,4 @@
-"""Compile the Triton kernels of impl bptt for a GPU architecture without a GPU (Triton ships
+"""Compile the Triton kernels of impl triton for a GPU architecture without a GPU (Triton ships
 ptxas and cuobjdump): ``python tests/helpers/compile_kernels.py 90:float32:all 80:bfloat16:none``
 prints one JSON line per kernel and spec (arch:dtype:options) with what its PTX holds and what
 its cubin uses (registers; stack bytes, where spilled registers live). The kernels are compiled
