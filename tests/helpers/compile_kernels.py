@@ -34,7 +34,7 @@ def compile_kernel(name: str, arch: int, dtype: str, options: str) -> dict:
     plan = gpu.plan(B, H, SMS)
     every = options == "all"
     flags = dict(SYNC=True, BB=plan.BB, BH=plan.BH, BK=plan.BK, PRECISION="tf32" if dtype == "float32" else "ieee",
-                 SPIN=gpu.SPIN, ACC=tl.float32, UPCAST=False, HAS_R=every, HAS_DH=every, HAS_LEN=every)
+                 SPIN=gpu.SPIN, ACC=tl.float32, UPCAST=False, HAS_RHO=every, HAS_DH=every, HAS_LEN=every)
     flags.update({"rnn": dict(TANH=True), "lstm": dict(PEEP=every, HAS_DC=every), "gru": {}}[name.split("_")[0]])
     pointers = fn.arg_names[:fn.arg_names.index("B")]
     signature, attrs = {}, {}
