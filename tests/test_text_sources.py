@@ -83,6 +83,7 @@ def test_datasets_cache_dir_option_overrides_the_environment(corpus, tmp_path, d
     assert not list(datasets_cache.rglob("*.arrow"))
 
 
+@pytest.mark.slow  # a fresh process (~5 s)
 def test_hf_home_and_xdg_cache_home_in_a_fresh_process(corpus, tmp_path):
     """HF_HOME read by datasets at import (no patching), XDG_CACHE_HOME for the project's cache."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_CACHE", "HF_HOME", "XDG_CACHE_HOME")}
