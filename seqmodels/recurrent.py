@@ -145,7 +145,60 @@ def regularizer_masks(regs: Regularizers, cell: nn.Module, B: int, T: int, like:
     return weight_hh, recurrent, tuple(zoneout)
 
 
-class RecurrentStack(compat.FlattenOnApply, nn.Module):
+class ChoosesBackend:
+    """``impl`` and the backend of each call, for a module of recurrent layers (RecurrentStack,
+    ``seqmodels.nn``): the decision itself is ``backends.choose``; this keeps it per call key,
+    says it once and lets autotune measure the module's own ``run_backend``. The module has
+    ``kind``, ``cell_type``, ``regularizers``, ``autotune``, ``first_cell()`` and ``key_parts(x)``."""
+
+    @property
+    def impl(self) -> str:
+        """How the recurrence runs (``seqmodels.backends``); set it to change that."""
+        return self._impl
+
+    @impl.setter
+    def impl(self, impl: str) -> None:
+        impl = backends.canonical_impl(impl, self.kind)
+        backends.check(impl, self.kind, self.first_cell(), self.cell_type, self.regularizers.active())
+        self._impl = impl
+        if not hasattr(self, "_chosen"):
+            self.backends: dict[str, backends.Choice] = {}  # what ran, by call key (the tasks log these)
+            self._chosen: dict[tuple[str, str], backends.Choice] = {}  # by (impl, call key)
+
+    def call_key(self, x: Tensor, training: bool) -> str:
+        """What one decision covers: device, cell and options, train or infer, layers and sizes
+        (``autotune.make_key``)."""
+        cell = self.first_cell()
+        label, layers, batch, steps = self.key_parts(x)
+        label += "".join(f"-{k}={v}" for k, v in self.kind.options_of(cell).items()
+                         if v != self.kind.options[k] and k != "forget_bias")
+        label += "-regularized" if self.regularizers.active() else ""  # other candidates
+        return autotune.make_key(x.device, label, training, layers, batch, steps, cell.input_size, cell.hidden_size,
+                                 x.dtype)
+
+    def backend_for(self, x: Tensor, state: State, lengths: Tensor | None) -> str:
+        """The backend of this call (``seqmodels.backends.choose``), said once per call key."""
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        key = self.call_key(x, training)
+        if (self.impl, key) in self._chosen:
+            return self._chosen[self.impl, key].backend
+
+        def measure(candidates: list[str], first: str) -> backends.Choice:
+            decision = autotune.choose(key, candidates, first,
+                                       autotune.measuring_pass(self, x, state, lengths, training))
+            return backends.Choice(decision.impl, decision.source, decision.why())
+
+        choice = backends.choose(self.impl, self.kind, self.first_cell(), x, self.regularizers.active(),
+                                 measure if self.autotune else None)
+        label, layers = self.key_parts(x)[:2]
+        autotune.say(f"seqmodels: {label} {layers}x{self.first_cell().hidden_size} at {autotune.describe(key)} "
+                     f"runs on {choice.backend} ({backends.DESCRIPTION[choice.backend]}; impl: {self.impl}, "
+                     f"{choice.why()})")
+        self.backends[key] = self._chosen[self.impl, key] = choice
+        return choice.backend
+
+
+class RecurrentStack(ChoosesBackend, compat.FlattenOnApply, nn.Module):
     """``num_layers`` recurrent layers with dropout between them (not after the last).
 
     Parameter names: ``layers.{l}.cell.weight_ih`` etc.; ``torch_state_dict`` /
@@ -181,8 +234,6 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         self.kind = CELLS[cell]
         self.cell_type, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
         self.dropout, self.autotune = dropout, autotune
-        self.backends: dict[str, backends.Choice] = {}  # what ran, by call key (the tasks log these)
-        self._chosen: dict[tuple[str, str], backends.Choice] = {}  # by (impl, call key)
         own = {k: v for k, v in options.items() if k in self.kind.options}
         sizes = [input_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(RecurrentLayer(self.kind.cell(i, hidden_size, **own)) for i in sizes)
@@ -190,16 +241,8 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
         check_regularizers(self.regularizers, self.kind, cell)
         self.impl = impl
 
-    @property
-    def impl(self) -> str:
-        """How the recurrence runs (``seqmodels.backends``); set it to change that."""
-        return self._impl
-
-    @impl.setter
-    def impl(self, impl: str) -> None:
-        impl = backends.canonical_impl(impl, self.kind)
-        backends.check(impl, self.kind, self.layers[0].cell, self.cell_type, self.regularizers.active())
-        self._impl = impl
+    def first_cell(self) -> nn.Module:
+        return self.layers[0].cell
 
     @property
     def peephole(self) -> bool:
@@ -226,35 +269,9 @@ class RecurrentStack(compat.FlattenOnApply, nn.Module):
             state = self.initial_state(x.shape[0], x)
         return self.run_backend(self.backend_for(x, state, lengths), x, state, lengths)
 
-    def call_key(self, x: Tensor, training: bool) -> str:
-        """What one decision covers: device, cell and options, train or infer, layers and sizes
-        (``autotune.make_key``)."""
-        cell = self.layers[0].cell
-        label = self.cell_type + "".join(f"-{k}={v}" for k, v in self.kind.options_of(cell).items()
-                                         if v != self.kind.options[k] and k != "forget_bias")
-        label += "-regularized" if self.regularizers.active() else ""  # other candidates
-        return autotune.make_key(x.device, label, training, self.num_layers, x.shape[0], x.shape[1], cell.input_size,
-                                 self.hidden_size, x.dtype)
-
-    def backend_for(self, x: Tensor, state: State, lengths: Tensor | None) -> str:
-        """The backend of this call (``seqmodels.backends.choose``), said once per call key."""
-        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        key = self.call_key(x, training)
-        if (self.impl, key) in self._chosen:
-            return self._chosen[self.impl, key].backend
-
-        def measure(candidates: list[str], first: str) -> backends.Choice:
-            decision = autotune.choose(key, candidates, first,
-                                       autotune.measuring_pass(self, x, state, lengths, training))
-            return backends.Choice(decision.impl, decision.source, decision.why())
-
-        choice = backends.choose(self.impl, self.kind, self.layers[0].cell, x, self.regularizers.active(),
-                                 measure if self.autotune else None)
-        autotune.say(f"seqmodels: {self.cell_type} {self.num_layers}x{self.hidden_size} at {autotune.describe(key)} "
-                     f"runs on {choice.backend} ({backends.DESCRIPTION[choice.backend]}; impl: {self.impl}, "
-                     f"{choice.why()})")
-        self.backends[key] = self._chosen[self.impl, key] = choice
-        return choice.backend
+    def key_parts(self, x: Tensor) -> tuple[str, int, int, int]:
+        """(label, layers, batch, steps) of a call (``ChoosesBackend.call_key``); x is (B, T, I)."""
+        return self.cell_type, self.num_layers, x.shape[0], x.shape[1]
 
     def run_backend(self, backend: str, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
         """The stack through one backend (``backend_for`` picks it)."""
