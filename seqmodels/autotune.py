@@ -146,8 +146,8 @@ class Cache:
                           f"{str(err)[:80]}); measuring again", stacklevel=4)
             return {}
         if data.get("version") != CACHE_VERSION or data.get("torch") != torch.__version__:
-            warnings.warn(f"impl auto: the autotune cache {path} was written by torch {data.get('torch')} "
-                          f"(cache version {data.get('version')}), this is torch {torch.__version__}; "
+            warnings.warn(f"impl auto: the autotune cache {path} was written by torch {data.get('torch')} in cache "
+                          f"format {data.get('version')}; this is torch {torch.__version__}, format {CACHE_VERSION}: "
                           "measuring again", stacklevel=4)
             return {}
         return data["entries"]

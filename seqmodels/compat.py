@@ -115,16 +115,16 @@ class FlattenOnApply(torch.nn.Module):
 
 
 def cudnn_flatten_(weights: list[Tensor], per_layer: int, input_size: int, mode: str, hidden_size: int,
-                   num_layers: int) -> None:
-    """Make ``weights`` (``per_layer`` tensors a layer, torch.nn.RNN's order) views of one
-    buffer in cuDNN's layout, in place, keeping their values and identities. ``mode``:
+                   num_layers: int, bidirectional: bool = False) -> None:
+    """Make ``weights`` (``per_layer`` tensors a layer and direction, torch.nn.RNN's order) views
+    of one buffer in cuDNN's layout, in place, keeping their values and identities. ``mode``:
     cuDNN's name of the cell (``RNN_TANH``, ``RNN_RELU``, ``LSTM``, ``GRU``)."""
     from torch.backends.cudnn import rnn
 
     with torch.cuda.device_of(weights[0]), torch.no_grad():
         if torch._use_cudnn_rnn_flatten_weight():
             torch._cudnn_rnn_flatten_weight(weights, per_layer, input_size, rnn.get_cudnn_mode(mode),
-                                            hidden_size, 0, num_layers, True, False)
+                                            hidden_size, 0, num_layers, True, bidirectional)
 
 
 # ---- torch: oneDNN's GEMMs on the CPU ---------------------------------------------------------
