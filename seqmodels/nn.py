@@ -222,7 +222,7 @@ class RNNBase(ChoosesBackend, compat.FlattenOnApply, nn.Module):
                 s0 = tuple(s[i] for s in state)
                 if backend == "autograd":  # batch-first, drawing its own masks in the same order
                     out, s = self._layers[i](x_in.transpose(0, 1), s0, mask, self.regularizers, self.training)
-                    out = out.transpose(0, 1)
+                    out = out.transpose(0, 1).contiguous()  # dropout's mask follows memory order: as torch's
                 else:
                     cell = self._layers[i].cell
                     masks = regularizer_masks(self.regularizers, cell, x.shape[1], x.shape[0], x, self.training,
