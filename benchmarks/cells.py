@@ -5,6 +5,7 @@
     python benchmarks/cells.py --json               # last line: {"results": [...]}
     python benchmarks/cells.py --device cuda        # GPU sizes, RNN, LSTM, peephole LSTM, GRU vs cuDNN
     python benchmarks/cells.py --cells lstm_peephole,gru  # any cell of the registry, or a variant
+    python benchmarks/cells.py --bidirectional      # seqmodels.nn's bidirectional layer vs torch.nn's
 
 The cells are those of the registry (``seqmodels.registry.CELLS``), each variant named
 ``<cell>_<option>`` (``rnn_relu``, ``lstm_peephole``); the rows are the backends of
@@ -66,6 +67,7 @@ SIZES = {
 }
 IMPLS = {"cpu": ("autograd", "cpp", "torch"), "cuda": ("autograd", "reference", "triton", "torch")}
 REFERENCE = "nn"  # the torch.nn module itself
+BIDIRECTIONAL = False  # --bidirectional: seqmodels.nn's module (both directions) against torch.nn's
 
 
 def variants() -> dict[str, tuple[str, dict]]:
@@ -90,13 +92,21 @@ def build(cell: str, impl: str, B: int, T: int, I: int, H: int, device: str = "c
     twin = kind.torch_twin({**kind.options, **options})
     if impl == REFERENCE and twin is None:
         options, twin = {}, kind.torch_twin(kind.options)
-    stack = RecurrentStack(name, I, H, num_layers=1, impl="torch" if impl == REFERENCE else impl, **options).to(device)
+    if BIDIRECTIONAL:
+        import seqmodels.nn as snn
+
+        module = {"rnn": snn.RNN, "lstm": snn.LSTM, "gru": snn.GRU}[name]
+        stack = module(I, H, 1, batch_first=True, bidirectional=True, impl="torch" if impl == REFERENCE else impl,
+                       **options).to(device)
+    else:
+        stack = RecurrentStack(name, I, H, num_layers=1, impl="torch" if impl == REFERENCE else impl,
+                               **options).to(device)
     x = torch.randn(B, T, I, device=device)
     if impl != REFERENCE:
         return stack, x
     module, kwargs = twin
-    ref = module(I, H, batch_first=True, **kwargs)
-    ref.load_state_dict(stack.torch_state_dict())
+    ref = module(I, H, batch_first=True, bidirectional=BIDIRECTIONAL, **kwargs)
+    ref.load_state_dict(stack.state_dict() if BIDIRECTIONAL else stack.torch_state_dict())
     return ref.to(device), x
 
 
@@ -146,7 +156,7 @@ def impls_for(cell: str, device: str) -> tuple[str, ...]:
     from seqmodels import backends
 
     stack, _ = build(cell, "autograd", 1, 1, 1, 1)
-    runnable = backends.runnable(stack.kind, stack.layers[0].cell)
+    runnable = backends.runnable(stack.kind, stack.first_cell())
     return tuple(n for n in IMPLS[device] if n in runnable)
 
 
@@ -227,7 +237,7 @@ def auto_choice(cell: str, B: int, H: int, by_impl: dict, device: str = "cpu") -
 
     stack, _ = build(cell, "autograd", B, 1, 1, H)
     like = torch.empty(B, 1, 1, device=device)
-    candidates = backends.candidates(stack.kind, stack.layers[0].cell, like, ())
+    candidates = backends.candidates(stack.kind, stack.first_cell(), like, ())
     measured = select({n: by_impl[n]["train_ms"] for n in candidates if n in by_impl}, candidates[0])
     return {"auto_measured": measured, "auto_static": candidates[0]}
 
@@ -258,6 +268,8 @@ def main() -> None:
     parser.add_argument("--cells", help="cells of the registry and their variants, comma-separated: "
                         f"{', '.join(variants())} (default: rnn,lstm; on CUDA rnn,lstm,lstm_peephole,gru)")
     parser.add_argument("--no-tf32", action="store_true", help="CUDA: exact float32 in cuDNN and the kernels")
+    parser.add_argument("--bidirectional", action="store_true",
+                        help="one bidirectional layer (seqmodels.nn) against torch.nn's")
     parser.add_argument("--repeats", type=int, default=9, help="timed rounds (median of them)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
@@ -267,6 +279,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=4, action="append", metavar=("B", "T", "I", "H"),
                         help="run this size instead of --sizes (repeatable)")
     args = parser.parse_args()
+    global BIDIRECTIONAL
+    BIDIRECTIONAL = args.bidirectional
     if args.worker:
         return run_worker(args)
     args.sizes = args.sizes or ("gpu" if args.device == "cuda" else "full")
@@ -289,6 +303,7 @@ def main() -> None:
     for cell in args.cells.split(","):
         for size in args.size or SIZES[args.sizes]:
             common = ["--cells", cell, "--size", *map(str, size), "--device", args.device] + \
+                (["--bidirectional"] if args.bidirectional else []) + \
                 (["--no-tf32"] if args.no_tf32 else [])
             rows = subprocess_json(["--worker", "time", "--repeats", str(args.repeats),
                                     "--warmup", str(args.warmup), *common])["rows"]
