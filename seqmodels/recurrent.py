@@ -20,12 +20,13 @@ without bf16 support cannot run. cuDNN may still use TF32 tensor cores for float
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from seqmodels import autotune, backends, compat
 from seqmodels.cells import NONLINEARITIES, State
@@ -198,18 +199,245 @@ class ChoosesBackend:
         return choice.backend
 
 
-class RecurrentStack(ChoosesBackend, compat.FlattenOnApply, nn.Module):
-    """``num_layers`` recurrent layers with dropout between them (not after the last).
+EXTRAS = ("impl", "autotune", "recurrent_dropout", "zoneout_h", "zoneout_c", "weight_drop")
 
-    Parameter names: ``layers.{l}.cell.weight_ih`` etc.; ``torch_state_dict`` /
-    ``load_torch_state_dict`` convert to and from torch.nn.RNN / nn.LSTM / nn.GRU names
-    (``weight_ih_l{l}``), so weights move freely between the two.
+
+def reverse_padded(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """x (T, B, ·) with each sequence's first ``lengths[b]`` steps reversed (all T without
+    lengths); padding stays where it is. Its own inverse."""
+    if lengths is None:
+        return x.flip(0)
+    t = torch.arange(x.shape[0], device=x.device).unsqueeze(1)  # (T, 1)
+    n = lengths.to(x.device).unsqueeze(0)                       # (1, B)
+    index = torch.where(t < n, n - 1 - t, t)                     # (T, B)
+    return x.gather(0, index.unsqueeze(-1).expand_as(x))
+
+
+class RNNBase(ChoosesBackend, compat.FlattenOnApply, nn.Module):
+    """The engine of every recurrent module here: torch.nn.RNNBase's interface over the
+    registry's cell ``cell_type`` (``seqmodels.nn`` has its call and parameters)."""
+
+    cell_type = ""
+    torch_arguments = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+                       "device", "dtype")
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
+                 *, proj_size: int = 0, impl: str = "auto", autotune: bool = True, recurrent_dropout: float = 0.0,
+                 zoneout_h: float = 0.0, zoneout_c: float = 0.0, weight_drop: float = 0.0, **options) -> None:
+        super().__init__()
+        name, kind = type(self).__name__, CELLS[self.cell_type]
+        for option in options:
+            if option not in kind.options:
+                raise ConfigError(f"{name}: unknown argument {option!r}; it takes torch.nn.{name}'s arguments "
+                                  f"({', '.join(self.torch_arguments)}) and {', '.join(EXTRAS + tuple(kind.options))}")
+        if proj_size:
+            raise ConfigError(f"{name}: proj_size={proj_size} is not supported (the hand-written backward has no "
+                              "projection); use proj_size=0, or torch.nn.LSTM for a projection")
+        forget_bias = options.pop("forget_bias", None)  # None: torch's initialisation, untouched
+        check_stack_args(self.cell_type, input_size, hidden_size, num_layers, dropout, **options)
+        self.kind, self.autotune = kind, autotune
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.forget_bias = bidirectional, 0, forget_bias
+        self.regularizers = Regularizers(recurrent_dropout, zoneout_h, zoneout_c, weight_drop)
+        check_regularizers(self.regularizers, kind, self.cell_type)
+        directions = 2 if bidirectional else 1
+        cells, self._suffixes = [], []
+        with torch.random.fork_rng(devices=[]):  # the cells' own initialisation draws nothing from the stream
+            for layer in range(num_layers):
+                for direction in range(directions):
+                    size = input_size if layer == 0 else hidden_size * directions
+                    cells.append(kind.cell(size, hidden_size, **options))
+                    self._suffixes.append(f"_l{layer}" + ("_reverse" if direction else ""))
+        for cell, suffix in zip(cells, self._suffixes):
+            for n, p in cell.named_parameters():
+                if bias or not n.startswith("bias"):
+                    self.register_parameter(n + suffix, p)
+                else:
+                    self.register_buffer(n + suffix, torch.zeros_like(p.detach()), persistent=False)
+        self._layers = [RecurrentLayer(cell) for cell in cells]  # not submodules: the parameters are ours
+        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+        self._flat_weights_names = [n + suffix for suffix in self._suffixes for n in names]
+        self.reset_parameters()
+        self.impl = impl
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def reset_parameters(self) -> None:
+        """torch's: U(−1/√H, 1/√H) for every parameter in order; then the extras' own: peepholes
+        at 0 (drawn first, as each cell draws them), the LSTM's forget-gate bias if
+        ``forget_bias`` is given."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.uniform_(-bound, bound)
+            for n, p in self.named_parameters():
+                if n.startswith("weight_c"):
+                    p.zero_()
+            if self.forget_bias is not None and self.bias:
+                H = self.hidden_size
+                for suffix in self._suffixes:
+                    getattr(self, "bias_ih" + suffix)[H:2 * H].fill_(self.forget_bias)
+                    getattr(self, "bias_hh" + suffix)[H:2 * H].zero_()
+
+    def extra_repr(self) -> str:
+        text = f"{self.input_size}, {self.hidden_size}"
+        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+                              ("bidirectional", False)):
+            if getattr(self, name) != default:
+                text += f", {name}={getattr(self, name)}"
+        return text + ("" if self.impl == "auto" else f", impl={self.impl!r}")
+
+    # ---- the cells see this module's parameters ---------------------------------------------
+    def _sync_cells(self) -> None:
+        """Point every cell at this module's tensors under torch's names, whatever replaced them
+        (``load_state_dict(assign=True)``, ``torch.func.functional_call``, ``.to()``)."""
+        for layer, suffix in zip(self._layers, self._suffixes):
+            for n in layer.cell._parameters:
+                layer.cell._parameters[n] = getattr(self, n + suffix)
+
+    def first_cell(self) -> nn.Module:
+        return self._layers[0].cell
+
+    def key_parts(self, x: Tensor) -> tuple[str, int, int, int]:
+        """(label, layers, batch, steps) of a call; x is (T, B, I) here."""
+        return self.cell_type + ("-bidirectional" if self.bidirectional else ""), self.num_layers, x.shape[1], x.shape[0]
+
+    # ---- the call -------------------------------------------------------------------------
+    def forward(self, input: Tensor | PackedSequence, hx=None):
+        name = type(self).__name__
+        unbatched = False
+        if isinstance(input, PackedSequence):
+            if input.data.dim() != 2 or input.data.shape[1] != self.input_size:
+                raise ConfigError(f"{name}: the PackedSequence has {tuple(input.data.shape[1:])} features a step, "
+                                  f"expected input_size={self.input_size}")
+            x, lengths = pad_packed_sequence(input)  # (T, B, I), the caller's batch order
+        else:
+            if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
+                raise ConfigError(f"{name}: input of shape {tuple(input.shape)}; expected (T, B, {self.input_size})"
+                                  f"{' with batch_first: (B, T, ' + str(self.input_size) + ')' if self.batch_first else ''}"
+                                  f" or unbatched (T, {self.input_size})")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if self.batch_first else input
+            lengths = None
+        out, final = self._compute(x, self._initial_state(hx, x, unbatched), lengths)
+        if isinstance(input, PackedSequence):
+            order = input.sorted_indices if input.sorted_indices is not None else torch.arange(out.shape[1])
+            data = pack_padded_sequence(out.index_select(1, order.to(out.device)), lengths.index_select(0, order.cpu()))
+            output = PackedSequence(data.data, input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+        elif unbatched:
+            output, final = out.squeeze(1), tuple(f.squeeze(1) for f in final)
+        else:
+            output = out.transpose(0, 1) if self.batch_first else out
+        return output, final if len(final) > 1 else final[0]
+
+    def _initial_state(self, hx, x: Tensor, unbatched: bool) -> tuple[Tensor, ...]:
+        """hx as a tuple of (L·D, B, H) tensors: zeros when None; else checked, one line if wrong."""
+        name, n = type(self).__name__, len(self.kind.state)
+        rows = self.num_layers * (2 if self.bidirectional else 1)
+        if hx is None:
+            return tuple(x.new_zeros(rows, x.shape[1], self.hidden_size) for _ in range(n))
+        given = hx if isinstance(hx, tuple) else (hx,)
+        if len(given) != n or not all(isinstance(t, Tensor) for t in given):
+            want = "(h_0, c_0)" if n == 2 else "a tensor h_0"
+            raise ConfigError(f"{name}: hx must be {want}, got {type(hx).__name__} of {len(given)}")
+        expected = (rows, self.hidden_size) if unbatched else (rows, x.shape[1], self.hidden_size)
+        for t in given:
+            if tuple(t.shape) != expected:
+                raise ConfigError(f"{name}: hx of shape {tuple(t.shape)}, expected {expected} (num_layers * "
+                                  f"num_directions, {'' if unbatched else 'batch, '}hidden_size)")
+        return tuple(t.unsqueeze(1) for t in given) if unbatched else given
+
+    def _compute(self, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None):
+        """x (T, B, I), state (L·D, B, H) each, lengths or None -> output (T, B, D·H), final
+        states: the recurrence in float32 under autocast (module docstring of recurrent.py)."""
+        if torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._compute(_float32(x), _float32(state), lengths)
+        self._sync_cells()
+        return self.run_backend(self.backend_for(x, state, lengths), x, state, lengths)
+
+    def run_backend(self, backend: str, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None):
+        """Every layer and direction through one backend: x (T, B, I) -> (T, B, D·H), the final
+        states (L·D, B, H)."""
+        if backend == "torch":
+            return self._forward_torch(x, state, lengths)
+        if backend not in backends.HANDWRITTEN + ("autograd",):
+            raise ValueError(f"unknown backend {backend!r}; one of {backends.BACKENDS}")
+        if lengths is not None:
+            lengths = lengths.to(x.device, torch.long).clamp(0, x.shape[0])
+        mask = None if lengths is None else torch.arange(x.shape[0], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+        directions = 2 if self.bidirectional else 1
+        finals = [[] for _ in state]
+        for layer in range(self.num_layers):
+            if layer > 0 and self.dropout > 0:
+                x = F.dropout(x, self.dropout, self.training)
+            outputs = []
+            for direction in range(directions):
+                i = layer * directions + direction
+                x_in = reverse_padded(x, lengths) if direction else x
+                s0 = tuple(s[i] for s in state)
+                if backend == "autograd":  # batch-first, drawing its own masks in the same order
+                    out, s = self._layers[i](x_in.transpose(0, 1), s0, mask, self.regularizers, self.training)
+                    out = out.transpose(0, 1).contiguous()  # dropout's mask follows memory order: as torch's
+                else:
+                    cell = self._layers[i].cell
+                    masks = regularizer_masks(self.regularizers, cell, x.shape[1], x.shape[0], x, self.training,
+                                              len(state))
+                    out, s = self.kind.layers[backend](x_in.contiguous(), s0, cell, lengths, *masks)
+                outputs.append(reverse_padded(out, lengths) if direction else out)
+                for f, t in zip(finals, s):
+                    f.append(t)
+            x = torch.cat(outputs, -1) if directions > 1 else outputs[0]
+        return x, tuple(torch.stack(f) for f in finals)
+
+    # ---- torch's own op on these parameters -------------------------------------------------
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    def flatten_parameters(self) -> None:
+        """As torch.nn.RNNBase's: on a GPU, the weights become views of one buffer in cuDNN's
+        layout (no per-call copy); a no-op on a CPU."""
+        op = self.kind.native_op(self.first_cell())
+        weights = self._flat_weights()
+        if op is None or compat.cudnn_is_flat(weights) or not compat.cudnn_can_flatten(weights):
+            return
+        compat.cudnn_flatten_(weights, 4 if self.bias else 2, self.input_size, op.upper(), self.hidden_size,
+                              self.num_layers, self.bidirectional)
+
+    def _forward_torch(self, x: Tensor, state: tuple[Tensor, ...], lengths: Tensor | None):
+        if x.is_cuda:
+            self.flatten_parameters()
+        fn = compat.native_rnn_op(self.kind.native_op(self.first_cell()))
+        hx = state if len(state) > 1 else state[0]
+        args = (self._flat_weights(), self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        if lengths is None:
+            batch_first = not x.is_contiguous() and x.transpose(0, 1).is_contiguous()  # a batch-first caller's view
+            out, *final = fn(x.transpose(0, 1) if batch_first else x, hx, *args, batch_first)
+            return out.transpose(0, 1) if batch_first else out, tuple(final)
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        order, unorder = packed.sorted_indices, packed.unsorted_indices
+        hx = tuple(s.index_select(1, order) for s in state)
+        out, *final = fn(packed.data, packed.batch_sizes, hx if len(hx) > 1 else hx[0], *args)
+        out, _ = pad_packed_sequence(packed._replace(data=out), total_length=x.shape[0])
+        return out, tuple(s.index_select(1, unorder) for s in final)
+
+
+
+class RecurrentStack(RNNBase):
+    """``num_layers`` recurrent layers of a registry cell, batch first, with a tuple state: the
+    engine of ``seqmodels.nn`` (``RNNBase``: the same parameters, under torch's names, the same
+    backends), with the interface the tasks use (module docstring).
 
     Cell options (``nonlinearity``, ``forget_bias``, ``peephole``) go to the cells that take
     them (the registry says which); setting one for a cell without it is an error. The
     recurrent regularizers (``recurrent_dropout``, ``zoneout_h``, ``zoneout_c``, ``weight_drop``;
-    equations in ``RecurrentLayer``) apply to every layer, in training mode.
+    equations in ``RecurrentLayer``) apply to every layer, in training mode. Checkpoints written
+    before the parameters took torch's names (``layers.{l}.cell.weight_ih``) still load.
     """
+
+    _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
     def __init__(
         self,
@@ -227,137 +455,70 @@ class RecurrentStack(ChoosesBackend, compat.FlattenOnApply, nn.Module):
         zoneout_h: float = 0.0,
         zoneout_c: float = 0.0,
         weight_drop: float = 0.0,
+        bidirectional: bool = False,
     ) -> None:
-        super().__init__()
         options = dict(nonlinearity=nonlinearity, forget_bias=forget_bias, peephole=peephole)
         check_stack_args(cell, input_size, hidden_size, num_layers, dropout, **options)
-        self.kind = CELLS[cell]
-        self.cell_type, self.hidden_size, self.num_layers = cell, hidden_size, num_layers
-        self.dropout, self.autotune = dropout, autotune
-        own = {k: v for k, v in options.items() if k in self.kind.options}
-        sizes = [input_size] + [hidden_size] * (num_layers - 1)
-        self.layers = nn.ModuleList(RecurrentLayer(self.kind.cell(i, hidden_size, **own)) for i in sizes)
-        self.regularizers = Regularizers(recurrent_dropout, zoneout_h, zoneout_c, weight_drop)
-        check_regularizers(self.regularizers, self.kind, cell)
-        self.impl = impl
+        object.__setattr__(self, "cell_type", cell)
+        own = {k: v for k, v in options.items() if k in CELLS[cell].options}
+        super().__init__(input_size, hidden_size, num_layers, True, True, dropout, bidirectional, impl=impl,
+                         autotune=autotune, recurrent_dropout=recurrent_dropout, zoneout_h=zoneout_h,
+                         zoneout_c=zoneout_c, weight_drop=weight_drop, **own)
+        self._register_load_state_dict_pre_hook(_old_parameter_names)
 
-    def first_cell(self) -> nn.Module:
-        return self.layers[0].cell
+    def extra_repr(self) -> str:
+        return f"{self.cell_type!r}, " + super().extra_repr().replace(", batch_first=True", "")
+
+    @property
+    def layers(self) -> list[RecurrentLayer]:
+        """One ``RecurrentLayer`` per layer and direction; their cells hold this module's parameters."""
+        self._sync_cells()
+        return self._layers
 
     @property
     def peephole(self) -> bool:
-        return bool(getattr(self.layers[0].cell, "peephole", False))
+        return bool(getattr(self.first_cell(), "peephole", False))
 
     def initial_state(self, batch_size: int, like: Tensor) -> State:
-        """Zeros shaped (num_layers, B, H), one per state tensor, as torch uses when none is given."""
-        return tuple(like.new_zeros(self.num_layers, batch_size, self.hidden_size) for _ in self.kind.state)
+        """Zeros shaped (L·D, B, H), one per state tensor, as torch uses when none is given."""
+        rows = self.num_layers * (2 if self.bidirectional else 1)
+        return tuple(like.new_zeros(rows, batch_size, self.hidden_size) for _ in self.kind.state)
 
     def forward(
         self, x: Tensor, state: State | None = None, lengths: Tensor | None = None
     ) -> tuple[Tensor, State]:
-        """x (B, T, I), state tuple of (num_layers, B, H) or None, lengths (B,) or None ->
-        output (B, T, H), final state."""
+        """x (B, T, I), state tuple of (L·D, B, H) or None, lengths (B,) or None -> output
+        (B, T, D·H), final state."""
         if x.dim() != 3:
             raise ValueError(f"expected input of shape (B, T, F), got {tuple(x.shape)}")
         if state is not None and not isinstance(state, tuple):
             raise TypeError(f"state must be a tuple {self.kind.state} of (num_layers, B, H) tensors, "
                             f"got {type(state).__name__}")
-        if torch.is_autocast_enabled(x.device.type):  # float32 recurrence (module docstring)
-            with torch.autocast(x.device.type, enabled=False):
-                return self.forward(_float32(x), None if state is None else _float32(state), lengths)
         if state is None:
             state = self.initial_state(x.shape[0], x)
-        return self.run_backend(self.backend_for(x, state, lengths), x, state, lengths)
-
-    def key_parts(self, x: Tensor) -> tuple[str, int, int, int]:
-        """(label, layers, batch, steps) of a call (``ChoosesBackend.call_key``); x is (B, T, I)."""
-        return self.cell_type, self.num_layers, x.shape[0], x.shape[1]
-
-    def run_backend(self, backend: str, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """The stack through one backend (``backend_for`` picks it)."""
-        if backend == "torch":
-            return self._forward_native(x, state, lengths)
-        if backend in backends.HANDWRITTEN:
-            return self._forward_handwritten(self.kind.layers[backend], x, state, lengths)
-        if backend != "autograd":
-            raise ValueError(f"unknown backend {backend!r}; one of {backends.BACKENDS}")
-        mask = None
-        if lengths is not None:
-            mask = torch.arange(x.shape[1], device=x.device) < lengths.to(x.device).unsqueeze(1)
-        finals = []
-        for l, layer in enumerate(self.layers):
-            if l > 0 and self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)
-            x, s = layer(x, tuple(s[l] for s in state), mask, self.regularizers, self.training)
-            finals.append(s)
-        return x, tuple(torch.stack(s) for s in zip(*finals))
-
-    # ---- hand-written BPTT, one autograd.Function call per layer ---------------------
-    def _forward_handwritten(self, run_layer, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """Time-major inside (per-step slices contiguous); dropout between layers stays here."""
-        if lengths is not None:
-            lengths = lengths.to(x.device, torch.long).clamp(0, x.shape[1])
-        x = x.transpose(0, 1).contiguous()
-        finals = []
-        for l, layer in enumerate(self.layers):
-            if l > 0 and self.dropout > 0:
-                x = F.dropout(x, self.dropout, self.training)
-            # weight drop: the masked W_hh goes in, and autograd takes dW back through the mask
-            weight_hh, recurrent, zoneout = regularizer_masks(self.regularizers, layer.cell, x.shape[1], x.shape[0],
-                                                              x, self.training, len(state))
-            x, s = run_layer(x, tuple(s[l] for s in state), layer.cell, lengths, weight_hh, recurrent, zoneout)
-            finals.append(s)
-        return x.transpose(0, 1), tuple(torch.stack(s) for s in zip(*finals))
-
-    # ---- native kernels on the same parameters -------------------------------------
-    def _flat_weights(self) -> list[Tensor]:
-        return [getattr(layer.cell, n) for layer in self.layers for n in self._NAMES]
-
-    def flatten_parameters(self) -> None:
-        """On a GPU, make the weights that the native path hands to cuDNN views of one buffer in
-        cuDNN's layout, as ``torch.nn.LSTM.flatten_parameters`` does: cuDNN then runs on the
-        module's own parameters, with no per-call copy and no "not part of single contiguous
-        chunk of memory" warning. Values, names and Parameter objects stay; no-op on CPU."""
-        op = self.kind.native_op(self.layers[0].cell)
-        weights = self._flat_weights()
-        if op is None or compat.cudnn_is_flat(weights) or not compat.cudnn_can_flatten(weights):
-            return  # the cheap check first: on a GPU this runs before every native call
-        compat.cudnn_flatten_(weights, len(self._NAMES), self.layers[0].cell.input_size, op.upper(),
-                              self.hidden_size, self.num_layers)
-
-    def _forward_native(self, x: Tensor, state: State, lengths: Tensor | None) -> tuple[Tensor, State]:
-        """torch.nn.RNN / nn.LSTM / nn.GRU's own op (``compat.native_rnn_op``), on this module's parameters."""
-        if x.is_cuda:
-            self.flatten_parameters()  # a no-op once flat; covers modules built on the GPU
-        fn = compat.native_rnn_op(self.kind.native_op(self.layers[0].cell))
-        pack = (lambda s: s) if len(state) > 1 else (lambda s: s[0])  # torch: (h, c), or h alone
-        args = (self._flat_weights(), True, self.num_layers, self.dropout, self.training, False)
-        if lengths is None:
-            out, *final = fn(x, pack(state), *args, True)
-            return out, tuple(final)
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        order, unorder = packed.sorted_indices, packed.unsorted_indices
-        out, *final = fn(packed.data, packed.batch_sizes, pack(tuple(s.index_select(1, order) for s in state)), *args)
-        out, _ = pad_packed_sequence(packed._replace(data=out), batch_first=True, total_length=x.shape[1])
-        return out, tuple(s.index_select(1, unorder) for s in final)
+        out, final = self._compute(x.transpose(0, 1), state, lengths)
+        return out.transpose(0, 1), final
 
     # ---- torch.nn.RNN / nn.LSTM / nn.GRU state dicts ---------------------------------
-    _NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
-
     def torch_state_dict(self) -> dict[str, Tensor]:
         """Parameters under torch.nn.RNN / nn.LSTM / nn.GRU names (``weight_ih_l0``, ...)."""
-        if self.kind.native_op(self.layers[0].cell) is None:
+        if self.kind.native_op(self.first_cell()) is None:
             raise ValueError(f"this {self.cell_type} has no torch.nn equivalent (its options: "
                              f"{', '.join(self.kind.options)})")
-        return {f"{n}_l{l}": getattr(layer.cell, n).detach().clone()
-                for l, layer in enumerate(self.layers) for n in self._NAMES}
+        return {n: getattr(self, n).detach().clone() for n in self._flat_weights_names}
 
     def load_torch_state_dict(self, state_dict: dict[str, Tensor]) -> None:
         """Load a torch.nn.RNN / nn.LSTM / nn.GRU state dict (same cell, sizes and layers)."""
-        expected = {f"{n}_l{l}" for l in range(self.num_layers) for n in self._NAMES}
-        if set(state_dict) != expected:
-            raise ValueError(f"state dict keys {sorted(state_dict)} do not match {sorted(expected)}")
+        if set(state_dict) != set(self._flat_weights_names):
+            raise ValueError(f"state dict keys {sorted(state_dict)} do not match {sorted(self._flat_weights_names)}")
         with torch.no_grad():
-            for l, layer in enumerate(self.layers):
-                for n in self._NAMES:
-                    getattr(layer.cell, n).copy_(state_dict[f"{n}_l{l}"])
+            for n in self._flat_weights_names:
+                getattr(self, n).copy_(state_dict[n])
+
+
+def _old_parameter_names(state_dict: dict, prefix: str, *args) -> None:
+    """``{prefix}layers.{l}.cell.{name}`` (checkpoints before torch's names) -> ``{prefix}{name}_l{l}``."""
+    for key in [k for k in state_dict if k.startswith(prefix + "layers.")]:
+        parts = key[len(prefix):].split(".")
+        if len(parts) == 4 and parts[2] == "cell":
+            state_dict[f"{prefix}{parts[3]}_l{parts[1]}"] = state_dict.pop(key)

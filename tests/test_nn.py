@@ -203,3 +203,23 @@ def test_the_script_runs_under_torch_compile_with_eager_outputs():
     out.sum().backward()
     for a, b in zip([out, h2, c2, *[p.grad for p in model.parameters()]], [eager, h, c, *grads]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ---- one engine: the tasks' stack is seqmodels.nn's module, batch first with a tuple state ----------
+def test_the_tasks_stack_is_the_same_engine_and_loads_old_checkpoints():
+    from seqmodels import RecurrentStack
+    from seqmodels.recurrent import RNNBase
+
+    stack = RecurrentStack("lstm", I, H, num_layers=2, peephole=True)
+    assert isinstance(stack, RNNBase) and isinstance(snn.LSTM(I, H), RNNBase)
+    assert "weight_ci_l1" in stack.state_dict() and stack.batch_first
+    old = {f"layers.{n.rsplit('_l', 1)[1]}.cell.{n.rsplit('_l', 1)[0]}": v.clone() + 1
+           for n, v in stack.state_dict().items()}  # the names before they were torch's
+    fresh = RecurrentStack("lstm", I, H, num_layers=2, peephole=True)
+    fresh.load_state_dict(old)
+    for n, v in stack.state_dict().items():
+        torch.testing.assert_close(fresh.state_dict()[n], v + 1)
+    twin = snn.LSTM(I, H, 2, batch_first=True, peephole=True)
+    twin.load_state_dict(fresh.state_dict())
+    x = torch.randn(B, T, I)
+    torch.testing.assert_close(twin(x)[0], fresh(x)[0])
