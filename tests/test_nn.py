@@ -223,3 +223,24 @@ def test_the_tasks_stack_is_the_same_engine_and_loads_old_checkpoints():
     twin.load_state_dict(fresh.state_dict())
     x = torch.randn(B, T, I)
     torch.testing.assert_close(twin(x)[0], fresh(x)[0])
+
+
+def test_a_task_that_reads_whole_sequences_takes_bidirectional_the_others_say_no(tmp_path):
+    from lightning.pytorch import Trainer
+
+    from data_modules import SumsDataModule
+    from seqmodels.formats import UNK
+    from seqmodels.tasks import CharLanguageModel, NetworkConfig, PolyphonicMusicModel, SumsRegressor
+
+    torch.manual_seed(0)
+    model = SumsRegressor(NetworkConfig(cell="gru", hidden_size=8, bidirectional=True))
+    assert model.stack.bidirectional and model.head.in_features == 16
+    data = SumsDataModule(seq_len=6, train_size=64, val_size=16, test_size=16, batch_size=16)
+    trainer = Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, limit_val_batches=0)
+    trainer.fit(model, data)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    for task, kwargs in ((CharLanguageModel, dict(vocab=[UNK, "a"])), (PolyphonicMusicModel, {})):
+        with pytest.raises(ConfigError, match=r"^model.network.bidirectional: true does not fit "
+                                              rf"{task.__name__}: it predicts each next step .*; use false$"):
+            task(network=NetworkConfig(hidden_size=8, bidirectional=True), **kwargs)

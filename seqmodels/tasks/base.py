@@ -55,6 +55,10 @@ class NetworkConfig:
         recurrent_dropout, zoneout_h, zoneout_c, weight_drop: regularizers inside the
             recurrence, each a probability in [0, 1) (0: off; equations in
             ``seqmodels.recurrent.RecurrentLayer``); not with ``impl: torch``.
+        bidirectional: a second direction per layer, reading each sequence backwards; only
+            for a task that reads a whole sequence before it answers (sums). The text and
+            music models predict the next step, which a backward direction would see: they
+            refuse it.
     """
 
     cell: CellName = "lstm"
@@ -72,6 +76,7 @@ class NetworkConfig:
     zoneout_h: float = 0.0
     zoneout_c: float = 0.0
     weight_drop: float = 0.0
+    bidirectional: bool = False
 
 
 class SequenceModel(LightningModule):
@@ -85,6 +90,7 @@ class SequenceModel(LightningModule):
     """
 
     task_name: str | None = None  # the task in W&B run names and tags; None: the class name
+    reads_whole_sequences = False  # True: it answers after the whole sequence (bidirectional fits)
 
     def __init__(self, network: NetworkConfig, input_size: int) -> None:
         super().__init__()
@@ -93,6 +99,9 @@ class SequenceModel(LightningModule):
         self.network = network
         self._logged_backends: set[str] = set()
         options = asdict(network)
+        if network.bidirectional and not self.reads_whole_sequences:
+            raise ConfigError(f"model.network.bidirectional: true does not fit {type(self).__name__}: it predicts "
+                              "each next step from the past, which a backward direction would see; use false")
         init, gain = options.pop("recurrent_init"), options.pop("recurrent_gain")
         try:
             self.stack = RecurrentStack(input_size=input_size, **options)

@@ -1,6 +1,7 @@
 """Many-to-one regression on the sums task."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 
@@ -16,20 +17,25 @@ class SumsRegressor(SequenceModel):
     """
 
     task_name = "sums"  # in W&B run names and tags (seqmodels.tracking)
+    reads_whole_sequences = True  # it answers after the last step: a backward direction may help
 
     def __init__(self, network: NetworkConfig = NetworkConfig(), input_size: int = 1, output_size: int = 1) -> None:
         """input_size: features per step (linked from the data by the CLI)."""
         super().__init__(network, input_size)
         self.save_hyperparameters(logger=False)
-        self.head = nn.Linear(network.hidden_size, output_size)
+        self.head = nn.Linear(network.hidden_size * (2 if network.bidirectional else 1), output_size)
         metrics = MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()})
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = nn.ModuleDict()  # one MetricCollection per test length
 
     def forward(self, x: Tensor, state: State | None = None) -> Tensor:
-        """x (B, T, I) -> ŷ (B, output_size), read from the last time step."""
+        """x (B, T, I) -> ŷ (B, output_size), read from the last time step (bidirectional: the
+        forward direction's last step and the backward direction's, which ends at step 0)."""
         output, _ = self.stack(x, state)
+        if self.stack.bidirectional:
+            H = self.stack.hidden_size
+            return self.head(torch.cat([output[:, -1, :H], output[:, 0, H:]], -1))
         return self.head(output[:, -1])
 
     def probe_loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
