@@ -175,7 +175,7 @@ def test_the_cells_load_neither_lightning_nor_data():
     """In a fresh process: the cells, the stack and the hand-written backward import torch and
     the project's own leaf modules only (none of these imports loads any of them, since together
     they load none)."""
-    code = ("import sys; import seqmodels.cells; from seqmodels import RecurrentStack; "
+    code = ("import sys; import seqmodels.cells; from seqmodels import RecurrentStack; import seqmodels.nn; "
             "import seqmodels.backends, seqmodels.bptt; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', "
             "'lightning_fabric', 'torchdata', 'data_modules', 'wandb', 'datasets', 'torchmetrics'}))")
