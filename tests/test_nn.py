@@ -188,12 +188,14 @@ def test_a_word_language_model_trains_the_same_with_either_import(rnn_type):
     assert abs(val_ours - val_torch) <= 0.01 * val_torch
 
 
-@pytest.mark.slow  # torch.compile: ~30 s
-def test_the_script_runs_under_torch_compile_with_eager_outputs():
+@pytest.mark.slow  # torch.compile: ~20 s each
+@pytest.mark.parametrize("impl", ["cpp", "reference"])  # compiled C++ (a graph break) and plain torch
+def test_the_script_runs_under_torch_compile_with_eager_outputs(impl):
     from tests.helpers import word_lm
 
     torch.manual_seed(0)
     model = word_lm.make_model(snn, "LSTM", 40, 16, 32, 2, 0.2).eval()
+    model.rnn.impl = impl
     data, hidden = torch.randint(0, 40, (20, 4)), model.init_hidden(4)
     eager, (h, c) = model(data, hidden)
     eager.sum().backward()

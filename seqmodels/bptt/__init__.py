@@ -74,7 +74,10 @@ def _layer(function, options: Callable[[object], tuple] = lambda cell: ()) -> Ca
             out, *final = _run(x, function, args, *options(cell), _needs_graph(*args), recurrent, *zoneout)
         return out, tuple(final)
 
-    layer.function = function
+    if function not in REFERENCE:
+        # compiled code (a C++ op, Triton kernels) has no fake-tensor kernel for torch.compile to
+        # trace: the layer runs eagerly there, a graph break
+        layer = torch.compiler.disable(layer)
     return layer
 
 
