@@ -171,7 +171,7 @@ def test_every_registered_cell_with_a_torch_twin_has_a_module():
 
 
 # ---- someone else's script (tests/helpers/word_lm.py: PyTorch's word-level LM example) ---------------
-@pytest.mark.parametrize("rnn_type", ["LSTM", "GRU", pytest.param("RNN_TANH", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("rnn_type", ["LSTM", *(pytest.param(t, marks=pytest.mark.slow) for t in ("GRU", "RNN_TANH"))])
 def test_a_word_language_model_trains_the_same_with_either_import(rnn_type):
     """One epoch from the same seed, changing only the module the script builds its layers
     from: with dropout 0 in float64 (impl autograd) every training loss agrees to 1e-5; with
