@@ -30,7 +30,7 @@ from __future__ import annotations
 from torch.nn import *  # noqa: F401,F403 - everything else is torch.nn's: `import seqmodels.nn as nn` swaps a script
 from torch.nn import functional, init, parameter, utils  # noqa: F401 - and its submodules, as torch.nn has them
 
-from seqmodels.recurrent import RNNBase, reverse_padded  # noqa: F401 - the engine, shared with the tasks
+from seqmodels.recurrent import RNNBase  # the engine, shared with the tasks (RecurrentStack)
 
 
 class RNN(RNNBase):

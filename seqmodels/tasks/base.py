@@ -11,7 +11,6 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 
-from seqmodels.backends import IMPLS
 from seqmodels.errors import ConfigError
 from seqmodels.recurrent import RecurrentStack
 from seqmodels.registry import CELLS
