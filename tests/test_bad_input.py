@@ -57,19 +57,23 @@ def test_impossible_or_unknown_settings(arg, in_tmp_dir, capsys):
     assert not list(in_tmp_dir.iterdir()), "nothing may be written before the error"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny sums run and its last checkpoint (made once for this module)."""
-    folder = tmp_path_factory.mktemp("trained")
+def fit_in(folder, *args: str) -> None:
+    """A tiny sums fit run from inside ``folder`` (the working directory restored after)."""
     import os
 
     cwd = os.getcwd()
     os.chdir(folder)
     try:
-        main(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-              "--trainer.logger.save_dir=runs"])
+        main(["fit", "--config", SUMS, *TINY_SUMS, *args])
     finally:
         os.chdir(cwd)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny sums run and its last checkpoint (made once for this module)."""
+    folder = tmp_path_factory.mktemp("trained")
+    fit_in(folder, "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs")
     (ckpt,) = folder.rglob("last.ckpt")
     return ckpt
 
@@ -295,17 +299,12 @@ def test_framework_errors_inside_fit_before_the_first_batch_are_one_line(arg, in
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A tiny sums run with the configs' own logger (W&B, offline): its ``runs`` folder."""
-    import os
-
     import wandb
 
     folder = tmp_path_factory.mktemp("trained_run")
-    cwd = os.getcwd()
-    os.chdir(folder)
     try:
-        main(["fit", "--config", SUMS, *TINY_SUMS])
+        fit_in(folder)
     finally:
-        os.chdir(cwd)
         wandb.finish()
         wandb.teardown()
     return folder / "runs"
