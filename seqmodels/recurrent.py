@@ -376,17 +376,23 @@ class RNNBase(ChoosesBackend, compat.FlattenOnApply, nn.Module):
             outputs = []
             for direction in range(directions):
                 i = layer * directions + direction
-                x_in = reverse_padded(x, lengths) if direction else x
+                run = None if backend == "autograd" else self.kind.layers[backend]
+                # the reverse direction reads a time-reversed copy, unless the loops step backwards themselves
+                copy = direction and not (run and run.runs_reverse)
+                x_in = reverse_padded(x, lengths) if copy else x
                 s0 = tuple(s[i] for s in state)
                 if backend == "autograd":  # batch-first, drawing its own masks in the same order
                     out, s = self._layers[i](x_in.transpose(0, 1), s0, mask, self.regularizers, self.training)
                     out = out.transpose(0, 1).contiguous()  # dropout's mask follows memory order: as torch's
                 else:
                     cell = self._layers[i].cell
-                    masks = regularizer_masks(self.regularizers, cell, x.shape[1], x.shape[0], x, self.training,
-                                              len(state))
-                    out, s = self.kind.layers[backend](x_in.contiguous(), s0, cell, lengths, *masks)
-                outputs.append(reverse_padded(out, lengths) if direction else out)
+                    weight_hh, rho, zoneout = regularizer_masks(self.regularizers, cell, x.shape[1], x.shape[0], x,
+                                                                self.training, len(state))
+                    if direction and not copy:  # zoneout's masks are drawn in step order: put them in time order
+                        zoneout = tuple(d if d is None else reverse_padded(d, lengths) for d in zoneout)
+                    out, s = run(x_in.contiguous(), s0, cell, lengths, weight_hh, rho, zoneout,
+                                 **({"reverse": True} if direction and not copy else {}))
+                outputs.append(reverse_padded(out, lengths) if copy else out)
                 for f, t in zip(finals, s):
                     f.append(t)
             x = torch.cat(outputs, -1) if directions > 1 else outputs[0]

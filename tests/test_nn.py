@@ -146,6 +146,40 @@ def test_extras_with_both_directions_equal_autograd(cell, options):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=impl)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm"])
+@pytest.mark.parametrize("B, H", [(3, 4), (8, 64)])  # (8, 64): big enough a step for the C++ loops to share it
+def test_the_loops_step_backwards_as_on_a_reversed_copy(cell, B, H):
+    """The C++ loops' reverse direction (reverse=True on x as it is) equals the same loops on the
+    time-reversed copy, reversed back: outputs, final states and every gradient, with a sequence
+    of length 0, and the regularizers' masks in time order."""
+    from seqmodels.bptt import fast
+    from seqmodels.recurrent import RecurrentStack, reverse_padded, regularizer_masks
+
+    if not fast.runs(torch.zeros(1, dtype=torch.float64)):
+        pytest.skip("the C++ loops cannot be built here")
+    T, I = 7, 5
+    stack = RecurrentStack(cell, I, H, impl="cpp", zoneout_h=0.3, recurrent_dropout=0.2,
+                           **({"peephole": True, "zoneout_c": 0.2} if cell == "lstm" else {})).double()
+    layer, layer_cell = stack.kind.layers["cpp"], stack.layers[0].cell
+    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    lengths = torch.arange(B) % (T + 1)  # 0, 1, ..., including 0 and T
+    state = tuple(torch.randn(B, H, dtype=torch.float64, requires_grad=True) for _ in range(2 if cell == "lstm" else 1))
+    weight_hh, rho, zoneout = regularizer_masks(stack.regularizers, layer_cell, B, T, x, True, len(state))
+    results = []
+    for reverse in (True, False):
+        x_in = x if reverse else reverse_padded(x, lengths)
+        masks = tuple(reverse_padded(d, lengths) for d in zoneout) if reverse else zoneout
+        out, final = layer(x_in, state, layer_cell, lengths, weight_hh, rho, masks, **({"reverse": True} if reverse else {}))
+        out = out if reverse else reverse_padded(out, lengths)
+        loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum() + \
+            sum((s.sin()).sum() for s in final)
+        results.append([out, *final, *torch.autograd.grad(loss, [x, *state, *stack.parameters()])])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="no reverse direction"):
+        stack.kind.layers["reference"](x, state, layer_cell, lengths, reverse=True)
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda: snn.LSTM(3, 4, zonout_h=0.1), r"LSTM: unknown argument 'zonout_h'; it takes torch.nn.LSTM's arguments "
                                            r"\(input_size, .*\) and impl, autotune, .*, forget_bias, peephole"),

@@ -12,6 +12,9 @@ The ``*_layer`` functions below run one layer through one of them; which one run
 in ``seqmodels.backends`` and nowhere else. Every layer function takes
 ``(x (T, B, I), state (each (B, H)), cell, lengths (B,) int64 in [0, T] or None, weight_hh or
 None, recurrent (B, H) or None, zoneout)`` and returns ``(output (T, B, H), final state)``.
+Those with ``runs_reverse`` (the C++ loops) also take ``reverse=True``: the reverse direction of a
+bidirectional layer on x as it is, each sequence read from its own last step; the others get a
+time-reversed copy (``recurrent.reverse_padded``).
 The regularizers come from ``recurrent.regularizer_masks``: ``weight_hh`` replaces
 ``cell.weight_hh`` (weight drop passes W_hh ⊙ M / (1 − p); its gradient reaches W_hh through
 autograd), ``recurrent`` is the recurrent-dropout mask, ``zoneout`` one d (T, B, H) or None
@@ -64,15 +67,21 @@ def _layer(function, options: Callable[[object], tuple] = lambda cell: ()) -> Ca
     mask, the compiled ones the lengths and whether a backward will follow. ``options``: the
     cell's own arguments that follow the weights (the RNN's nonlinearity)."""
     def layer(x: Tensor, state: tuple, cell, lengths: Optional[Tensor] = None, weight_hh: Optional[Tensor] = None,
-              recurrent: Optional[Tensor] = None, zoneout: tuple = (None, None)) -> tuple[Tensor, tuple]:
+              recurrent: Optional[Tensor] = None, zoneout: tuple = (None, None), reverse: bool = False
+              ) -> tuple[Tensor, tuple]:
         zoneout = tuple(zoneout)[:len(state)]
+        if reverse and not layer.runs_reverse:
+            raise ValueError(f"{function.__name__} has no reverse direction; give it reverse_padded(x)")
         if function in REFERENCE:
             args = (x, *state, *_weights(cell, weight_hh), reference.step_mask(lengths, x.shape[0], x))
             out, *final = _run(x, function, args, *options(cell), recurrent, *zoneout)
         else:
             args = (x, *state, *_weights(cell, weight_hh), lengths)
-            out, *final = _run(x, function, args, *options(cell), _needs_graph(*args), recurrent, *zoneout)
+            out, *final = _run(x, function, args, *options(cell), _needs_graph(*args), recurrent, *zoneout,
+                               *((True,) if reverse else ()))
         return out, tuple(final)
+
+    layer.runs_reverse = function in (fast.RNNFunction, fast.LSTMFunction)
 
     if function not in REFERENCE:
         # compiled code (a C++ op, Triton kernels) has no fake-tensor kernel for torch.compile to

@@ -10,6 +10,9 @@ Conventions inside this module (the stack converts):
     contiguous (B, ·) blocks, and ``buf.view(T * B, ·)`` is a free reshape for the big GEMMs.
     State buffers have T+1 slots: slot 0 is the initial state, slot t the state after step t.
     lengths (B,) int64 in [0, T], or None (every sequence is T long).
+    reverse=True runs the reverse direction of a bidirectional layer on x as it is, each sequence
+    from its own last step (n_b - 1) to its first; its state buffers hold the state after time t
+    in slot t and the initial state in slot T (``_Slots``).
 
 Variable lengths follow torch's PackedSequence semantics (docs/bptt.md, "Masks"): the padding is
 a suffix, so in the backward the masks disappear from the time loop: ∂L/∂y_t is zeroed at
@@ -37,29 +40,46 @@ from torch.autograd.function import once_differentiable
 from seqmodels import compat, fused
 
 
-class _Lengths:
-    """What the time loops need to know about the lengths (None: all sequences are T long)."""
+class _Slots:
+    """Where a direction keeps its states in the (T+1)-slot buffers (the C++ loops' ``Order``),
+    and what the loops need to know about the lengths (None: all sequences are T long).
+    Forward: [initial, after time 0, ..., after T-1]; reverse: [after 0, ..., after T-1,
+    initial], so that in both the outputs are in time order and the final state of every row is
+    in one slot (forward: T, the padded times carry it there; reverse: 0)."""
 
-    def __init__(self, lengths: Optional[Tensor], T: int, like: Tensor) -> None:
-        self.lengths = lengths
+    def __init__(self, lengths: Optional[Tensor], T: int, reverse: bool = False) -> None:
+        self.lengths, self.reverse = lengths, reverse
+        self.initial, self.final = (T, 0) if reverse else (0, T)
         if lengths is None:
             self.mask = None
             return
         steps = torch.arange(T, device=lengths.device).unsqueeze(1)
         self.mask = (steps < lengths.unsqueeze(0)).unsqueeze(-1)  # (T, B, 1) bool
 
+    def new(self, buf: Tensor) -> Tensor:
+        """The states after each time t, (T, B, ·), from a buffer of T+1 slots."""
+        return buf[:-1] if self.reverse else buf[1:]
+
+    def prev(self, buf: Tensor) -> Tensor:
+        """The states each time t starts from, (T, B, ·)."""
+        return buf[1:] if self.reverse else buf[:-1]
+
     def masked_output(self, hs: Tensor) -> Tensor:
         """y_t = m_t h̃_t from the state buffer (T+1, B, H)."""
-        return hs[1:] if self.mask is None else hs[1:] * self.mask
+        return self.new(hs) if self.mask is None else self.new(hs) * self.mask
 
     def grad_in_slots(self, d_out: Tensor, d_final: Tensor, slots: Tensor) -> None:
-        """slots (T+1, B, H) <- ∂L/∂y_t at valid steps (slot t), plus ∂L/∂s_T at slot n_b."""
-        slots[0].zero_()
+        """slots (T+1, B, H) <- ∂L/∂y_t at valid times (the slot of the state after t), plus the
+        final state's gradient where each row's final state is computed: forward at its last
+        valid time's slot n_b (the padded times carry it on to slot T), reverse at slot 0."""
+        slots[self.initial].zero_()
         if self.mask is None:
-            slots[1:].copy_(d_out)
-            slots[-1] += d_final
+            self.new(slots).copy_(d_out)
         else:
-            torch.mul(d_out, self.mask, out=slots[1:])
+            torch.mul(d_out, self.mask, out=self.new(slots))
+        if self.mask is None or self.reverse:
+            slots[self.final] += d_final
+        else:
             batch = torch.arange(d_final.shape[0], device=d_final.device)
             slots.index_put_((self.lengths, batch), d_final, accumulate=True)
 
@@ -221,21 +241,23 @@ class RNNFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, h0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                 bias_ih: Tensor, bias_hh: Tensor, lengths: Optional[Tensor],
-                nonlinearity: str, save: bool, rho: Optional[Tensor] = None, d_h: Optional[Tensor] = None):
+                nonlinearity: str, save: bool, rho: Optional[Tensor] = None, d_h: Optional[Tensor] = None,
+                reverse: bool = False):
         """``ρ`` (B, H), ``d_h`` (T, B, H): recurrent dropout and zoneout (docs/bptt.md,
-        "Regularizers"), None when off; with zoneout the loop leaves h̃_t in xz for the backward."""
+        "Regularizers"), None when off; with zoneout the loop leaves h̃_t in xz for the backward.
+        ``reverse``: the reverse direction (module docstring)."""
         T, B, I = x.shape
         H = weight_hh.shape[0]
         loops = fused.loops()
-        lens = _Lengths(lengths, T, x)
+        lens = _Slots(lengths, T, reverse)
         tanh = nonlinearity == "tanh"
-        hs = x.new_empty(T + 1, B, H)  # hs[0] = s_0, hs[t] = s_t
-        hs[0] = h0
+        hs = x.new_empty(T + 1, B, H)  # the initial state and s_t (_Slots)
+        hs[lens.initial] = h0
         x2 = x.reshape(T * B, I)
         xz = _linear_pooled(x2, weight_ih, bias_ih + bias_hh).view(T, B, H)
         rho, d_h = _contiguous(rho, x), _contiguous(d_h, x)
         hin = _gemm_input(h0, rho)
-        loops.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh, rho, d_h, hin)
+        loops.rnn_forward(xz, hs, weight_hh.contiguous(), lengths, tanh, rho, d_h, hin, reverse)
         htil = xz if d_h is not None and save else None  # h̃_t of every step
         if htil is None:
             _POOL.release(xz)
@@ -244,7 +266,7 @@ class RNNFunction(torch.autograd.Function):
             ctx.tanh, ctx.lens, ctx.loops, ctx.rho, ctx.d_h, ctx.htil = tanh, lens, loops, rho, d_h, htil
             if htil is not None:
                 weakref.finalize(ctx, _POOL.release, htil)
-        return lens.masked_output(hs), hs[T].clone()
+        return lens.masked_output(hs), hs[lens.final].clone()
 
     @staticmethod
     @once_differentiable
@@ -252,23 +274,25 @@ class RNNFunction(torch.autograd.Function):
         x2, hs, weight_ih, weight_hh = ctx.saved_tensors
         T1, B, H = hs.shape
         T = T1 - 1
-        # dy[t]: ∂L/∂y_t (+ ∂L/∂s_T at t = n_b); dy[0] is 0 (or ∂L/∂s_T where n_b = 0)
+        # dy: ∂L/∂y_t in the slot of s_t, plus the final state's gradient (_Slots)
+        lens = ctx.lens
         dy = _POOL.empty((T + 1, B, H), hs)
-        ctx.lens.grad_in_slots(d_out, d_hT, dy)
+        lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, H), hs)
-        ctx.loops.rnn_backward(hs, dy, weight_hh.contiguous(), dz, ctx.tanh, ctx.rho, ctx.d_h,
-                                 ctx.htil)  # leaves δs_t in dy[t]
-        ds = dy[0].clone()
+        ctx.loops.rnn_backward(hs, dy, weight_hh.contiguous(), dz, lens.lengths, ctx.tanh, ctx.rho, ctx.d_h,
+                               ctx.htil, lens.reverse)  # leaves δs_t in s_t's slot
+        ds = dy[lens.initial].clone()
         dz = dz.view(T * B, H)
         need = ctx.needs_input_grad
         d_x = _linear(dz, weight_ih.t()).view(T, B, -1) if need[0] else None
         d_h0 = ds if need[1] else None
         d_w_ih = _grad_weight(dz, x2) if need[2] else None  # dZᵀ X
-        s_prev = hs[:-1] if ctx.rho is None else hs[:-1] * ctx.rho  # what the GEMMs multiplied W_hh with
+        s_prev = lens.prev(hs) if ctx.rho is None else lens.prev(hs) * ctx.rho  # what the GEMMs multiplied W_hh with
         d_w_hh = _grad_weight(dz, s_prev.reshape(T * B, H)) if need[3] else None  # dZᵀ S_prev
         d_b = dz.sum(0) if (need[4] or need[5]) else None
         _POOL.release(dy, dz)
-        return d_x, d_h0, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(), None, None, None, None, None
+        return (d_x, d_h0, d_w_ih, d_w_hh, d_b, None if d_b is None else d_b.clone(), None, None, None, None, None,
+                None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,7 +311,7 @@ class LSTMFunction(torch.autograd.Function):
                 bias_ih: Tensor, bias_hh: Tensor, weight_ci: Optional[Tensor],
                 weight_cf: Optional[Tensor], weight_co: Optional[Tensor],
                 lengths: Optional[Tensor], save: bool, rho: Optional[Tensor] = None,
-                d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None):
+                d_h: Optional[Tensor] = None, d_c: Optional[Tensor] = None, reverse: bool = False):
         """torch's gate order (i, f, g, o), one fused kernel per step. It keeps the activations
         i, f, g, o and tanh(c̃) of every step, from which the backward's kernel forms the factors."""
         loops = fused.loops()
@@ -295,14 +319,15 @@ class LSTMFunction(torch.autograd.Function):
         H = weight_hh.shape[1]
         x2 = x.reshape(T * B, I)
         acts = _linear_pooled(x2, weight_ih, bias_ih + bias_hh).view(T, B, 4 * H)  # -> gates
+        lens = _Slots(lengths, T, reverse)
         hs, cs = x.new_empty(T + 1, B, H), _POOL.empty((T + 1, B, H), x)
-        hs[0], cs[0] = h0, c0
+        hs[lens.initial], cs[lens.initial] = h0, c0
         tcs = _POOL.empty((T, B, H), x) if save else x.new_empty(1, B, H)  # tanh(c̃_t)
         peep = None if weight_ci is None else torch.stack((weight_ci, weight_cf, weight_co))
         rho, d_h, d_c = _contiguous(rho, x), _contiguous(d_h, x), _contiguous(d_c, x)
         loops.lstm_forward(acts, hs, cs, weight_hh.contiguous(), peep, lengths, tcs, rho, d_h, d_c,
-                             _gemm_input(h0, rho))
-        c_T, lens = cs[T].clone(), _Lengths(lengths, T, x)
+                           _gemm_input(h0, rho), reverse)
+        c_T = cs[lens.final].clone()
         if save:
             ctx.save_for_backward(x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep)
             ctx.lengths, ctx.lens, ctx.loops = lengths, lens, loops
@@ -310,7 +335,7 @@ class LSTMFunction(torch.autograd.Function):
             weakref.finalize(ctx, _POOL.release, cs, tcs, acts)
         else:
             _POOL.release(cs, acts)
-        return lens.masked_output(hs), hs[T].clone(), c_T
+        return lens.masked_output(hs), hs[lens.final].clone(), c_T
 
     @staticmethod
     @once_differentiable
@@ -319,26 +344,28 @@ class LSTMFunction(torch.autograd.Function):
         x2, hs, cs, acts, tcs, weight_ih, weight_hh, peep = ctx.saved_tensors
         T, B, H4 = acts.shape
         H = H4 // 4
+        lens = ctx.lens
         dy = _POOL.empty((T + 1, B, H), hs)
-        ctx.lens.grad_in_slots(d_out, d_hT, dy)
+        lens.grad_in_slots(d_out, d_hT, dy)
         dz = _POOL.empty((T, B, 4 * H), hs)  # δz_t, gates (i, f, g, o)
         d_c0 = ctx.loops.lstm_backward(acts, tcs, cs, dy, d_cT, weight_hh.contiguous(), peep,
-                                         ctx.lengths, dz, ctx.rho, ctx.d_h, ctx.d_c)
-        d_h0 = dy[0].clone()  # the loop leaves δh_t in dy[t]
-        h_prev = hs[:-1] if ctx.rho is None else hs[:-1] * ctx.rho  # what the GEMMs multiplied W_hh with
-        c_new = None
+                                       ctx.lengths, dz, ctx.rho, ctx.d_h, ctx.d_c, lens.reverse)
+        d_h0 = dy[lens.initial].clone()  # the loop leaves δh_t in h_t's slot
+        h_prev = lens.prev(hs) if ctx.rho is None else lens.prev(hs) * ctx.rho  # what the GEMMs multiplied W_hh with
+        c_prev, c_new = lens.prev(cs), lens.new(cs)
         if peep is not None and ctx.d_c is not None:  # zoned-out c: p_o saw c̃_t = f c_{t-1} + i g
-            c_new = acts[..., H:2 * H] * cs[:-1] + acts[..., :H] * acts[..., 2 * H:3 * H]
-        grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, None if peep is None else cs,
-                            weight_ih, d_h0, d_c0, c_new)
-        return (*grads, None, None, None)
+            c_new = acts[..., H:2 * H] * c_prev + acts[..., :H] * acts[..., 2 * H:3 * H]
+        grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, c_prev if peep is not None else None,
+                            c_new, weight_ih, d_h0, d_c0)
+        return (*grads, None, None, None, None)
 
 
-def _lstm_grads(need, dz: Tensor, dy: Tensor, x2: Tensor, h_prev: Tensor, cs: Optional[Tensor],
-                weight_ih: Tensor, d_h0: Tensor, d_c0: Tensor, c_new: Optional[Tensor] = None) -> tuple:
+def _lstm_grads(need, dz: Tensor, dy: Tensor, x2: Tensor, h_prev: Tensor, c_prev: Optional[Tensor],
+                c_new: Tensor, weight_ih: Tensor, d_h0: Tensor, d_c0: Tensor) -> tuple:
     """What ``LSTMFunction.backward`` returns, from dZ (T, B, 4H) of all steps at once:
         dX = dZ W_ih,  dW_ih = dZᵀ X,  dW_hh = dZᵀ H_prev,  db = Σ_rows dZ,
-        dp_i = Σ δz^i ⊙ c_{t-1},  dp_f = Σ δz^f ⊙ c_{t-1},  dp_o = Σ δz^o ⊙ c̃_t  (cs given).
+        dp_i = Σ δz^i ⊙ c_{t-1},  dp_f = Σ δz^f ⊙ c_{t-1},  dp_o = Σ δz^o ⊙ c̃_t  (c_prev given:
+        peepholes; c_new (T, B, H) is c̃_t).
     dZ's gates are in torch's order (i, f, g, o). Gives the buffers dy and dz back to the pool."""
     T, B, H4 = dz.shape
     H = H4 // 4
@@ -348,11 +375,11 @@ def _lstm_grads(need, dz: Tensor, dy: Tensor, x2: Tensor, h_prev: Tensor, cs: Op
     d_w_hh = _grad_weight(dz2, h_prev.reshape(T * B, H)) if need[4] else None
     d_b = dz2.sum(0) if (need[5] or need[6]) else None
     d_ci = d_cf = d_co = None
-    if cs is not None:
+    if c_prev is not None:
         gate = lambda k: dz[..., k * H:(k + 1) * H]  # noqa: E731
-        d_ci = (gate(0) * cs[:-1]).sum((0, 1))
-        d_cf = (gate(1) * cs[:-1]).sum((0, 1))
-        d_co = (gate(3) * (cs[1:] if c_new is None else c_new)).sum((0, 1))
+        d_ci = (gate(0) * c_prev).sum((0, 1))
+        d_cf = (gate(1) * c_prev).sum((0, 1))
+        d_co = (gate(3) * c_new).sum((0, 1))
     _POOL.release(dy, dz)
     return (d_x, d_h0 if need[1] else None, d_c0 if need[2] else None, d_w_ih, d_w_hh, d_b,
             None if d_b is None else d_b.clone(), d_ci, d_cf, d_co, None, None)

@@ -33,7 +33,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from seqmodels import fused
-from seqmodels.bptt.fast import _contiguous, _Lengths, _lstm_grads
+from seqmodels.bptt.fast import _contiguous, _lstm_grads, _Slots
 
 # Offsets within one step's (B, G) slice are int32 in the kernels.
 MAX_STEP_ELEMENTS = 2**31 - 1
@@ -277,7 +277,7 @@ class RNNTriton(torch.autograd.Function):
             ctx.save_for_backward(x2, hs, acts, weight_ih, weight_hh)
             ctx.bias = (bias_ih + bias_hh).detach()
             ctx.flags, ctx.rho, ctx.d_h, ctx.lens = flags, rho, d_h, lens
-        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone()
+        return _Slots(lengths, T).masked_output(hs), hs[T].clone()
 
     @staticmethod
     @once_differentiable
@@ -373,7 +373,7 @@ class LSTMTriton(torch.autograd.Function):
             ctx.save_for_backward(x2, hs, cs, acts, weight_ih, weight_hh)
             ctx.bias = (bias_ih + bias_hh).detach()
             ctx.flags, ctx.peep, ctx.rho, ctx.d_h, ctx.d_c, ctx.lens = flags, peep, rho, d_h, d_c, lens
-        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone(), cs[T].to(x.dtype)
+        return _Slots(lengths, T).masked_output(hs), hs[T].clone(), cs[T].to(x.dtype)
 
     @staticmethod
     @once_differentiable
@@ -402,8 +402,8 @@ class LSTMTriton(torch.autograd.Function):
         back = dz[0] @ weight_hh
         d_h0 = state["h"] + (back if rho is None else rho * back)
         h_prev = hs[:-1] if rho is None else hs[:-1] * rho
-        grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, None if peep is None else cs,
-                            weight_ih, d_h0.to(hs.dtype), state["c"].to(hs.dtype), c_new)
+        grads = _lstm_grads(ctx.needs_input_grad, dz, dy, x2, h_prev, None if peep is None else cs[:-1],
+                            cs[1:] if c_new is None else c_new, weight_ih, d_h0.to(hs.dtype), state["c"].to(hs.dtype))
         return (*grads, None, None, None)
 
 
@@ -449,7 +449,7 @@ class GRUTriton(torch.autograd.Function):
         if save:
             ctx.save_for_backward(x2, hs, acts, b_n, weight_ih, weight_hh, bias_ih, bias_hh)
             ctx.flags, ctx.rho, ctx.d_h, ctx.lens = flags, rho, d_h, lens
-        return _Lengths(lengths, T, x).masked_output(hs), hs[T].clone()
+        return _Slots(lengths, T).masked_output(hs), hs[T].clone()
 
     @staticmethod
     @once_differentiable

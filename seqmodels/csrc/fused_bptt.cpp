@@ -282,8 +282,23 @@ void back_through_w_hh(const WeightOperand<S>& w, const S* dz, int64_t ldz, S* d
   }
 }
 
-// "row b is past its end at step t" (1-based t), or never without lengths
-inline bool padded(const int64_t* len, int64_t b, int64_t t) { return len && t > len[b]; }
+// "row b is past its end at time tau" (0-based), or never without lengths
+inline bool padded(const int64_t* len, int64_t b, int64_t tau) { return len && tau >= len[b]; }
+
+// The order of a direction. The loops take step k = 0..T-1 at time tau(k): forward tau = k,
+// reverse tau = T-1-k. Per-time buffers (xz / acts, tcs, dz, the zoneout masks, y) are indexed by
+// tau, so both directions read x and write y in the caller's time order. The state buffers have
+// T+1 slots, the state after time tau in slot state(tau) and its input in prev(tau): forward
+// [s_0 = initial, after 0, ..., after T-1], reverse [after 0, ..., after T-1, initial]. Padded
+// times (tau >= n_b) carry the state: forward they come after a row's end, reverse before its
+// start, so the reverse direction starts each row from the initial state at time n_b - 1.
+struct Order {
+  int64_t T;
+  bool reverse;
+  int64_t tau(int64_t k) const { return reverse ? T - 1 - k : k; }
+  int64_t state(int64_t tau) const { return reverse ? tau : tau + 1; }
+  int64_t prev(int64_t tau) const { return reverse ? tau + 1 : tau; }
+};
 
 // ------------------------------------------------------------------------------------------
 // Vanilla RNN
@@ -295,31 +310,32 @@ inline bool padded(const int64_t* len, int64_t b, int64_t t) { return len && t >
 // and s_t = d_t s_{t-1} + (1 - d_t) h̃_t; with recurrent dropout the GEMM reads s_{t-1} ⊙ r.
 template <typename S>
 void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t H,
-                      const int64_t* len, bool tanh, const Regs<S>& reg) {
+                      const int64_t* len, bool tanh, const Regs<S>& reg, Order order) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
   over_team<S>(B, H, H, blas, [&](const Share& sh, auto&& sync) {
     const int64_t n = sh.units(), u0 = sh.u0;
     const WeightOperand<S> w(true, sh.rows(), n, H, w_hh + u0 * H, H, blas);  // this thread's rows of W_hh
-    for (int64_t t = 1; t <= T; ++t) {
-      S* z = xz + (t - 1) * step + u0;
-      const S* h_prev = hs + (t - 1) * step;
-      const S* gemm_in = reg.hin ? reg.hin + ((t - 1) & 1) * step : h_prev;
-      S* h = hs + t * step + u0;
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t tau = order.tau(k);
+      S* z = xz + tau * step + u0;
+      const S* h_prev = hs + order.prev(tau) * step;
+      const S* gemm_in = reg.hin ? reg.hin + (k & 1) * step : h_prev;
+      S* h = hs + order.state(tau) * step + u0;
       w.acc(gemm_in + sh.b0 * H, H, z + sh.b0 * H, H);
       for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
-        if (padded(len, b, t)) {  // the state stops changing
+        if (padded(len, b, tau)) {  // the state does not change
           std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
         } else {
           rnn_row_forward(z + r, h + r, n, tanh);
           if (reg.d_h) {
             std::memcpy(z + r, h + r, n * sizeof(S));  // h̃_t, for the backward
-            zone_out(h + r, h_prev + u0 + r, reg.d_h + (t - 1) * step + u0 + r, n);
+            zone_out(h + r, h_prev + u0 + r, reg.d_h + tau * step + u0 + r, n);
           }
         }
         if (reg.hin) {
-          S* in = reg.hin + (t & 1) * step + u0 + r;
+          S* in = reg.hin + ((k + 1) & 1) * step + u0 + r;
           const S* rr = reg.r + u0 + r;
           for (int64_t j = 0; j < n; ++j) in[j] = h[r + j] * rr[j];
         }
@@ -329,30 +345,40 @@ void rnn_forward_impl(S* xz, S* hs, const S* w_hh, int64_t T, int64_t B, int64_t
   });
 }
 
-// Backward: dy (T+1, B, H) holds ∂L/∂y_t (+ ∂L/∂s_T at slot n_b), as bptt/fast.py prepares it; the
-// loop turns slot t-1 into δs_{t-1} in place.
+// Backward: dy (T+1, B, H), in the state buffers' slots (Order), holds ∂L/∂y_t (+ the final
+// state's gradient at the final state's slot), as bptt/fast.py prepares it; the loop turns each
+// prev slot into δs_{t-1} in place. A padded time passes δs on unchanged, with δz = 0.
 //   δz_t = δs_t ⊙ f'(z_t),  δs_{t-1} = ∂L/∂y_{t-1} + δz_t W_hh;  writes dz (T, B, H); δs_0 in dy[0].
 // With zoneout (d_h, and h̃ in htil (T, B, H)): δs_{t-1} += d_t ⊙ δs_t and δh̃_t = (1 - d_t) ⊙ δs_t
 // before f'; with recurrent dropout δs_{t-1} gets r ⊙ (δz_t W_hh) (docs/bptt.md, "Regularizers").
 template <typename S>
 void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int64_t B,
-                       int64_t H, bool tanh, const Regs<S>& reg, const S* htil) {
+                       int64_t H, const int64_t* len, bool tanh, const Regs<S>& reg, const S* htil,
+                       Order order) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H;
   over_team<S>(B, H, H, blas, [&](const Share& sh, auto&& sync) {
     const int64_t n = sh.units(), u0 = sh.u0;
     const WeightOperand<S> w(false, sh.rows(), n, H, w_hh + u0, H, blas);  // this thread's columns of W_hh
     std::vector<S> back(reg.r ? sh.rows() * n : 0);  // δz_t W_hh before r
-    for (int64_t t = T; t >= 1; --t) {
-      S* ds = dy + t * step + u0;
-      const S* h = (htil ? htil + (t - 1) * step : hs + t * step) + u0;  // h̃_t for f'
-      S* g = dz + (t - 1) * step;
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t tau = order.tau(k);
+      S* ds = dy + order.state(tau) * step + u0;
+      S* ds_prev = dy + order.prev(tau) * step + u0;
+      const S* h = (htil ? htil + tau * step : hs + order.state(tau) * step) + u0;  // h̃_t for f'
+      S* g = dz + tau * step + u0;
       for (int64_t b = sh.b0; b < sh.b1; ++b) {
-        if (reg.d_h) zone_out_grad(ds + b * H, dy + (t - 1) * step + u0 + b * H, reg.d_h + (t - 1) * step + u0 + b * H, n);
-        rnn_row_backward(ds + b * H, h + b * H, g + u0 + b * H, n, tanh);
+        const int64_t r = b * H;
+        if (padded(len, b, tau)) {  // s_t = s_{t-1}
+          std::fill(g + r, g + r + n, S(0));
+          for (int64_t j = 0; j < n; ++j) ds_prev[r + j] += ds[r + j];
+          continue;
+        }
+        if (reg.d_h) zone_out_grad(ds + r, ds_prev + r, reg.d_h + tau * step + u0 + r, n);
+        rnn_row_backward(ds + r, h + r, g + r, n, tanh);
       }
       sync();  // the GEMM reads all of δz_t
-      back_through_w_hh(w, g + sh.b0 * H, H, dy + (t - 1) * step, sh, H, reg.r, back);
+      back_through_w_hh(w, g - u0 + sh.b0 * H, H, ds_prev - u0, sh, H, reg.r, back);
     }
   });
 }
@@ -368,7 +394,8 @@ void rnn_backward_impl(const S* hs, S* dy, const S* w_hh, S* dz, int64_t T, int6
 //   c̃ = f c_{t-1} + i g;  o = σ(z^o + p_o c̃);  h̃ = o tanh(c̃);  masked as the RNN
 template <typename S>
 void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const int64_t* len,
-                       S* tcs, bool tcs_per_step, int64_t T, int64_t B, int64_t H, const Regs<S>& reg) {
+                       S* tcs, bool tcs_per_step, int64_t T, int64_t B, int64_t H, const Regs<S>& reg,
+                       Order order) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H, G = 4 * H;
   over_team<S>(B, H, G, blas, [&](const Share& sh, auto&& sync) {
@@ -377,27 +404,28 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
     std::vector<WeightOperand<S>> w;  // the four gates' rows of W_hh in one block, or one per gate
     if (n == H) w.emplace_back(true, rows, G, H, w_hh, H, blas);
     else for (int64_t q = 0; q < 4; ++q) w.emplace_back(true, rows, n, H, w_hh + (q * H + u0) * H, H, blas);
-    for (int64_t t = 1; t <= T; ++t) {
-      S* za = xz + (t - 1) * B * G + u0;  // pre-activations in, activations out
-      const S* h_prev = hs + (t - 1) * step;
-      const S* c_prev = cs + (t - 1) * step + u0;
-      S* h = hs + t * step + u0;
-      S* c = cs + t * step + u0;
-      S* tc = tcs + (tcs_per_step ? (t - 1) * step : 0) + u0;
-      const S* gemm_in = reg.hin ? reg.hin + ((t - 1) & 1) * step : h_prev;  // h_{t-1} ⊙ r
+    for (int64_t k = 0; k < T; ++k) {
+      const int64_t tau = order.tau(k);
+      S* za = xz + tau * B * G + u0;  // pre-activations in, activations out
+      const S* h_prev = hs + order.prev(tau) * step;
+      const S* c_prev = cs + order.prev(tau) * step + u0;
+      S* h = hs + order.state(tau) * step + u0;
+      S* c = cs + order.state(tau) * step + u0;
+      S* tc = tcs + (tcs_per_step ? tau * step : 0) + u0;
+      const S* gemm_in = reg.hin ? reg.hin + (k & 1) * step : h_prev;  // h_{t-1} ⊙ r
       for (std::size_t q = 0; q < w.size(); ++q) w[q].acc(gemm_in + sh.b0 * H, H, za + sh.b0 * G + q * H, G);
       for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
         lstm_row_forward(za + b * G, c_prev + r, p, c + r, h + r, tc + r, n, H);
-        if (padded(len, b, t)) {  // the state stops changing (c̃ in tcs/acts is not used)
+        if (padded(len, b, tau)) {  // the state does not change (c̃ in tcs/acts is not used)
           std::memcpy(h + r, h_prev + u0 + r, n * sizeof(S));
           std::memcpy(c + r, c_prev + r, n * sizeof(S));
         } else {  // zoneout: the gates keep c̃ (acts, tcs); the state is zoned out
-          if (reg.d_h) zone_out(h + r, h_prev + u0 + r, reg.d_h + (t - 1) * step + u0 + r, n);
-          if (reg.d_c) zone_out(c + r, c_prev + r, reg.d_c + (t - 1) * step + u0 + r, n);
+          if (reg.d_h) zone_out(h + r, h_prev + u0 + r, reg.d_h + tau * step + u0 + r, n);
+          if (reg.d_c) zone_out(c + r, c_prev + r, reg.d_c + tau * step + u0 + r, n);
         }
         if (reg.hin) {
-          S* in = reg.hin + (t & 1) * step + u0 + r;
+          S* in = reg.hin + ((k + 1) & 1) * step + u0 + r;
           const S* rr = reg.r + u0 + r;
           for (int64_t j = 0; j < n; ++j) in[j] = h[r + j] * rr[j];
         }
@@ -408,8 +436,8 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
 }
 
 // Backward. acts (T, B, 4H), tcs (T, B, H), cs (T+1, B, H) from the forward; dy (T+1, B, H) as
-// for the RNN (slot t-1 becomes δh_{t-1} in place); dc_T (B, H) enters at step n_b of each row;
-// dc (B, H) ends as δc_0. With δh_t from step t+1 and y_t:
+// for the RNN (each prev slot becomes δh_{t-1} in place); dc_T (B, H) enters at the final state
+// (forward: time n_b - 1 of each row; reverse: time 0); dc (B, H) ends as δc_0. With δh_t from step t+1 and y_t:
 //   δz^o = δh ⊙ tanh(c̃) ⊙ o(1 - o);   δc̃ = δc + δh ⊙ o(1 - tanh²(c̃)) + p_o ⊙ δz^o
 //   δz^i = δc̃ ⊙ g ⊙ i(1 - i);  δz^f = δc̃ ⊙ c_{t-1} ⊙ f(1 - f);  δz^g = δc̃ ⊙ i ⊙ (1 - g²)
 //   δc_{t-1} = δc̃ ⊙ f + p_i ⊙ δz^i + p_f ⊙ δz^f;   δh_{t-1} = ∂L/∂y_{t-1} + δz_t W_hh
@@ -417,10 +445,11 @@ void lstm_forward_impl(S* xz, S* hs, S* cs, const S* w_hh, const S* peep, const 
 template <typename S>
 void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S* dcT, S* dc,
                         const S* w_hh, const S* peep, const int64_t* len, S* dz, int64_t T,
-                        int64_t B, int64_t H, const Regs<S>& reg) {
+                        int64_t B, int64_t H, const Regs<S>& reg, Order order) {
   const bool blas = use_blas<S>();
   const int64_t step = B * H, G = 4 * H;
-  if (!len) std::memcpy(dc, dcT, step * sizeof(S));
+  const int64_t* ends = order.reverse ? nullptr : len;  // where the final state's gradient enters per row
+  if (!ends) std::memcpy(dc, dcT, step * sizeof(S));
   else std::fill(dc, dc + step, S(0));
   over_team<S>(B, H, G, blas, [&](const Share& sh, auto&& sync) {
     const int64_t n = sh.units(), u0 = sh.u0, u1 = sh.u1;
@@ -428,19 +457,26 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
     const WeightOperand<S> w(false, sh.rows(), n, G, w_hh + u0, H, blas);  // this thread's columns of W_hh
     std::vector<S> back(reg.r ? sh.rows() * n : 0);  // δz_t W_hh before r
     std::vector<S> carry(reg.d_c ? n : 0);           // d^c ⊙ δc_t, for δc_{t-1}
-    for (int64_t t = T; t >= 1; --t) {
-      S* dh = dy + t * step + u0;
-      const S* act = acts + (t - 1) * B * G + u0;
-      const S* tc = tcs + (t - 1) * step + u0;
-      const S* c_prev = cs + (t - 1) * step + u0;
-      S* g = dz + (t - 1) * B * G;
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t tau = order.tau(k);
+      S* dh = dy + order.state(tau) * step + u0;
+      S* dh_prev = dy + order.prev(tau) * step + u0;
+      const S* act = acts + tau * B * G + u0;
+      const S* tc = tcs + tau * step + u0;
+      const S* c_prev = cs + order.prev(tau) * step + u0;
+      S* g = dz + tau * B * G;
       for (int64_t b = sh.b0; b < sh.b1; ++b) {
         const int64_t r = b * H;
-        if (len && len[b] == t)  // the final cell state's gradient enters at step n_b
+        if (ends && ends[b] == tau + 1)  // the final cell state's gradient enters at time n_b - 1
           for (int64_t j = u0; j < u1; ++j) dc[r + j] += dcT[r + j];
-        if (reg.d_h) zone_out_grad(dh + r, dy + (t - 1) * step + u0 + r, reg.d_h + (t - 1) * step + u0 + r, n);
+        if (padded(len, b, tau)) {  // h and c carried: δh, δc pass on, δz = 0
+          for (int64_t q = 0; q < 4; ++q) std::fill(g + b * G + q * H + u0, g + b * G + q * H + u1, S(0));
+          for (int64_t j = 0; j < n; ++j) dh_prev[r + j] += dh[r + j];
+          continue;
+        }
+        if (reg.d_h) zone_out_grad(dh + r, dh_prev + r, reg.d_h + tau * step + u0 + r, n);
         if (reg.d_c) {
-          const S* d = reg.d_c + (t - 1) * step + u0 + r;
+          const S* d = reg.d_c + tau * step + u0 + r;
           S* dcr = dc + u0 + r;
           for (int64_t j = 0; j < n; ++j) {
             carry[j] = d[j] * dcr[j];
@@ -453,10 +489,10 @@ void lstm_backward_impl(const S* acts, const S* tcs, const S* cs, S* dy, const S
           for (int64_t j = 0; j < n; ++j) dc[u0 + r + j] += carry[j];
       }
       sync();  // the GEMM reads all of δz_t
-      back_through_w_hh(w, g + sh.b0 * G, G, dy + (t - 1) * step, sh, H, reg.r, back);
+      back_through_w_hh(w, g + sh.b0 * G, G, dh_prev - u0, sh, H, reg.r, back);
     }
   });
-  if (len)  // sequences of length 0: their final state is the initial one
+  if (ends)  // sequences of length 0: their final state is the initial one
     for (int64_t b = 0; b < B; ++b)
       if (len[b] == 0)
         for (int64_t j = 0; j < H; ++j) dc[b * H + j] += dcT[b * H + j];
@@ -493,19 +529,20 @@ Regs<S> regs_of(const std::optional<at::Tensor>& r, const std::optional<at::Tens
 
 void rnn_forward(at::Tensor xz, at::Tensor hs, const at::Tensor& w_hh,
                  const std::optional<at::Tensor>& lengths, bool tanh, const std::optional<at::Tensor>& r,
-                 const std::optional<at::Tensor>& d_h, const std::optional<at::Tensor>& hin) {
+                 const std::optional<at::Tensor>& d_h, const std::optional<at::Tensor>& hin, bool reverse) {
   check(xz, xz, "xz"); check(hs, xz, "hs"); check(w_hh, xz, "w_hh");
   TORCH_CHECK(r.has_value() == hin.has_value(), "r and hin come together");
   AT_DISPATCH_FLOATING_TYPES(xz.scalar_type(), "rnn_forward", [&] {
     rnn_forward_impl<scalar_t>(xz.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(),
                                w_hh.data_ptr<scalar_t>(), xz.size(0), xz.size(1), xz.size(2),
-                               lengths_ptr(lengths), tanh, regs_of<scalar_t>(r, d_h, std::nullopt, hin, xz));
+                               lengths_ptr(lengths), tanh, regs_of<scalar_t>(r, d_h, std::nullopt, hin, xz),
+                               Order{xz.size(0), reverse});
   });
 }
 
 void rnn_backward(const at::Tensor& hs, at::Tensor dy, const at::Tensor& w_hh, at::Tensor dz,
-                  bool tanh, const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& d_h,
-                  const std::optional<at::Tensor>& htil) {
+                  const std::optional<at::Tensor>& lengths, bool tanh, const std::optional<at::Tensor>& r,
+                  const std::optional<at::Tensor>& d_h, const std::optional<at::Tensor>& htil, bool reverse) {
   check(hs, hs, "hs"); check(dy, hs, "dy"); check(w_hh, hs, "w_hh"); check(dz, hs, "dz");
   if (htil.has_value()) check(*htil, hs, "htil");
   TORCH_CHECK(!d_h.has_value() || htil.has_value(), "zoneout needs h̃ (htil)");
@@ -513,15 +550,16 @@ void rnn_backward(const at::Tensor& hs, at::Tensor dy, const at::Tensor& w_hh, a
     Regs<scalar_t> reg = regs_of<scalar_t>(r, d_h, std::nullopt, std::nullopt, hs);
     rnn_backward_impl<scalar_t>(hs.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(),
                                 w_hh.data_ptr<scalar_t>(), dz.data_ptr<scalar_t>(), dz.size(0),
-                                dz.size(1), dz.size(2), tanh, reg,
-                                htil.has_value() ? htil->data_ptr<scalar_t>() : nullptr);
+                                dz.size(1), dz.size(2), lengths_ptr(lengths), tanh, reg,
+                                htil.has_value() ? htil->data_ptr<scalar_t>() : nullptr,
+                                Order{dz.size(0), reverse});
   });
 }
 
 void lstm_forward(at::Tensor xz, at::Tensor hs, at::Tensor cs, const at::Tensor& w_hh,
                   const std::optional<at::Tensor>& peep, const std::optional<at::Tensor>& lengths,
                   at::Tensor tcs, const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& d_h,
-                  const std::optional<at::Tensor>& d_c, const std::optional<at::Tensor>& hin) {
+                  const std::optional<at::Tensor>& d_c, const std::optional<at::Tensor>& hin, bool reverse) {
   check(xz, xz, "xz"); check(hs, xz, "hs"); check(cs, xz, "cs"); check(w_hh, xz, "w_hh");
   check(tcs, xz, "tcs");
   if (peep.has_value()) check(*peep, xz, "peep");
@@ -532,7 +570,7 @@ void lstm_forward(at::Tensor xz, at::Tensor hs, at::Tensor cs, const at::Tensor&
         xz.data_ptr<scalar_t>(), hs.data_ptr<scalar_t>(), cs.data_ptr<scalar_t>(),
         w_hh.data_ptr<scalar_t>(), peep.has_value() ? peep->data_ptr<scalar_t>() : nullptr,
         lengths_ptr(lengths), tcs.data_ptr<scalar_t>(), tcs.size(0) == T, T, xz.size(1),
-        hs.size(2), regs_of<scalar_t>(r, d_h, d_c, hin, xz));
+        hs.size(2), regs_of<scalar_t>(r, d_h, d_c, hin, xz), Order{T, reverse});
   });
 }
 
@@ -541,7 +579,7 @@ at::Tensor lstm_backward(const at::Tensor& acts, const at::Tensor& tcs, const at
                          const std::optional<at::Tensor>& peep,
                          const std::optional<at::Tensor>& lengths, at::Tensor dz,
                          const std::optional<at::Tensor>& r, const std::optional<at::Tensor>& d_h,
-                         const std::optional<at::Tensor>& d_c) {
+                         const std::optional<at::Tensor>& d_c, bool reverse) {
   check(acts, acts, "acts"); check(tcs, acts, "tcs"); check(cs, acts, "cs");
   check(dy, acts, "dy"); check(w_hh, acts, "w_hh"); check(dz, acts, "dz");
   if (peep.has_value()) check(*peep, acts, "peep");
@@ -553,25 +591,26 @@ at::Tensor lstm_backward(const at::Tensor& acts, const at::Tensor& tcs, const at
         dy.data_ptr<scalar_t>(), dcT.data_ptr<scalar_t>(), dc.data_ptr<scalar_t>(),
         w_hh.data_ptr<scalar_t>(), peep.has_value() ? peep->data_ptr<scalar_t>() : nullptr,
         lengths_ptr(lengths), dz.data_ptr<scalar_t>(), acts.size(0), acts.size(1), cs.size(2),
-        regs_of<scalar_t>(r, d_h, d_c, std::nullopt, acts));
+        regs_of<scalar_t>(r, d_h, d_c, std::nullopt, acts), Order{acts.size(0), reverse});
   });
   return dc;
 }
 
 }  // namespace
 
-// In-place arguments are marked (a!): xz and dy are overwritten (see the loops above).
+// In-place arguments are marked (a!): xz and dy are overwritten (see the loops above). reverse:
+// the direction (Order).
 TORCH_LIBRARY(seqmodels_fused, m) {
   // r, d_h, d_c: the regularizers (Regs above), None when off; hin (e!) the forward's GEMM input
   // h ⊙ r; htil the RNN's h̃ (its xz after a forward with zoneout)
   m.def("rnn_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor w_hh, Tensor? lengths, bool tanh, Tensor? r, "
-        "Tensor? d_h, Tensor(e!)? hin) -> ()", &rnn_forward);
-  m.def("rnn_backward(Tensor hs, Tensor(a!) dy, Tensor w_hh, Tensor(b!) dz, bool tanh, Tensor? r, "
-        "Tensor? d_h, Tensor? htil) -> ()", &rnn_backward);
+        "Tensor? d_h, Tensor(e!)? hin, bool reverse) -> ()", &rnn_forward);
+  m.def("rnn_backward(Tensor hs, Tensor(a!) dy, Tensor w_hh, Tensor(b!) dz, Tensor? lengths, bool tanh, "
+        "Tensor? r, Tensor? d_h, Tensor? htil, bool reverse) -> ()", &rnn_backward);
   m.def("lstm_forward(Tensor(a!) xz, Tensor(b!) hs, Tensor(c!) cs, Tensor w_hh, Tensor? peep, "
-        "Tensor? lengths, Tensor(d!) tcs, Tensor? r, Tensor? d_h, Tensor? d_c, Tensor(e!)? hin) -> ()",
+        "Tensor? lengths, Tensor(d!) tcs, Tensor? r, Tensor? d_h, Tensor? d_c, Tensor(e!)? hin, bool reverse) -> ()",
         &lstm_forward);
   m.def("lstm_backward(Tensor acts, Tensor tcs, Tensor cs, Tensor(a!) dy, Tensor dc_T, "
         "Tensor w_hh, Tensor? peep, Tensor? lengths, Tensor(b!) dz, Tensor? r, Tensor? d_h, "
-        "Tensor? d_c) -> Tensor", &lstm_backward);
+        "Tensor? d_c, bool reverse) -> Tensor", &lstm_backward);
 }
