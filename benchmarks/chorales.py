@@ -6,6 +6,18 @@ file and two baselines computed on the same file.
     python benchmarks/chorales.py --path JSB_Chorales.mat --model rnn --minutes 20
     python benchmarks/chorales.py --path JSB_Chorales.mat --model lstm --minutes 20 --patience 50
 
+The whole table, every model x every file x seeds, one fresh process per run, within a budget:
+
+    python benchmarks/chorales.py --table --path JSB_Chorales.mat MuseData.mat Piano_midi.mat \
+        --models lstm,gru,rnn --seeds 1234,1,2 --minutes 20 [--budget 8] [--out runs/chorales-table]
+
+It appends each run's JSON line to ``<out>/runs.jsonl`` (run again: the runs already there are
+not run again, so an interrupted table resumes), then prints and writes ``<out>/table.md`` (each
+model's mean test NLL over the seeds with the min-max range, the published rows with their
+sources, the baselines) and ``<out>/nll.png`` (test NLL per model and file, each seed a point).
+``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
+each, less where needed).
+
 ``--patience N`` ends the run N epochs after the best validation NLL (EarlyStopping), so its
 wall time says how long the model needs, not how long it was allowed. Either way the run
 reports the minutes to its best epoch.
@@ -34,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -62,6 +75,19 @@ PUBLISHED = {
     "Nottingham": {"RNN": (4.05, BAI_2018), "LSTM": (3.29, BAI_2018), "GRU": (3.46, BAI_2018),
                    "TCN": (3.07, BAI_2018)},
 }
+# The targets of the table (``--table``), the best published results with the same output (a
+# Bernoulli per pitch, NLL per frame) and at most 5M parameters: the tuned results of the RRU
+# paper's code, as issue 28 quotes them (Zakovskis et al., "Gates are not what you need in
+# RNNs", LUMII-Syslab/RRU; not yet checked against the paper's own table).
+RRU_2021 = "Zakovskis et al., \"Gates are not what you need in RNNs\" (LUMII-Syslab/RRU), as quoted in issue 28"
+TARGETS = {
+    "RRU": {"JSB Chorales": 7.72, "MuseData": 7.03, "Piano-midi.de": 7.38, "Nottingham": 2.92},
+    "Mogrifier LSTM (RRU paper)": {"JSB Chorales": 8.18, "MuseData": 7.22, "Piano-midi.de": 7.52, "Nottingham": 3.28},
+    "LSTM (RRU paper)": {"JSB Chorales": 8.33, "MuseData": 7.24, "Piano-midi.de": 7.54, "Nottingham": 3.25},
+    "GRU (RRU paper)": {"JSB Chorales": 8.20, "MuseData": 7.31, "Piano-midi.de": 7.58, "Nottingham": 3.22},
+}
+
+MODELS = ("lstm", "gru", "rnn")
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
 RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.network.nonlinearity=tanh",
@@ -73,8 +99,14 @@ RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.networ
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--path", required=True, help="a Boulanger-Lewandowski pickle or TCN .mat file")
-    parser.add_argument("--model", choices=("lstm", "rnn", "gru"), default="lstm")
+    parser.add_argument("--path", required=True, nargs="+",
+                        help="a Boulanger-Lewandowski pickle or TCN .mat file (with --table: one or more)")
+    parser.add_argument("--model", choices=MODELS, default="lstm")
+    parser.add_argument("--table", action="store_true", help="every --models x every --path x --seeds (module docstring)")
+    parser.add_argument("--models", default=",".join(MODELS), help="with --table: comma-separated, from " + ",".join(MODELS))
+    parser.add_argument("--seeds", default="1234,1,2", help="with --table: comma-separated seeds")
+    parser.add_argument("--budget", type=float, default=None, help="with --table: hours for the whole table")
+    parser.add_argument("--out", default="runs/chorales-table", help="with --table: where runs.jsonl, table.md, nll.png go")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
     parser.add_argument("--config", default=None, help="default: configs/jsb_gru.yaml for --model gru, else jsb_lstm.yaml")
     parser.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
@@ -83,6 +115,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="more CLI overrides, e.g. --model.init_args.network.hidden_size=128")
     args, extra = parser.parse_known_args(argv)
     args.overrides += extra  # CLI overrides start with --
+    if args.table:
+        args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+        unknown = [m for m in args.models if m not in MODELS]
+        if unknown or not args.models:
+            parser.error(f"--models {','.join(unknown) or '(empty)'}: choose from {','.join(MODELS)}")
+        try:
+            args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 1234,1,2")
+        if not args.seeds:
+            parser.error("--seeds: give at least one seed, e.g. 1234,1,2")
+        if args.budget is not None and args.budget <= 0:
+            parser.error(f"--budget {args.budget}: give the hours for the whole table, > 0")
+        missing = [p for p in args.path if not Path(p).is_file()]
+        if missing:
+            parser.error(f"--path {missing[0]}: no such file (a canonical .mat or pickle file)")
+    elif len(args.path) > 1:
+        parser.error("one --path per run; several files make a table: add --table")
+    else:
+        args.path = args.path[0]
     return args
 
 
@@ -112,6 +164,8 @@ def baselines(rolls: dict) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.table:
+        return run_table(args)
     os.environ.setdefault("WANDB_SILENT", "true")
     from seqmodels.cli import main as cli_main
 
@@ -165,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"test acc {results['test/acc']:.4f}; {trainer.current_epoch} epochs in {trained / 60:.1f} min "
           f"(budget {args.minutes:g}), the best after {to_best:.1f} min, on {device}; checkpoint {checkpoint.best_model_path}")
     published = {model: nll for model, (nll, _) in PUBLISHED.get(dataset, {}).items()}
-    summary = {"model": args.model, "file": name, "dataset": dataset, "published": published, "test_nll": round(test_nll, 4), "val_nll": round(val_nll, 4),
+    summary = {"model": args.model, "seed": args.seed, "file": name, "dataset": dataset, "published": published, "test_nll": round(test_nll, 4), "val_nll": round(val_nll, 4),
                "baseline_frequency": round(base["frequency"], 4), "baseline_previous": round(base["previous"], 4),
                "minutes": round(total / 60, 2), "train_minutes": round(trained / 60, 2),
                "epochs": trainer.current_epoch, "best_epoch": best_epoch, "minutes_to_best": round(to_best, 2),
@@ -195,3 +249,148 @@ def torch_load_epoch(ckpt_path: str) -> int:
 
 if __name__ == "__main__":
     main()
+
+
+# ---- the whole table (--table) ------------------------------------------------------------
+def _run_key(result: dict) -> tuple:
+    return result["path"], result["model"], result["seed"]
+
+
+def read_runs(path: Path) -> list[dict]:
+    """The runs of ``runs.jsonl`` (one JSON object a line; a torn last line is skipped)."""
+    if not path.is_file():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        try:
+            runs.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return runs
+
+
+def run_table(args: argparse.Namespace) -> dict:
+    """Every model x file x seed not yet in ``<out>/runs.jsonl``, each in a fresh process of this
+    script, then the table and the plot from all the runs there."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "runs.jsonl"
+    done = {_run_key(r) for r in read_runs(log)}
+    if log.is_file() and not log.read_bytes().endswith(b"\n"):
+        with log.open("a") as f:  # a line torn by an interrupted write stays alone on its line
+            f.write("\n")
+    plan = [(str(Path(p).resolve()), m, s) for p in args.path for m in args.models for s in args.seeds]
+    todo = [run for run in plan if run not in done]
+    minutes = args.minutes
+    if args.budget is not None and todo:
+        # a run takes its training budget plus ~1 min (start, best-checkpoint test, baselines)
+        minutes = min(minutes, max(0.1, args.budget * 60 / len(todo) - 1))
+    print(f"{len(plan)} runs ({len(args.models)} models x {len(args.path)} files x {len(args.seeds)} seeds), "
+          f"{len(plan) - len(todo)} already in {log}; {len(todo)} to run, {minutes:.1f} min of training each "
+          f"(about {len(todo) * (minutes + 1) / 60:.1f} h)", flush=True)
+    for k, (path, model, seed) in enumerate(todo, 1):
+        command = [sys.executable, str(Path(__file__).resolve()), "--path", path, "--model", model,
+                   "--seed", str(seed), "--minutes", f"{minutes:g}", *args.overrides]
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines or not lines[-1].startswith("{"):
+            why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"[{k}/{len(todo)}] {model} on {Path(path).name}, seed {seed}: FAILED ({why}); "
+                  f"command: {' '.join(command)}", flush=True)
+            continue
+        result = {**json.loads(lines[-1]), "path": path, "seed": seed}
+        with log.open("a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(f"[{k}/{len(todo)}] {model} on {result['dataset'] or result['file']}, seed {seed}: test NLL "
+              f"{result['test_nll']:.3f} (val {result['val_nll']:.3f}), {(time.perf_counter() - start) / 60:.1f} min",
+              flush=True)
+    runs = [r for r in read_runs(log) if _run_key(r) in set(plan)]
+    table = markdown_table(runs)
+    (out / "table.md").write_text(table)
+    print("\n" + table)
+    if runs:
+        plot_table(runs, out / "nll.png")
+        print(f"written: {out / 'table.md'}, {out / 'nll.png'}, {log}")
+    return {"runs": len(runs), "table": str(out / "table.md")}
+
+
+def _column(run: dict) -> str:
+    return run.get("dataset") or run["file"]
+
+
+def markdown_table(runs: list[dict]) -> str:
+    """Test NLL per model (rows) and file (columns): each model's mean over its seeds with the
+    min-max range, then the published rows with their sources, then the two baselines."""
+    columns = list(dict.fromkeys(_column(r) for r in runs))
+    if not columns:
+        return "(no runs yet)\n"
+    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    by_model: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        by_model.setdefault(r["model"], {}).setdefault(_column(r), []).append(r["test_nll"])
+    for model, cells in by_model.items():
+        seeds = max(len(v) for v in cells.values())
+        row = []
+        for c in columns:
+            v = cells.get(c, [])
+            mean = sum(v) / len(v) if v else None
+            row.append("–" if mean is None else f"**{mean:.2f}**" + (f" ({min(v):.2f}–{max(v):.2f})" if len(v) > 1 else ""))
+        lines.append(f"| seqmodels {model.upper()}, this table ({seeds} seed{'s' * (seeds > 1)}) | " + " | ".join(row) + " |")
+    sources = []
+    for label, numbers in TARGETS.items():
+        if any(c in numbers for c in columns):
+            lines.append(f"| {label} [1] | " + " | ".join(f"{numbers[c]:.2f}" if c in numbers else "–" for c in columns) + " |")
+            sources = [f"[1] {RRU_2021}"]
+    labels = list(dict.fromkeys(label for c in columns for label in PUBLISHED.get(c, {})))
+    for label in labels:
+        cells = [f"{PUBLISHED[c][label][0]:.2f}" if label in PUBLISHED.get(c, {}) else "–" for c in columns]
+        lines.append(f"| {label} (Bai et al.) [2] | " + " | ".join(cells) + " |")
+    if labels:
+        sources.append(f"[2] {BAI_2018}")
+    for key, label in (("baseline_frequency", "baseline: per-pitch training frequency"),
+                       ("baseline_previous", "baseline: per-pitch previous-frame model")):
+        first = {c: r[key] for r in reversed(runs) for c in [_column(r)]}
+        lines.append(f"| {label} | " + " | ".join(f"{first[c]:.2f}" if c in first else "–" for c in columns) + " |")
+    hosts = sorted({r.get("device", "?") for r in runs})
+    notes = [f"Test frame-level NLL (lower is better); mean over seeds (min–max); device {', '.join(hosts)}."] + sources
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def plot_table(runs: list[dict], path: Path) -> Path:
+    """One panel per file: each model's test NLL per seed (points) and their mean (a bar), with
+    the RRU target and the TCN as dashed lines where published."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = list(dict.fromkeys(_column(r) for r in runs))
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    fig, axes = plt.subplots(1, len(columns), figsize=(3.2 * len(columns) + 0.5, 3.4), squeeze=False)
+    for ax, column in zip(axes[0], columns):
+        for x, model in enumerate(models):
+            v = [r["test_nll"] for r in runs if _column(r) == column and r["model"] == model]
+            if not v:
+                continue
+            ax.bar(x, sum(v) / len(v), width=0.6, color=f"C{x}", alpha=0.35)
+            ax.scatter([x + 0.12 * (i - (len(v) - 1) / 2) for i in range(len(v))], v, color=f"C{x}", zorder=3, s=18)
+        references = []
+        for label, linestyle in (("RRU", "--"), ("TCN", ":")):
+            nll = TARGETS.get(label, {}).get(column) or PUBLISHED.get(column, {}).get(label, (None,))[0]
+            if nll is not None:
+                ax.axhline(nll, color="k", linestyle=linestyle, linewidth=1, label=f"{label} {nll:.2f} (published)")
+                references.append(nll)
+        values = [r["test_nll"] for r in runs if _column(r) == column] + references
+        ax.set_ylim(min(values) - 0.3, max(values) + 0.3)  # the differences, not the bars' height from 0
+        ax.set_xticks(range(len(models)), [m.upper() for m in models])
+        ax.set_title(column)
+        ax.set_ylabel("test NLL per frame")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("seqmodels on the canonical music files: each point one seed, bars the mean", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -2,6 +2,7 @@
 downloads, and a one-line error for every kind of bad input."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import time
@@ -154,6 +155,86 @@ def test_the_benchmark_identifies_the_file_by_its_split_sizes_and_prints_only_it
     assert all("Bai, Kolter & Koltun 2018, Table 1" in line for line in jsb)  # the source beside each number
     for other in ("MuseData", "Piano-midi.de", None):
         assert published_lines(other) == ["(no published numbers known for this file)"]
+
+
+def fake_run(path, model, seed, nll, dataset="JSB Chorales") -> dict:
+    return {"path": str(path), "model": model, "seed": seed, "dataset": dataset, "file": Path(path).name,
+            "test_nll": nll, "val_nll": nll + 0.1, "baseline_frequency": 11.0, "baseline_previous": 10.5,
+            "device": "cpu"}
+
+
+def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path, monkeypatch, capsys):
+    """--table: every model x file x seed not yet in runs.jsonl runs once, in a fresh process of
+    the script with its own seed and the budget's minutes; a failed run is reported and not
+    logged; the table and the plot come from every logged run."""
+    import subprocess
+
+    from benchmarks import chorales
+
+    a, b = write_mat(tmp_path / "a.mat"), write_mat(tmp_path / "b.mat")
+    out = tmp_path / "table"
+    out.mkdir()
+    (out / "runs.jsonl").write_text(json.dumps(fake_run(a.resolve(), "lstm", 1, 8.0)) + "\n{torn")
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        arg = lambda name: command[command.index(name) + 1]  # noqa: E731
+        if arg("--model") == "rnn" and arg("--path") == str(b.resolve()):
+            return subprocess.CompletedProcess(command, 1, "", "Traceback ...\nRuntimeError: out of memory\n")
+        nll = {"lstm": 8.2, "rnn": 8.6}[arg("--model")] + int(arg("--seed")) * 0.04
+        summary = fake_run(arg("--path"), arg("--model"), int(arg("--seed")), nll, "JSB Chorales" if "a.mat" in arg("--path") else None)
+        return subprocess.CompletedProcess(command, 0, "training...\n" + json.dumps(summary) + "\n", "")
+
+    monkeypatch.setattr(subprocess, "run", run)
+    argv = ["--table", "--path", str(a), str(b), "--models", "lstm,rnn", "--seeds", "1,2", "--minutes", "20",
+            "--budget", "1", "--out", str(out)]
+    chorales.main(argv)
+    printed = capsys.readouterr().out
+    assert len(commands) == 7  # 2 files x 2 models x 2 seeds, less the one logged
+    assert all(c[c.index("--minutes") + 1] == f"{60 / 7 - 1:g}" for c in commands)  # the budget shared
+    assert "rnn on b.mat, seed 1: FAILED (RuntimeError: out of memory)" in printed
+    logged = chorales.read_runs(out / "runs.jsonl")
+    assert len(logged) == 6 and {(r["model"], r["seed"]) for r in logged if r["file"] == "b.mat"} == {("lstm", 1), ("lstm", 2)}
+    table = (out / "table.md").read_text()
+    assert table in printed and (out / "nll.png").stat().st_size > 1000
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["| seqmodels LSTM, this table (2 seeds)"].split(" | ")[1:] == ["**8.14** (8.00–8.28)", "**8.26** (8.24–8.28) |"]
+    assert rows["| RRU [1]"].split(" | ")[1:] == ["7.72", "– |"] and "| TCN (Bai et al.) [2] | 8.10 | – |" in table
+    assert "Zakovskis" in table and "Bai, Kolter & Koltun 2018" in table
+
+    commands.clear()
+    chorales.main(argv)  # again: only the two failed runs
+    assert [(c[c.index("--model") + 1], c[c.index("--seed") + 1]) for c in commands] == [("rnn", "1"), ("rnn", "2")]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--table", "--models", "lstm,transformer"], "--models transformer: choose from lstm,gru,rnn"),
+    (["--table", "--seeds", "1,two"], "--seeds '1,two': give whole numbers"),
+    (["--table", "--budget", "0"], "--budget 0.0: give the hours for the whole table, > 0"),
+    (["--model", "lstm"], "one --path per run; several files make a table: add --table"),
+])
+def test_the_table_refuses_bad_arguments_in_one_line(tmp_path, capsys, argv, message):
+    from benchmarks import chorales
+
+    with pytest.raises(SystemExit):
+        chorales.parse_args(["--path", str(write_mat(tmp_path / "a.mat")), str(write_mat(tmp_path / "b.mat")), *argv])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+
+
+@pytest.mark.slow  # two real runs of a tiny model: ~30 s
+def test_the_table_end_to_end_on_a_tiny_file(tmp_path):
+    from benchmarks import chorales
+
+    path = write_mat(tmp_path / "tiny.mat")
+    out = tmp_path / "table"
+    chorales.main(["--table", "--path", str(path), "--models", "lstm", "--seeds", "1,2", "--minutes", "0.1",
+                   "--out", str(out), "--model.init_args.network.hidden_size=8", "--trainer.max_epochs=2",
+                   "--trainer.logger=false", "--trainer.default_root_dir=" + str(tmp_path / "runs")])
+    runs = chorales.read_runs(out / "runs.jsonl")
+    assert sorted(r["seed"] for r in runs) == [1, 2] and all(np.isfinite(r["test_nll"]) for r in runs)
+    assert "seqmodels LSTM, this table (2 seeds)" in (out / "table.md").read_text() and (out / "nll.png").is_file()
 
 
 @pytest.mark.skipif(not SHARED_JSB.is_file(), reason="shared/data/*.mat not beside the repo")
