@@ -76,10 +76,10 @@ PUBLISHED = {
                    "TCN": (3.07, BAI_2018)},
 }
 # The targets of the table (``--table``), the best published results with the same output (a
-# Bernoulli per pitch, NLL per frame) and at most 5M parameters: the tuned results of the RRU
-# paper's code, as issue 28 quotes them (Zakovskis et al., "Gates are not what you need in
-# RNNs", LUMII-Syslab/RRU; not yet checked against the paper's own table).
-RRU_2021 = "Zakovskis et al., \"Gates are not what you need in RNNs\" (LUMII-Syslab/RRU), as quoted in issue 28"
+# Bernoulli per pitch, NLL per frame) and at most 5M parameters: the tuned results in the README
+# of the paper's code (Zakovskis et al. 2021, "Gates are not what you need in RNNs",
+# arXiv:2108.00527; github.com/LUMII-Syslab/RRU at bd4c1d6, "Results", the rows "Music ... (NLL)").
+RRU_2021 = "Zakovskis et al. 2021, \"Gates are not what you need in RNNs\", README of LUMII-Syslab/RRU (tuned)"
 TARGETS = {
     "RRU": {"JSB Chorales": 7.72, "MuseData": 7.03, "Piano-midi.de": 7.38, "Nottingham": 2.92},
     "Mogrifier LSTM (RRU paper)": {"JSB Chorales": 8.18, "MuseData": 7.22, "Piano-midi.de": 7.52, "Nottingham": 3.28},
