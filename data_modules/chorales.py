@@ -179,10 +179,15 @@ class ChoralesDataModule(LightningDataModule):
             self.load()
 
     def setup(self, stage: str | None = None) -> None:
+        """The splits the stage uses: fit trains and validates, and never reads the test split
+        (a hyperparameter search relies on it: ``seqmodels.search``); None builds all three."""
         rolls = self.load()
-        self.train_set = RollDataset(rolls["train"])
-        self.val_set = RollDataset(rolls["valid"])
-        self.test_set = RollDataset(rolls["test"])
+        if stage in (None, "fit"):
+            self.train_set = RollDataset(rolls["train"])
+        if stage in (None, "fit", "validate"):
+            self.val_set = RollDataset(rolls["valid"])
+        if stage in (None, "test", "predict"):
+            self.test_set = RollDataset(rolls["test"])
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, collate_fn=pad_rolls,
@@ -202,6 +207,8 @@ class ChoralesDataModule(LightningDataModule):
         return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
+        if getattr(self, "test_set", None) is None:  # set up for fit only: the test split is read now
+            self.setup("test")
         return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:

@@ -502,16 +502,24 @@ def main(args: list[str] | None = None, **kwargs) -> SeqCLI:
     build = BuildBoundary()
     try:
         return SeqCLI(args=args, trainer_class=SeqTrainer, build=build, **kwargs)
-    except argparse.ArgumentError as err:
-        print(f"error: {condense_parser_error(str(err))}", file=sys.stderr)
-        raise SystemExit(2) from None
     except Exception as err:
-        user_error = find_user_error(err)
-        if user_error is not None:
-            print(f"error: {user_error}", file=sys.stderr)
-            raise SystemExit(2) from None
-        framework_error = find_framework_error(err) if build.building else None
-        if framework_error is None or show_framework_tracebacks():
+        line = one_line_error(err, build)
+        if line is None:
             raise
-        print(f"error: {describe_framework_error(framework_error)}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line_error(err: BaseException, build: BuildBoundary | None = None) -> str | None:
+    """The line ``main`` prints for ``err`` (after ``error: ``), or None where the error keeps
+    its traceback (see ``main``): a config the parser rejects, a UserError, or a framework's
+    error while ``build`` is building (None: outside any run, e.g. before one is built)."""
+    if isinstance(err, argparse.ArgumentError):
+        return condense_parser_error(str(err))
+    user_error = find_user_error(err)
+    if user_error is not None:
+        return str(user_error)
+    framework_error = find_framework_error(err) if build is None or build.building else None
+    if framework_error is None or show_framework_tracebacks():
+        return None
+    return describe_framework_error(framework_error)
