@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from seqmodels.audio import SAMPLE_RATE, write_wav
 from seqmodels.music import plot_roll, plot_roll_pair, write_midi
-from seqmodels.runs import log_image, run_dir
+from seqmodels.runs import log_audio, log_image, run_dir
 from seqmodels.sampling import generate_roll, generate_text
 from seqmodels.tasks import CharLanguageModel, PolyphonicMusicModel
 
@@ -93,9 +94,16 @@ class ContinuationComparison(Callback):
     of a test sequence (chosen by the seed among those long enough), let it continue for the
     rest of that sequence (at most ``max_frames`` in all), and put its continuation beside the
     real one: one PNG with the two piano rolls side by side (``<run>/samples/continuation.png``,
-    W&B key ``samples/continuation``) and both as MIDI (``continuation-real.mid``,
-    ``continuation-generated.mid``, also saved to the W&B run). The global random state is left
-    untouched and the trained module is not changed (the best weights go into a copy).
+    W&B key ``samples/continuation``), both as MIDI (``continuation-real.mid``,
+    ``continuation-generated.mid``, also saved to the W&B run) and both as sound
+    (``continuation-real.wav``, ``continuation-generated.wav``: ``seqmodels.audio``'s additive
+    synthesis, mono 16-bit at ``sample_rate`` Hz, logged to W&B as ``wandb.Audio``, keys
+    ``samples/continuation_real_audio`` and ``samples/continuation_generated_audio``; wandb logs
+    audio only with the ``soundfile`` package: without it one warning, and the WAVs are saved to
+    the run like the MIDI files). MIDI and WAV take the data's ``steps_per_quarter`` at 80 bpm.
+    ``paths`` keeps the files written (keys ``png``, ``real``, ``generated``, ``real_wav``,
+    ``generated_wav``). The global random state is left untouched and the trained module is not
+    changed (the best weights go into a copy).
 
     Args:
         prime_frames: the frames given (8: two bars of 4/4 at one step per quarter).
@@ -103,15 +111,16 @@ class ContinuationComparison(Callback):
         min_continuation: only sequences with at least this many frames after the prime.
         temperature: sigmoid(logits / temperature).
         seed: picks the sequence and drives the sampling.
+        sample_rate: of the WAV files, in Hz.
     """
 
     def __init__(self, prime_frames: int = 8, max_frames: int = 64, min_continuation: int = 16,
-                 temperature: float = 1.0, seed: int = 0) -> None:
+                 temperature: float = 1.0, seed: int = 0, sample_rate: int = SAMPLE_RATE) -> None:
         super().__init__()
         if prime_frames < 1 or max_frames <= prime_frames or min_continuation < 1:
             raise ValueError("prime_frames >= 1, max_frames > prime_frames and min_continuation >= 1 are required")
         self.prime_frames, self.max_frames, self.min_continuation = prime_frames, max_frames, min_continuation
-        self.temperature, self.seed = temperature, seed
+        self.temperature, self.seed, self.sample_rate = temperature, seed, sample_rate
         self.paths: dict[str, Path] = {}
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -138,11 +147,21 @@ class ContinuationComparison(Callback):
                                   f"and the model's (right; temperature {self.temperature:g}, seed {self.seed})"),
             "real": write_midi(real, folder / "continuation-real.mid", steps_per_quarter),
             "generated": write_midi(generated, folder / "continuation-generated.mid", steps_per_quarter),
+            "real_wav": write_wav(real, folder / "continuation-real.wav", steps_per_quarter,
+                                  sample_rate=self.sample_rate),
+            "generated_wav": write_wav(generated, folder / "continuation-generated.wav", steps_per_quarter,
+                                       sample_rate=self.sample_rate),
         }
         log_image(trainer, "samples/continuation", str(self.paths["png"]), caption=label)
+        saved = ["real", "generated"]
+        for key, whose in (("real", "the real music"), ("generated", "the model's")):
+            caption = f"{label}: the first {self.prime_frames} frames given, then {whose}"
+            if not log_audio(trainer, f"samples/continuation_{key}_audio", str(self.paths[f"{key}_wav"]),
+                             self.sample_rate, caption):
+                saved.append(f"{key}_wav")  # no audio in W&B (no soundfile): the file goes with the MIDI files
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                for key in ("real", "generated"):
+                for key in saved:
                     logger.experiment.save(str(self.paths[key]), base_path=str(folder.parent), policy="now")
 
     @staticmethod

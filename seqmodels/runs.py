@@ -1,9 +1,11 @@
-"""Where a run's files go, and how its figures reach the loggers. Imports nothing from the CLI,
-the tasks or the callbacks, so every one of them can use it."""
+"""Where a run's files go, and how its figures and sounds reach the loggers. Imports nothing
+from the CLI, the tasks or the callbacks, so every one of them can use it."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import warnings
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import WandbLogger
@@ -24,6 +26,21 @@ def log_image(trainer: Trainer, key: str, path: str, caption: str | None = None)
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], step=trainer.global_step,
                              **({"caption": [caption]} if caption else {}))
+
+
+def log_audio(trainer: Trainer, key: str, path: str, sample_rate: int, caption: str | None = None) -> bool:
+    """An audio file (WAV) to every W&B logger of the run, at the current step, as ``wandb.Audio``.
+    wandb logs audio only with the ``soundfile`` package installed, even from a file: without it,
+    nothing is logged, one warning says so, and the result is False (True: logged, or no W&B)."""
+    loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+    if loggers and importlib.util.find_spec("soundfile") is None:
+        warnings.warn("W&B logs audio only with the soundfile package: `pip install soundfile` to hear the "
+                      "WAV files in the W&B run (they are in the run's folder)", stacklevel=2)
+        return False
+    for logger in loggers:
+        logger.log_audio(key=key, audios=[str(path)], step=trainer.global_step, sample_rate=[sample_rate],
+                         **({"caption": [caption]} if caption else {}))
+    return True
 
 
 def save_figure(fig, trainer: Trainer, name: str) -> str:

@@ -2,7 +2,9 @@
 MIDI/PNG writing, the piano-roll callback, and the CLI end to end (fit, then sample)."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -262,8 +264,9 @@ def test_cli_bad_data_path_is_one_line(in_tmp_dir, capsys):
 
 def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_dir):
     """ContinuationComparison (in the JSB and chorales configs): the first 8 frames of a test
-    sequence given, the real and the generated continuation as one PNG (logged to W&B) and two
-    MIDI files (saved to the W&B run); the generated one starts with the same 8 frames."""
+    sequence given, the real and the generated continuation as one PNG (logged to W&B), two
+    MIDI files (saved to the W&B run) and two WAV files (logged to W&B as audio, or saved to the
+    run without soundfile); the generated one starts with the same 8 frames."""
     from seqmodels.cli import main
 
     songs = {s: [[tuple(60 + (t + k + i) % 7 for k in range(3)) for t in range(30 + i)] for i in range(n)]
@@ -277,8 +280,19 @@ def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_d
     assert any(len(t) == len(real) and np.array_equal(t, real) for t in tests), "the real continuation is a test sequence"
     assert np.array_equal(generated[:8], real[:8]), "the model continues the same 8 frames"
     assert list((in_tmp_dir / "runs" / "wandb").rglob("media/images/samples/continuation*.png"))
+    for key in ("real", "generated"):
+        wav = callback.paths[f"{key}_wav"]
+        assert wav.name == f"continuation-{key}.wav" and wav.parent == callback.paths["real"].parent
+        with wave.open(str(wav), "rb") as f:
+            assert f.getnframes() > 0 and f.getframerate() == callback.sample_rate
+    # wandb logs audio only with soundfile installed (not a dependency): else the files are saved to the run
+    logged = importlib.util.find_spec("soundfile") is not None
+    for key in ("real", "generated"):
+        assert bool(list((in_tmp_dir / "runs" / "wandb").rglob(
+            f"media/audio/samples/continuation_{key}_audio*.wav"))) == logged, "logged as audio when it can be"
     import wandb
 
     files = Path(wandb.run.dir)
     wandb.finish()
     assert (files / "samples" / "continuation-generated.mid").is_file()
+    assert (files / "samples" / "continuation-generated.wav").is_file() != logged
