@@ -255,12 +255,12 @@ def compose(args: list[str]) -> tuple:
     return cli.config["fit"], yaml.safe_load(text)["fit"]
 
 
-def check_keys(space: Space, base_args: list[str]):
+def check_keys(space: Space, base_args: list[str], command_line: list[str] = ()):
     """Every key of params and fixed is a value of the composed config, and every value at both
     ends of each range (and every choice) parses. Returns the composed config (a Namespace)."""
     from jsonargparse import Namespace
 
-    config, _ = compose(base_args)
+    config, _ = compose(base_args + list(command_line))
     keys = list(config.keys())
     for key in [p.key for p in space.params] + list(space.fixed):
         if key not in config:
@@ -273,13 +273,16 @@ def check_keys(space: Space, base_args: list[str]):
     rounds = max(len(p.ends()) for p in space.params)
     for i in range(rounds):
         values = {p.key: p.ends()[i % len(p.ends())] for p in space.params}
-        compose(base_args + overrides(space, values))
+        compose(trial_args(space, base_args, command_line, values))
     return config
 
 
-def overrides(space: Space, values: dict, limits: bool = True) -> list[str]:
-    fixed = {**space.fixed, **(space.limits if limits else {}), **values}
-    return [option(k, v) for k, v in fixed.items()]
+def trial_args(space: Space, base_args: list[str], command_line, values: dict, limits: bool = True) -> list[str]:
+    """The CLI's arguments for a trial, each overriding those before: the config files, the space's
+    fixed keys and per-trial limits, the search's command line, the trial's values."""
+    fixed = {**space.fixed, **(space.limits if limits else {})}
+    return [*base_args, *(option(k, v) for k, v in fixed.items()), *command_line,
+            *(option(k, v) for k, v in values.items())]
 
 
 def trial_config(config: dict, study: str, number: int) -> dict:
@@ -357,8 +360,10 @@ def _describe(params: dict) -> str:
 
 
 class Search:
-    def __init__(self, space: Space, base_args: list[str], output: Path, trials: int, minutes: float | None) -> None:
-        self.space, self.base_args, self.trials, self.minutes = space, base_args, trials, minutes
+    def __init__(self, space: Space, base_args: list[str], command_line: list[str], output: Path, trials: int,
+                 minutes: float | None) -> None:
+        self.space, self.base_args, self.command_line = space, base_args, list(command_line)
+        self.trials, self.minutes = trials, minutes
         self.folder = output / space.study
         self.build = None  # the running trial's BuildBoundary
         self.composed = None  # (trial number, its composed config)
@@ -381,7 +386,7 @@ class Search:
             study.tell(trial.number, state=TrialState.FAIL)
             print(f"trial {trial.number} was left running by a process that stopped: marked failed, not counted",
                   file=sys.stderr)
-        study.set_user_attr("command", self.base_args)
+        study.set_user_attr("command", self.base_args + self.command_line)
         return study
 
     def run(self) -> "optuna.Study":  # noqa: F821
@@ -413,7 +418,7 @@ class Search:
         study.sampler = TPESampler(seed=space.seed + len(study.trials))  # trial k: seed + k, resumed or not
         trial = study.ask()
         values = {p.key: p.suggest(trial) for p in space.params}
-        _, config = compose(self.base_args + overrides(space, values))
+        _, config = compose(trial_args(space, self.base_args, self.command_line, values))
         self.composed = (trial.number, config)
         path = self.folder / "trials" / f"trial-{trial.number:03d}.yaml"
         write_yaml(path, trial_config(config, space.study, trial.number),
@@ -479,7 +484,7 @@ class Search:
                     section = section[part]
                 section[leaf] = self.limit_defaults[key]
         else:
-            _, config = compose(self.base_args + overrides(self.space, values, limits=False))
+            _, config = compose(trial_args(self.space, self.base_args, self.command_line, values, limits=False))
         path = self.folder / "best.yaml"
         write_yaml(path, config, [
             f"the best of search study {self.space.study} ({self.space.path}): trial {best.number}, "
@@ -565,9 +570,9 @@ def search(argv: list[str] | None = None):
     minutes = args.minutes if args.minutes is not None else space.minutes
     if minutes is not None and not minutes > 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes}")
-    base_args = [a for c in space.configs for a in ("--config", c)] + extra
-    base = check_keys(space, base_args)
-    runner = Search(space, base_args, Path(args.output), trials, minutes)
+    base_args = [a for c in space.configs for a in ("--config", c)]
+    base = check_keys(space, base_args, extra)
+    runner = Search(space, base_args, extra, Path(args.output), trials, minutes)
     runner.limit_defaults = {key: base.get(key) for key in space.limits}
     try:
         return runner.run()
