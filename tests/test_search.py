@@ -96,6 +96,7 @@ def test_running_the_command_again_resumes_the_study(tiny):
     assert len(load(tiny).trials) == 2
 
 
+@pytest.mark.slow  # a trial that trains: ~7 s
 def test_a_trial_left_running_by_a_killed_process_does_not_block_the_resume(tiny, capsys):
     space = write_space(tiny, budget={"trials": 1, "max_epochs": 1})
     storage = f"sqlite:///{tiny / 'runs' / 'search' / 'tiny' / 'study.db'}"
