@@ -12,7 +12,8 @@ The whole table, every model x every file x seeds, one fresh process per run, wi
         --models lstm,gru,rnn --seeds 1234,1,2 --minutes 20 [--budget 8] [--out runs/chorales-table]
 
 It appends each run's JSON line to ``<out>/runs.jsonl`` (run again: the runs already there are
-not run again, so an interrupted table resumes), then prints and writes ``<out>/table.md`` (each
+not run again, so an interrupted table resumes), then prints and writes, from every run logged
+there for these files and models (other seeds of an earlier command too), ``<out>/table.md`` (each
 model's mean test NLL over the seeds with the min-max range, the published rows with their
 sources, the baselines) and ``<out>/nll.png`` (test NLL per model and file, each seed a point).
 ``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
@@ -305,7 +306,9 @@ def run_table(args: argparse.Namespace) -> dict:
         print(f"[{k}/{len(todo)}] {model} on {result['dataset'] or result['file']}, seed {seed}: test NLL "
               f"{result['test_nll']:.3f} (val {result['val_nll']:.3f}), {(time.perf_counter() - start) / 60:.1f} min",
               flush=True)
-    runs = [r for r in read_runs(log) if _run_key(r) in set(plan)]
+    # every logged run of these files and models, also those of other seeds (an earlier command's)
+    files, models = {path for path, _, _ in plan}, set(args.models)
+    runs = [r for r in read_runs(log) if r["path"] in files and r["model"] in models]
     table = markdown_table(runs)
     (out / "table.md").write_text(table)
     print("\n" + table)
