@@ -248,9 +248,6 @@ def torch_load_epoch(ckpt_path: str) -> int:
     return torch.load(ckpt_path, map_location="cpu", weights_only=True)["epoch"]
 
 
-if __name__ == "__main__":
-    main()
-
 
 # ---- the whole table (--table) ------------------------------------------------------------
 def _run_key(result: dict) -> tuple:
@@ -397,3 +394,7 @@ def plot_table(runs: list[dict], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":
+    main()

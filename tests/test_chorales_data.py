@@ -229,13 +229,19 @@ def test_the_table_refuses_bad_arguments_in_one_line(tmp_path, capsys, argv, mes
 
 @pytest.mark.slow  # two real runs of a tiny model: ~30 s
 def test_the_table_end_to_end_on_a_tiny_file(tmp_path):
+    import subprocess
+    import sys
+
     from benchmarks import chorales
 
     path = write_mat(tmp_path / "tiny.mat")
     out = tmp_path / "table"
-    chorales.main(["--table", "--path", str(path), "--models", "lstm", "--seeds", "1,2", "--minutes", "0.1",
-                   "--out", str(out), "--model.init_args.network.hidden_size=8", "--trainer.max_epochs=2",
-                   "--trainer.logger=false", "--trainer.default_root_dir=" + str(tmp_path / "runs")])
+    script = Path(chorales.__file__)
+    proc = subprocess.run([sys.executable, str(script), "--table", "--path", str(path), "--models", "lstm", "--seeds", "1,2",
+                           "--minutes", "0.1", "--out", str(out), "--model.init_args.network.hidden_size=8",
+                           "--trainer.max_epochs=2", "--trainer.logger=false",
+                           "--trainer.default_root_dir=" + str(tmp_path / "runs")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     runs = chorales.read_runs(out / "runs.jsonl")
     assert sorted(r["seed"] for r in runs) == [1, 2] and all(np.isfinite(r["test_nll"]) for r in runs)
     assert "seqmodels LSTM, this table (2 seeds)" in (out / "table.md").read_text() and (out / "nll.png").is_file()
