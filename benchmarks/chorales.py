@@ -224,10 +224,18 @@ def main(argv: list[str] | None = None) -> dict:
                "baseline_frequency": round(base["frequency"], 4), "baseline_previous": round(base["previous"], 4),
                "minutes": round(total / 60, 2), "train_minutes": round(trained / 60, 2),
                "epochs": trainer.current_epoch, "best_epoch": best_epoch, "minutes_to_best": round(to_best, 2),
-               "device": device, "precision": str(trainer.precision),
+               "device": device, "host": _host(device), "precision": str(trainer.precision),
                "test_acc": round(float(results["test/acc"]), 4)}
     print(json.dumps(summary))
     return summary
+
+
+def _host(device: str) -> str:
+    """What ran it, for the table: the GPU, or the CPU model, torch's ISA level and threads."""
+    from benchmarks.cells import host
+
+    info = host("cuda" if device.startswith("cuda") else "cpu")
+    return info.get("gpu") or f"{info['cpu']}, {info['isa']}, {info['threads']} threads"
 
 
 class EpochClock(Callback):
@@ -352,8 +360,8 @@ def markdown_table(runs: list[dict]) -> str:
                        ("baseline_previous", "baseline: per-pitch previous-frame model")):
         first = {c: r[key] for r in reversed(runs) for c in [_column(r)]}
         lines.append(f"| {label} | " + " | ".join(f"{first[c]:.2f}" if c in first else "–" for c in columns) + " |")
-    hosts = sorted({r.get("device", "?") for r in runs})
-    notes = [f"Test frame-level NLL (lower is better); mean over seeds (min–max); device {', '.join(hosts)}."] + sources
+    hosts = sorted({r.get("host") or r.get("device", "?") for r in runs})
+    notes = [f"Test frame-level NLL (lower is better); mean over seeds (min–max); on {'; '.join(hosts)}."] + sources
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
