@@ -343,8 +343,12 @@ def markdown_table(runs: list[dict]) -> str:
         for c in columns:
             v = cells.get(c, [])
             mean = sum(v) / len(v) if v else None
-            row.append("–" if mean is None else f"**{mean:.2f}**" + (f" ({min(v):.2f}–{max(v):.2f})" if len(v) > 1 else ""))
-        lines.append(f"| seqmodels {model.upper()}, this table ({seeds} seed{'s' * (seeds > 1)}) | " + " | ".join(row) + " |")
+            spread = f" ({min(v):.2f}–{max(v):.2f})" if len(v) > 1 else ""
+            count = f" ({len(v)} seed{'s' * (len(v) > 1)})" if len(v) != seeds else ""
+            row.append("–" if mean is None else f"**{mean:.2f}**{spread}{count}")
+        label = f"seqmodels {model.upper()}, this table ({seeds} seed{'s' * (seeds > 1)}"
+        label += ", fewer where noted)" if any(len(v) != seeds for v in cells.values()) else ")"
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
     sources = []
     for label, numbers in TARGETS.items():
         if any(c in numbers for c in columns):

@@ -210,6 +210,11 @@ def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path,
     commands.clear()  # one seed of one model on one file: nothing to run, and the table shows every seed logged
     chorales.main(["--table", "--path", str(a), "--models", "lstm", "--seeds", "1", "--out", str(out)])
     assert not commands and "| seqmodels LSTM, this table (2 seeds) | **8.14** (8.00–8.28) |" in (out / "table.md").read_text()
+    (out / "runs.jsonl").write_text(json.dumps(fake_run(a.resolve(), "gru", 1, 8.3)) + "\n" + json.dumps(
+        fake_run(a.resolve(), "gru", 2, 8.5)) + "\n" + json.dumps(fake_run(b.resolve(), "gru", 1, 8.6, None)) + "\n")
+    chorales.main(["--table", "--path", str(a), str(b), "--models", "gru", "--seeds", "1", "--out", str(out)])
+    assert "| seqmodels GRU, this table (2 seeds, fewer where noted) | **8.40** (8.30–8.50) | **8.60** (1 seed) |" in \
+        (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
