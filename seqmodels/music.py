@@ -66,6 +66,61 @@ class FrameAccuracy(Metric):
         return (self.tp / (self.tp + self.fp + self.fn).clamp(min=1)).float()
 
 
+# ---- the RRU paper's protocol (for benchmarks/chorales.py) -----------------------------------
+RRU_WINDOW, RRU_BATCH = 200, 16
+
+
+def rru_windows(length: int, window: int = RRU_WINDOW) -> list[tuple[int, int]]:
+    """The windows LUMII-Syslab/RRU cuts a sequence of ``length`` frames into for validation and
+    testing (``mm_utils.split_data_in_parts`` with step = window): (a, b), input frames a..b-1,
+    targets a+1..b. Full windows while a < length − window, then the rest if it predicts at
+    least one frame. Every frame but the first is a target exactly once."""
+    spans, last = [], 0
+    for a in range(0, length - window, window):
+        spans.append((a, a + window))
+        last = a + window
+    if length - last >= 2:
+        spans.append((last, length - 1))
+    return spans
+
+
+@torch.no_grad()
+def windowed_nll(model, rolls: Sequence[np.ndarray], window: int = RRU_WINDOW,
+                 batch_size: int = RRU_BATCH) -> float:
+    """Test NLL as LUMII-Syslab/RRU's ``mm_main.py`` computes it (docs/results.md, "What the RRU
+    numbers measure"), for comparison with its published numbers:
+
+    - each sequence cut into windows of ``window`` frames (``rru_windows``), each window run from
+      the zero state;
+    - each window's NLL the mean over its predicted frames of the BCE summed over the pitches;
+    - the windows, in order, in batches of ``batch_size`` (the last batch takes the leftovers),
+      each batch the mean of its windows, the result the mean over batches.
+
+    ``model(x)`` takes frames (B, T, P) and returns (logits (B, T, P) for the next frames, state).
+    """
+    pieces = [np.asarray(r, dtype=np.float32) for r in rolls]
+    spans = [(k, a, b) for k, r in enumerate(pieces) for a, b in rru_windows(len(r), window)]
+    if not spans:
+        raise ValueError("windowed_nll: no sequence has two frames, nothing to predict")
+    n_batches = max(1, len(spans) // batch_size)
+    bounds = [i * batch_size for i in range(n_batches)] + [len(spans)]
+    device = next(model.parameters()).device
+    batch_means = []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        group = spans[lo:hi]
+        longest = max(b - a for _, a, b in group)
+        x = torch.zeros(len(group), longest + 1, pieces[0].shape[1])
+        for row, (k, a, b) in enumerate(group):
+            x[row, : b - a + 1] = torch.from_numpy(pieces[k][a : b + 1])
+        x = x.to(device)
+        logits, _ = model(x[:, :-1])
+        bce = F.binary_cross_entropy_with_logits(logits.double(), x[:, 1:].double(), reduction="none").sum(-1)
+        n = torch.tensor([b - a for _, a, b in group], device=device)
+        mask = torch.arange(longest, device=device) < n.unsqueeze(1)
+        batch_means.append(((bce * mask).sum(1) / n).mean().item())
+    return sum(batch_means) / len(batch_means)
+
+
 # ---- baselines (numpy, for benchmarks/chorales.py) -------------------------------------------
 def frame_nll(probs_per_sequence: Sequence[np.ndarray], rolls: Sequence[np.ndarray]) -> float:
     """Frame-level NLL of probabilities (T_i − 1, 88) for frames 2..T_i of each roll."""

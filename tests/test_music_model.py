@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from data_modules.chorales import ChoralesDataModule, RollDataset, pad_rolls
 from data_modules.midi_folder import midi_to_roll
 from seqmodels.errors import ConfigError
-from seqmodels.music import FrameAccuracy, FrameNLL, plot_roll, roll_to_notes, write_midi
+from seqmodels.music import (FrameAccuracy, FrameNLL, plot_roll, roll_to_notes, rru_windows, windowed_nll,
+                             write_midi)
 from seqmodels.sampling import generate_roll, sample
 from seqmodels.tasks import NetworkConfig, PolyphonicMusicModel
 from tests.conftest import ROOT
@@ -70,6 +71,59 @@ def test_nll_is_not_a_mean_of_per_sequence_means():
     frames = [len(r) - 1 for r in rolls]
     assert nll == pytest.approx(np.average(per_seq, weights=frames), rel=1e-5)
     assert abs(nll - np.mean(per_seq)) > 1e-3
+
+
+def rru_split(length: int, window: int) -> list[tuple[int, int]]:
+    """LUMII-Syslab/RRU's mm_utils.split_data_in_parts (step = window, min_length 1), transcribed
+    on frame indices: (first input frame, number of frames predicted)."""
+    parts, last_index = [], 0
+    for i in range(0, length - window, window):
+        parts.append((i, window))
+        last_index = i + window
+    remaining_length = length - last_index
+    if remaining_length >= 1 + 1:
+        parts.append((last_index, remaining_length - 1))
+    return parts
+
+
+def test_rru_windows_are_the_papers_split_and_predict_every_frame_once():
+    for window in (1, 2, 7, 200):
+        for length in range(0, 3 * window + 3):
+            spans = rru_windows(length, window)
+            assert [(a, b - a) for a, b in spans] == rru_split(length, window)
+            targets = [t for a, b in spans for t in range(a + 1, b + 1)]
+            assert targets == list(range(1, length))
+            assert all(b - a <= window for a, b in spans)
+
+
+def test_windowed_nll_is_the_papers_mean_of_window_means_from_the_zero_state():
+    torch.manual_seed(0)
+    model = PolyphonicMusicModel(network=NetworkConfig(hidden_size=8)).eval()
+    rolls = random_rolls(5, seed=3, low=2, high=30)
+    window, batch = 7, 3
+    # by hand: every window alone, from the zero state; batches of 3 in order, the last one
+    # taking the leftovers; the mean of the batches' means of the windows' means
+    means = []
+    with torch.no_grad():
+        for r in rolls:
+            for a, b in rru_windows(len(r), window):
+                x = torch.from_numpy(r[a : b + 1]).float().unsqueeze(0)
+                logits, _ = model(x[:, :-1])
+                means.append(F.binary_cross_entropy_with_logits(
+                    logits.double(), x[:, 1:].double(), reduction="none").sum(-1).mean().item())
+    n = len(means) // batch
+    groups = [means[i * batch:(i + 1) * batch] for i in range(n - 1)] + [means[(n - 1) * batch:]]
+    assert len(groups[-1]) > batch  # the leftovers are in the last batch
+    expected = float(np.mean([np.mean(g) for g in groups]))
+    assert windowed_nll(model, rolls, window, batch) == pytest.approx(expected, rel=1e-9)
+    # the state is reset at each window: a window as long as the longest piece gives another number
+    full = windowed_nll(model, rolls, window=100, batch_size=batch)
+    assert abs(full - expected) > 1e-4
+    # fewer windows than a batch: one batch
+    assert windowed_nll(model, rolls[:1], window=100, batch_size=16) == pytest.approx(
+        metrics_over(model, rolls[:1], batch_size=1)[0], rel=1e-5)
+    with pytest.raises(ValueError, match="nothing to predict"):
+        windowed_nll(model, [np.zeros((1, 88), np.uint8)])
 
 
 def test_frame_accuracy_counts_tp_fp_fn_over_all_frames():
