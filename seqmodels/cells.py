@@ -1,7 +1,8 @@
 """Recurrent cells, written out as equations. torch only: no Lightning, no data, no logging.
 
 A cell computes one time step: ``cell(x, state) -> state``, x (B, I), state a tuple of (B, H)
-tensors with h first: ``(h,)`` for the vanilla RNN and the GRU, ``(h, c)`` for the LSTM.
+tensors with h first (h is what the layer outputs): ``(h,)`` for the vanilla RNN and the GRU,
+``(h, c)`` for the LSTM and the RRU.
 Parameter names and shapes follow ``torch.nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (layer 0), so a
 torch state dict maps onto these cells one to one.
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import math
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 NONLINEARITIES = ("tanh", "relu")
@@ -154,3 +156,72 @@ class GRUCell(nn.Module):
         r, z = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
         n = torch.tanh(x_n + r * h_n)
         return ((1 - z) * n + z * h,)
+
+
+class RRUCell(nn.Module):
+    """Residual Recurrent Unit (Zakovskis et al. 2021, "Gates are not what you need in RNNs"),
+    one ReLU layer, as in LUMII-Syslab/RRU ``cells/RRUCell.py``. No gate: a normalized ReLU
+    layer of width M = round(middle_multiplier · (I + H)) reads the input and the residual
+    state c, and a linear map of it gives both the update of c and the output h:
+
+        j = ReLU(norm(W_ih x + b_ih + W_hh c + b_hh))         (M units)
+        norm(a) = a / sqrt(mean(a²) + 1e-6)                  (over the M units; no centring, no gain)
+        [c̃, h'] = W_out dropout(j) + b_out                   (H each)
+        c' = σ(10 · retain) ⊙ c + rezero ⊙ c̃
+
+    ``rezero`` (H,) starts at 0 (ReZero: the state starts as a pure decay); ``retain`` (H,) at
+    logit(U(0.01, 0.99)) / 10, used times 10 so that Adam moves it 10x faster (the paper's
+    ``mul_lr_multiplier``). ``middle_dropout`` is the paper's dropout on j: a fresh mask at every
+    step, in training only. W_ih, W_hh and W_out start Glorot-uniform, the biases at 0.
+
+    Where it differs from the paper's cell: h has the state's size H (the paper's output has a
+    size of its own, 64 in its music runs), and the initial state is the stack's zeros (the
+    paper's puts sqrt(H) / 4 on the first unit of c).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, middle_multiplier: float = 2.0,
+                 middle_dropout: float = 0.0) -> None:
+        super().__init__()
+        if not middle_multiplier > 0:
+            raise ValueError(f"middle_multiplier must be > 0, got {middle_multiplier!r}")
+        if not 0.0 <= middle_dropout < 1.0:
+            raise ValueError(f"middle_dropout must be in [0, 1), got {middle_dropout!r}")
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.middle_multiplier, self.middle_dropout = middle_multiplier, middle_dropout
+        M = self.middle_size = max(1, round(middle_multiplier * (input_size + hidden_size)))
+        self.weight_ih = nn.Parameter(torch.empty(M, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(M, hidden_size))
+        self.bias_ih = nn.Parameter(torch.empty(M))
+        self.bias_hh = nn.Parameter(torch.empty(M))
+        self.weight_out = nn.Parameter(torch.empty(2 * hidden_size, M))  # rows: c̃, then h
+        self.bias_out = nn.Parameter(torch.empty(2 * hidden_size))
+        self.retain = nn.Parameter(torch.empty(hidden_size))
+        self.rezero = nn.Parameter(torch.empty(hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        I, H, M = self.input_size, self.hidden_size, self.middle_size
+        with torch.no_grad():
+            bound = math.sqrt(6.0 / (I + H + M))  # Glorot over the paper's one [x, c] -> j kernel
+            self.weight_ih.uniform_(-bound, bound)
+            self.weight_hh.uniform_(-bound, bound)
+            bound = math.sqrt(6.0 / (M + 2 * H))
+            self.weight_out.uniform_(-bound, bound)
+            for p in (self.bias_ih, self.bias_hh, self.bias_out, self.rezero):
+                p.zero_()
+            keep = torch.empty(H).uniform_(0.01, 0.99)
+            self.retain.copy_(torch.log(keep / (1 - keep)) / 10)
+
+    def forward(self, x: Tensor, state: State, weight_hh: Tensor | None = None,
+                recurrent_mask: Tensor | None = None) -> State:
+        """One step: x (B, I), (h, c) each (B, H) -> (h', c'). The previous h is not read (it is
+        only the output); ``weight_hh`` and ``recurrent_mask`` act on c where it enters W_hh."""
+        _, c = state
+        w_hh = self.weight_hh if weight_hh is None else weight_hh
+        c_in = c if recurrent_mask is None else c * recurrent_mask
+        a = x @ self.weight_ih.T + self.bias_ih + c_in @ w_hh.T + self.bias_hh  # (B, M)
+        j = torch.relu(a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6))
+        if self.middle_dropout:
+            j = F.dropout(j, self.middle_dropout, self.training)
+        c_tilde, h = (j @ self.weight_out.T + self.bias_out).chunk(2, dim=1)
+        return h, torch.sigmoid(10 * self.retain) * c + self.rezero * c_tilde

@@ -267,7 +267,13 @@ class RNNBase(ChoosesBackend, compat.FlattenOnApply, nn.Module):
     def reset_parameters(self) -> None:
         """torch's: U(−1/√H, 1/√H) for every parameter in order; then the extras' own: peepholes
         at 0 (drawn first, as each cell draws them), the LSTM's forget-gate bias if
-        ``forget_bias`` is given."""
+        ``forget_bias`` is given. A cell with ``own_init`` in the registry (the RRU) starts as
+        its own ``reset_parameters`` sets it instead."""
+        if self.kind.own_init:
+            self._sync_cells()
+            for layer in self._layers:
+                layer.cell.reset_parameters()
+            return
         bound = 1.0 / math.sqrt(self.hidden_size)
         with torch.no_grad():
             for p in self.parameters():
@@ -292,8 +298,10 @@ class RNNBase(ChoosesBackend, compat.FlattenOnApply, nn.Module):
     # ---- the cells see this module's parameters ---------------------------------------------
     def _sync_cells(self) -> None:
         """Point every cell at this module's tensors under torch's names, whatever replaced them
-        (``load_state_dict(assign=True)``, ``torch.func.functional_call``, ``.to()``)."""
+        (``load_state_dict(assign=True)``, ``torch.func.functional_call``, ``.to()``), and give it
+        this module's train or eval mode (the cells are not submodules; the RRU's dropout reads it)."""
         for layer, suffix in zip(self._layers, self._suffixes):
+            layer.cell.training = self.training
             for n in layer.cell._parameters:
                 layer.cell._parameters[n] = getattr(self, n + suffix)
 
@@ -436,7 +444,8 @@ class RecurrentStack(RNNBase):
     engine of ``seqmodels.nn`` (``RNNBase``: the same parameters, under torch's names, the same
     backends), with the interface the tasks use (module docstring).
 
-    Cell options (``nonlinearity``, ``forget_bias``, ``peephole``) go to the cells that take
+    Cell options (``nonlinearity``, ``forget_bias``, ``peephole``, ``middle_multiplier``,
+    ``middle_dropout``) go to the cells that take
     them (the registry says which); setting one for a cell without it is an error. The
     recurrent regularizers (``recurrent_dropout``, ``zoneout_h``, ``zoneout_c``, ``weight_drop``;
     equations in ``RecurrentLayer``) apply to every layer, in training mode. Checkpoints written
@@ -455,6 +464,8 @@ class RecurrentStack(RNNBase):
         nonlinearity: str = "tanh",
         forget_bias: float = 1.0,
         peephole: bool = False,
+        middle_multiplier: float = 2.0,
+        middle_dropout: float = 0.0,
         impl: str = "auto",
         autotune: bool = True,
         recurrent_dropout: float = 0.0,
@@ -463,7 +474,8 @@ class RecurrentStack(RNNBase):
         weight_drop: float = 0.0,
         bidirectional: bool = False,
     ) -> None:
-        options = dict(nonlinearity=nonlinearity, forget_bias=forget_bias, peephole=peephole)
+        options = dict(nonlinearity=nonlinearity, forget_bias=forget_bias, peephole=peephole,
+                       middle_multiplier=middle_multiplier, middle_dropout=middle_dropout)
         check_stack_args(cell, input_size, hidden_size, num_layers, dropout, **options)
         object.__setattr__(self, "cell_type", cell)
         own = {k: v for k, v in options.items() if k in CELLS[cell].options}

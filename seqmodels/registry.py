@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from seqmodels import bptt
-from seqmodels.cells import GRUCell, LSTMCell, RNNCell
+from seqmodels.cells import GRUCell, LSTMCell, RNNCell, RRUCell
 
 # Regularizers inside the recurrence (equations in ``recurrent.RecurrentLayer``), each a
 # probability in [0, 1). autograd and every hand-written backward apply them all; torch's fused
@@ -28,7 +28,8 @@ class CellType:
     cell        the class: ``cell(input_size, hidden_size, **options)``, one step
                 ``cell(x, state, weight_hh=None, recurrent_mask=None) -> state``, parameters
                 ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` under torch's names
-    gates       the blocks of H rows stacked in weight_ih / weight_hh, in torch's order
+    gates       the blocks stacked in weight_ih / weight_hh, in torch's order: H rows each
+                (the RRU's one block j has its own width)
     state       names of the state tensors, h first
     options     the cell's own constructor options (beyond the sizes) and their defaults
     torch_twin  options -> (the torch.nn module that computes the same function, its keyword
@@ -37,6 +38,8 @@ class CellType:
     layers      the hand-written backward through time: backend (``reference``, ``cpp``,
                 ``triton``) -> layer function (``bptt/__init__.py``); empty: autograd only
     variants    option sets the generic checks cover (besides the defaults)
+    own_init    False: the parameters start as torch.nn.RNN / LSTM / GRU's, U(−1/√H, 1/√H); True:
+                as the cell's ``reset_parameters`` sets them (a cell unlike torch's)
     """
 
     cell: type[nn.Module]
@@ -46,6 +49,7 @@ class CellType:
     torch_twin: Callable[[dict], Optional[tuple[type[nn.Module], dict]]] = lambda options: None
     layers: dict[str, Callable] = field(default_factory=dict)
     variants: tuple[dict, ...] = ()
+    own_init: bool = False
 
     def options_of(self, cell: nn.Module) -> dict:
         """The options a built cell was made with."""
@@ -75,4 +79,7 @@ CELLS: dict[str, CellType] = {
                      torch_twin=lambda o: None if o["peephole"] else (nn.LSTM, {}),
                      layers=bptt.LAYERS["lstm"], variants=({"peephole": True},)),
     "gru": CellType(GRUCell, ("r", "z", "n"), ("h",), torch_twin=lambda o: (nn.GRU, {}), layers=bptt.LAYERS["gru"]),
+    # autograd only: no hand-written backward yet (docs/models.md says what it costs)
+    "rru": CellType(RRUCell, ("j",), ("h", "c"), {"middle_multiplier": 2.0, "middle_dropout": 0.0},
+                    variants=({"middle_multiplier": 0.5},), own_init=True),
 }

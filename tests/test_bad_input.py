@@ -21,7 +21,7 @@ HYPERPARAMETERS = {
     "--model.init_args.network.num_layers=0": "model.network.num_layers must be an integer >= 1, got 0",
     "--model.init_args.network.dropout=1.0": "model.network.dropout must be in [0, 1), got 1.0",
     "--model.init_args.network.dropout=-0.1": "model.network.dropout must be in [0, 1), got -0.1",
-    "--model.init_args.network.cell=gru2": "model.network.cell: must be one of ['rnn', 'lstm', 'gru'], got 'gru2'",
+    "--model.init_args.network.cell=gru2": "model.network.cell: must be one of ['rnn', 'lstm', 'gru', 'rru'], got 'gru2'",
     "--model.init_args.network.nonlinearity=relu": "model.network.nonlinearity: 'relu' does not apply to cell: lstm (its options: forget_bias, peephole)",
     "--data.init_args.test_lengths=[]": "data.test_lengths must list at least one length",
     "--model.init_args.network.nonlinearity=sigmoid": "model.network.nonlinearity: must be one of ['tanh', 'relu'], got 'sigmoid'",

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from seqmodels import GRUCell, LSTMCell, RecurrentStack, RNNCell, backends
+from seqmodels import GRUCell, LSTMCell, RecurrentStack, RNNCell, RRUCell, backends
 from seqmodels.errors import ConfigError
 from seqmodels.registry import CELLS, CellType
 
@@ -242,6 +243,82 @@ def test_cell_steps_match_torch_cells(cell, twin_cell, options):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def rru_step_as_the_paper_writes_it(cell: RRUCell, x, h, c):
+    """LUMII-Syslab/RRU cells/RRUCell.py ``call`` (one ReLU layer, no dropout), transcribed in
+    numpy on its own layout: one kernel on [x, state], candidate first in the W output."""
+    J_kernel = np.concatenate([cell.weight_ih.detach().numpy(), cell.weight_hh.detach().numpy()], 1).T
+    J_bias = (cell.bias_ih + cell.bias_hh).detach().numpy()
+    W_kernel, W_bias = cell.weight_out.detach().numpy().T, cell.bias_out.detach().numpy()
+    S, Z = cell.retain.detach().numpy() * 10, cell.rezero.detach().numpy()  # mul_lr_multiplier = 10
+    after_j = np.concatenate([x, c], 1) @ J_kernel + J_bias
+    after_j = after_j / np.sqrt(np.mean(after_j ** 2, -1, keepdims=True) + 1e-6)  # instance_norm
+    after_w = np.maximum(after_j, 0) @ W_kernel + W_bias
+    H = cell.hidden_size
+    output, candidate = after_w[:, H:], after_w[:, :H]
+    return output, c / (1 + np.exp(-S)) + candidate * Z
+
+
+def test_rru_step_is_the_papers_cell():
+    torch.manual_seed(4)
+    cell = RRUCell(I, H).double()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.uniform_(-0.5, 0.5)  # the zero-initialised ones too
+    x, h, c = (torch.randn(B, n, dtype=torch.float64) for n in (I, H, H))
+    h_new, c_new = cell(x, (h, c))
+    h_ref, c_ref = rru_step_as_the_paper_writes_it(cell, x.numpy(), h.numpy(), c.numpy())
+    np.testing.assert_allclose(h_new.detach().numpy(), h_ref, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(c_new.detach().numpy(), c_ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(cell(x, (h.neg(), c))[0], h_new)  # the previous h is only an output
+
+
+def test_rru_starts_as_the_paper_initialises_it_also_in_a_stack():
+    torch.manual_seed(5)
+    stack = RecurrentStack("rru", 88, 128, 2)
+    for cell in (layer.cell for layer in stack.layers):
+        M = cell.middle_size
+        assert (M, tuple(cell.weight_ih.shape), tuple(cell.weight_hh.shape)) == (
+            round(2 * (cell.input_size + 128)), (M, cell.input_size), (M, 128))
+        assert not cell.rezero.any() and not cell.bias_ih.any() and not cell.bias_out.any()
+        keep = torch.sigmoid(10 * cell.retain)
+        assert 0.01 <= keep.min() and keep.max() <= 0.99 and keep.std() > 0.2  # U(0.01, 0.99)
+        bound = math.sqrt(6 / (cell.input_size + 128 + M))
+        assert cell.weight_hh.abs().max() <= bound and cell.weight_hh.abs().max() > 0.9 * bound
+    # ReZero at 0: at first the state only decays, and h is read from the input alone
+    x = torch.randn(3, 5, 88)
+    c0 = torch.randn(2, 3, 128)
+    _, (_, c) = stack(x, (torch.zeros(2, 3, 128), c0))
+    keep = torch.stack([torch.sigmoid(10 * layer.cell.retain) for layer in stack.layers])
+    torch.testing.assert_close(c, c0 * keep.unsqueeze(1) ** 5)
+
+
+def test_rru_middle_dropout_is_fresh_each_step_in_training_only():
+    torch.manual_seed(6)
+    plain = RecurrentStack("rru", I, H, impl="autograd").double()
+    dropped = RecurrentStack("rru", I, H, impl="autograd", middle_dropout=0.4).double()
+    dropped.load_state_dict(plain.state_dict())
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    plain.eval(), dropped.eval()
+    torch.testing.assert_close(dropped(x)[0], plain(x)[0], rtol=0, atol=0)  # off at evaluation
+    dropped.train()
+    cell = dropped.layers[0].cell
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        first = cell(x[:, 0], (x.new_zeros(B, H),) * 2)
+        second = cell(x[:, 0], (x.new_zeros(B, H),) * 2)
+    assert not torch.allclose(first[0], second[0])  # a new mask at every call (every step)
+    x.requires_grad_()
+
+    def fn(x):  # the same masks at every evaluation: gradcheck through the dropped units
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return dropped(x)[0]
+
+    assert torch.autograd.gradcheck(fn, (x,))
+    with pytest.raises(ConfigError, match="middle_dropout"):
+        RecurrentStack("lstm", I, H, middle_dropout=0.3)
+
+
 def test_a_bare_tensor_state_is_refused():
     with pytest.raises(TypeError, match=r"state must be a tuple \('h',\)"):
         RecurrentStack("rnn", I, H)(torch.randn(B, T, I), torch.zeros(1, B, H))
@@ -270,7 +347,7 @@ def test_options_and_impls_a_cell_cannot_take_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"impl must be one of \['auto', 'torch', 'cpp', 'reference', 'autograd', "
                                           r"'triton'\], got 'fast'"):
         RecurrentStack("lstm", I, H, impl="fast")
-    with pytest.raises(ConfigError, match=r"cell must be one of \['rnn', 'lstm', 'gru'\]"):
+    with pytest.raises(ConfigError, match=r"cell must be one of \['rnn', 'lstm', 'gru', 'rru'\]"):
         RecurrentStack("transformer", I, H)
 
 

@@ -24,6 +24,9 @@ CellName = Literal[tuple(CELLS)]
 @torch.no_grad()
 def init_recurrent_weights(stack: RecurrentStack, kind: str, gain: float) -> None:
     """W_hh = gain · I (identity) or gain · Q with Q orthogonal, per (H, H) gate block."""
+    if stack.layers[0].cell.weight_hh.shape[0] % stack.hidden_size:
+        raise ConfigError(f"model.network.recurrent_init: {kind} needs W_hh in blocks of hidden_size rows; cell: "
+                          f"{stack.cell_type}'s are {stack.layers[0].cell.weight_hh.shape[0]} rows: use default")
     for layer in stack.layers:
         for block in layer.cell.weight_hh.split(stack.hidden_size):  # one per gate of the registry
             if kind == "identity":
@@ -49,6 +52,8 @@ class NetworkConfig:
         nonlinearity: the vanilla RNN's.
         forget_bias: the LSTM's initial forget-gate bias.
         peephole: LSTM with peephole connections.
+        middle_multiplier, middle_dropout: the RRU's middle layer, its width as a multiple of
+            input + hidden size, and the dropout on it (a fresh mask each step).
         recurrent_init: every W_hh (each gate block): ``default`` (torch's uniform),
             ``identity`` (IRNN, Le et al. 2015) or ``orthogonal``, times ``recurrent_gain``.
         recurrent_dropout, zoneout_h, zoneout_c, weight_drop: regularizers inside the
@@ -69,6 +74,8 @@ class NetworkConfig:
     nonlinearity: Literal["tanh", "relu"] = "tanh"
     forget_bias: float = 1.0
     peephole: bool = False
+    middle_multiplier: float = 2.0
+    middle_dropout: float = 0.0
     recurrent_init: Literal["default", "identity", "orthogonal"] = "default"
     recurrent_gain: float = 1.0
     recurrent_dropout: float = 0.0
