@@ -29,6 +29,7 @@ from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world, sh
 from seqmodels.caches import default_cache_dir
 from seqmodels.errors import ConfigError
 from seqmodels.formats import N_PITCHES
+from seqmodels.music import rru_windows
 
 
 # ---- torch side ----------------------------------------------------------------------------
@@ -101,6 +102,11 @@ class ChoralesDataModule(LightningDataModule):
             ``LengthBucketSampler``; chunks of this many batches); 1 plain shuffling.
         progress: show a progress bar while converting the corpus or a MIDI folder.
         seed: the shuffling seed (each epoch's order is drawn from seed and epoch).
+        train_window: cut each training sequence into windows of this many predicted frames,
+            each trained from the zero state (as the RRU paper's code trains); null: whole
+            sequences. Validation and test always run whole sequences (the published NLL).
+        train_window_step: frames between the starts of two windows (default half a window:
+            they overlap by half, as the RRU paper's).
 
     Under DDP each rank trains on its own share (torch's ``DistributedSampler``); length
     buckets apply with one process only.
@@ -120,8 +126,16 @@ class ChoralesDataModule(LightningDataModule):
         length_buckets: int = 1,
         progress: bool = True,
         seed: int = 0,
+        train_window: int | None = None,
+        train_window_step: int | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("train_window", train_window), ("train_window_step", train_window_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{name} must be an integer >= 1 (frames) or null, got {value!r}")
+        if train_window_step is not None and train_window is None:
+            raise ConfigError(f"data.train_window_step: {train_window_step} needs data.train_window (frames a "
+                              "window predicts); set it, or leave out train_window_step")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"data.batch_size must be an integer >= 1, got {batch_size!r}")
         if not steps_per_quarter > 0:
@@ -183,7 +197,12 @@ class ChoralesDataModule(LightningDataModule):
         (a hyperparameter search relies on it: ``seqmodels.search``); None builds all three."""
         rolls = self.load()
         if stage in (None, "fit"):
-            self.train_set = RollDataset(rolls["train"])
+            train = rolls["train"]
+            window = self.hparams.get("train_window")
+            if window:
+                step = self.hparams.get("train_window_step") or max(1, window // 2)
+                train = [r[a:b + 1] for r in train for a, b in rru_windows(len(r), window, step)]
+            self.train_set = RollDataset(train)
         if stage in (None, "fit", "validate"):
             self.val_set = RollDataset(rolls["valid"])
         if stage in (None, "test", "predict"):

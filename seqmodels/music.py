@@ -70,15 +70,17 @@ class FrameAccuracy(Metric):
 RRU_WINDOW, RRU_BATCH = 200, 16
 
 
-def rru_windows(length: int, window: int = RRU_WINDOW) -> list[tuple[int, int]]:
-    """The windows LUMII-Syslab/RRU cuts a sequence of ``length`` frames into for validation and
-    testing (``mm_utils.split_data_in_parts`` with step = window): (a, b), input frames a..b-1,
-    targets a+1..b. Full windows while a < length − window, then the rest if it predicts at
-    least one frame. Every frame but the first is a target exactly once."""
+def rru_windows(length: int, window: int = RRU_WINDOW, step: int | None = None) -> list[tuple[int, int]]:
+    """The windows LUMII-Syslab/RRU cuts a sequence of ``length`` frames into
+    (``mm_utils.split_data_in_parts``; step = window for validation and testing, window / 2 for
+    training): (a, b), input frames a..b-1, targets a+1..b. Full windows at a = 0, step, ...
+    while a < length − window, then the rest after the last one's a + step if it predicts at
+    least one frame. With step = window every frame but the first is a target exactly once."""
+    step = window if step is None else step
     spans, last = [], 0
-    for a in range(0, length - window, window):
+    for a in range(0, length - window, step):
         spans.append((a, a + window))
-        last = a + window
+        last = a + step
     if length - last >= 2:
         spans.append((last, length - 1))
     return spans

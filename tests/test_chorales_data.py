@@ -100,6 +100,33 @@ def test_datamodule_batches_are_padded_with_lengths(tmp_path):
     assert dm.input_size == 88
 
 
+def test_train_windows_cut_only_the_training_split_as_the_rru_code_does(tmp_path):
+    rng = np.random.default_rng(0)
+    songs = [(rng.random((n, 88)) < 0.1).astype(np.uint8) for n in (3, 11, 25)]
+    path = tmp_path / "w.pickle"
+    with open(path, "wb") as f:
+        pickle.dump({"train": [[list(np.flatnonzero(fr) + 21) for fr in r] for r in songs],
+                     "valid": [[[60]] * 30], "test": [[[62]] * 40]}, f)
+    whole = ChoralesDataModule(path=str(path))
+    whole.setup(None)
+    cut = ChoralesDataModule(path=str(path), train_window=4)
+    cut.setup(None)
+    windows = [r.numpy() for r in cut.train_set.rolls]
+    # window 4, step 2: each window is 5 frames (4 predicted), the next one 2 later while it
+    # starts before length - 4; then the rest from the last start + 2 (the RRU code's overlap)
+    spans = {3: [(0, 2)], 11: [(0, 4), (2, 6), (4, 8), (6, 10), (8, 10)],
+             25: [(a, a + 4) for a in range(0, 21, 2)] + [(22, 24)]}
+    expected = [r[a:b + 1] for r in songs for a, b in spans[len(r)]]
+    assert [len(w) for w in windows] == [len(w) for w in expected]
+    for got, want in zip(windows, expected):
+        np.testing.assert_array_equal(got, want)
+    for split in ("val_set", "test_set"):  # whole sequences: the published NLL
+        assert [len(r) for r in getattr(cut, split).rolls] == [len(r) for r in getattr(whole, split).rolls]
+    one = ChoralesDataModule(path=str(path), train_window=4, train_window_step=4)
+    one.setup("fit")  # step = window: every frame but the first of a piece predicted once
+    assert sum(len(r) - 1 for r in one.train_set.rolls) == sum(len(r) - 1 for r in songs)
+
+
 def test_length_buckets_cover_every_sequence_once_with_similar_lengths():
     from data_modules.chorales import LengthBucketSampler
 
@@ -476,3 +503,5 @@ def test_bad_settings():
     assert "data.steps_per_quarter" in one_line_error(ChoralesDataModule, steps_per_quarter=0)
     assert "data.max_chorales" in one_line_error(ChoralesDataModule, max_chorales=2)
     assert "data.length_buckets" in one_line_error(ChoralesDataModule, length_buckets=0)
+    assert "data.train_window must be an integer >= 1" in one_line_error(ChoralesDataModule, train_window=0)
+    assert "needs data.train_window" in one_line_error(ChoralesDataModule, train_window_step=50)
