@@ -9,7 +9,7 @@ file and two baselines computed on the same file.
 The whole table, every model x every file x seeds, one fresh process per run, within a budget:
 
     python benchmarks/chorales.py --table --path JSB_Chorales.mat MuseData.mat Piano_midi.mat \
-        --models lstm,gru,rnn --seeds 1234,1,2 --minutes 20 [--budget 8] [--out runs/chorales-table]
+        --models lstm,gru,rnn,rru --seeds 1234,1,2 --minutes 20 [--budget 8] [--out runs/chorales-table]
 
 It appends each run's JSON line to ``<out>/runs.jsonl`` (run again: the runs already there are
 not run again, so an interrupted table resumes), then prints and writes, from every run logged
@@ -24,8 +24,8 @@ wall time says how long the model needs, not how long it was allowed. Either way
 reports the minutes to its best epoch.
 
 Training goes through the CLI with ``configs/jsb_lstm.yaml`` (``--model rnn`` swaps in the
-vanilla RNN settings of ``RNN_OVERRIDES``), so the run is logged like any other (W&B,
-checkpoints under runs/). The NLL is the published one: Σ over sequences of the BCE summed over
+vanilla RNN settings of ``RNN_OVERRIDES``; ``--model gru`` and ``rru`` use ``jsb_gru.yaml`` and
+``jsb_rru.yaml``), so the run is logged like any other (W&B, checkpoints under runs/). The NLL is the published one: Σ over sequences of the BCE summed over
 the 88 pitches, divided by Σ (T_i − 1); the first frame of a sequence is never predicted.
 
 The file is identified by its content, the number of sequences in each split (``identify_dataset``:
@@ -92,7 +92,9 @@ TARGETS = {
 RRU_PROTOCOL = ("RRU's protocol (its mm_main.py): 200-frame windows from the zero state, the mean of "
                 "per-window mean NLLs; its search kept the best test NLL (its objective returns it).")
 
-MODELS = ("lstm", "gru", "rnn")
+MODELS = ("lstm", "gru", "rnn", "rru")
+# each model's config (the vanilla RNN: jsb_lstm.yaml with RNN_OVERRIDES)
+CONFIGS = {"gru": "jsb_gru.yaml", "rru": "jsb_rru.yaml"}
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
 RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.network.nonlinearity=tanh",
@@ -113,7 +115,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="with --table: hours for the whole table")
     parser.add_argument("--out", default="runs/chorales-table", help="with --table: where runs.jsonl, table.md, nll.png go")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
-    parser.add_argument("--config", default=None, help="default: configs/jsb_gru.yaml for --model gru, else jsb_lstm.yaml")
+    parser.add_argument("--config", default=None, help="default: configs/jsb_gru.yaml for --model gru, jsb_rru.yaml for rru, else jsb_lstm.yaml")
     parser.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
     parser.add_argument("--patience", type=int, default=None,
                         help="stop N epochs after the best val/nll (default: train for the whole budget)")
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     counts = "/".join(str(len(rolls[s])) for s in ("train", "valid", "test"))
     base = baselines(rolls)
     seconds = int(round(args.minutes * 60))
-    config = args.config or str(ROOT / "configs" / ("jsb_gru.yaml" if args.model == "gru" else "jsb_lstm.yaml"))
+    config = args.config or str(ROOT / "configs" / CONFIGS.get(args.model, "jsb_lstm.yaml"))
     cli_args = ["fit", "--config", config, f"--data.path={args.path}",
                 f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
                 "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false"]

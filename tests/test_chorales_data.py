@@ -249,7 +249,7 @@ def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path,
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--table", "--models", "lstm,transformer"], "--models transformer: choose from lstm,gru,rnn"),
+    (["--table", "--models", "lstm,transformer"], "--models transformer: choose from lstm,gru,rnn,rru"),
     (["--table", "--seeds", "1,two"], "--seeds '1,two': give whole numbers"),
     (["--table", "--budget", "0"], "--budget 0.0: give the hours for the whole table, > 0"),
     (["--model", "lstm"], "one --path per run; several files make a table: add --table"),
