@@ -22,6 +22,7 @@ end ``history.png`` (and ``importances.png`` once there are enough trials) plots
 from __future__ import annotations
 
 import argparse
+import contextvars
 import difflib
 import json
 import logging
@@ -48,6 +49,7 @@ PARAM_KEYS = {"int": ("type", "low", "high", "step", "log"), "float": ("type", "
 PRUNERS = ("median", "percentile", "threshold", "none")
 LEFT_OUT_CALLBACKS = "seqmodels.callbacks."  # samples and prediction files: not for a search
 MIN_TRIALS_FOR_IMPORTANCES = 5
+MAX_FAILURES_IN_A_ROW = 3  # a trial that fails (not the first of a command) is noted and the search goes on, up to this
 DEFAULT_PRUNER = {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 5}
 
 
@@ -395,12 +397,16 @@ class Search:
         if done:
             print(f"study {self.space.study}: resuming with {done} of {self.trials} trials done ({self.folder / 'study.db'})")
         start = time.monotonic()
+        self.ran, self.failed_in_a_row = 0, 0  # trials this command started; failures since the last success
         try:
             while sum(counted(t) for t in study.trials) < self.trials:
                 if self.minutes is not None and time.monotonic() - start >= self.minutes * 60:
                     print(f"budget: {self.minutes:g} minutes spent; no new trial starts (run the command again to go on)")
                     break
-                self.trial(study)
+                # each trial in a context of its own: the parser's context variables (jsonargparse)
+                # one trial leaves behind cannot reach the next
+                contextvars.copy_context().run(self.trial, study)
+                self.ran += 1
         finally:
             self.write_plots(study)
         self.report(study)
@@ -447,10 +453,19 @@ class Search:
                 study.tell(trial, state=TrialState.FAIL)
                 print(f"trial {trial.number}: failed ({user_error}): {_describe(values)}")
                 return
+            if self.ran == 0 or self.failed_in_a_row + 1 >= MAX_FAILURES_IN_A_ROW:
+                study.tell(trial, state=TrialState.FAIL)
+                raise  # the first trial of a command, or several in a row: the config, not this trial
+            self.failed_in_a_row += 1
+            line = " ".join(str(user_error or err).split())[:300]
+            trial.set_user_attr("error", f"{type(err).__name__}: {line}")
             study.tell(trial, state=TrialState.FAIL)
-            raise
+            print(f"trial {trial.number}: failed ({type(err).__name__}: {line}); the search goes on: "
+                  f"{_describe(values)}")
+            return
         finally:
             _finish_wandb()
+        self.failed_in_a_row = 0
         if not trace.values:
             study.tell(trial, state=TrialState.FAIL)
             logged = sorted(k for k in cli.trainer.callback_metrics if k.startswith("val/"))

@@ -113,6 +113,41 @@ def test_a_trial_left_running_by_a_killed_process_does_not_block_the_resume(tiny
     assert namespace["model.init_args.network.hidden_size"] == trials[1].params["model.network.hidden_size"]
 
 
+def test_a_trial_that_fails_is_noted_and_the_search_goes_on_unless_it_is_the_first(tiny, monkeypatch, capsys):
+    """A later trial that fails (an internal error, a value that breaks the model) is marked
+    failed with its error and counted; the first trial of a command, or three in a row, stop
+    the search with the error."""
+    from seqmodels import cli
+
+    calls = []
+
+    class Flaky(cli.SeqCLI):
+        def __init__(self, *args, **kwargs):
+            if "trainer_defaults" in kwargs:  # a trial's run (composing a config passes none)
+                calls.append(1)
+                if len(calls) in fail_at:
+                    raise LookupError("a parser's state went wrong")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "SeqCLI", Flaky)
+    space = write_space(tiny, budget={"trials": 3, "max_epochs": 1})
+    fail_at = {2}
+    run(space)
+    trials = load(tiny).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert trials[1].user_attrs["error"] == "LookupError: a parser's state went wrong"
+    assert "trial 1: failed (LookupError: a parser's state went wrong); the search goes on" in capsys.readouterr().out
+    calls.clear()
+    fail_at = {1}  # the first trial of this command: the error stops it
+    with pytest.raises(LookupError, match="a parser's state went wrong"):
+        run(space, "--trials", "4")
+    calls.clear()
+    fail_at = {2, 3, 4}  # three in a row
+    with pytest.raises(LookupError):
+        run(space, "--trials", "9")
+    assert [t.state for t in load(tiny).trials][-3:] == [TrialState.FAIL] * 3
+
+
 @pytest.mark.slow
 def test_a_resumed_search_draws_what_an_uninterrupted_one_draws(tiny):
     """Trial k is drawn with seed + k: two trials then a third equal three in one go."""
