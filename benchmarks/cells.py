@@ -33,7 +33,9 @@ TF32 allowed for cuDNN and for the kernels alike (torch's cuDNN default; ``--no-
 exact float32 everywhere), and peak memory is the increase of
 ``torch.cuda.max_memory_allocated`` during one training step, in the timing process. The
 A variant without a torch twin (the peephole LSTM) has as its ``nn`` row the twin of the cell's
-default options (cuDNN's plain LSTM of the same size), the target it is compared with.
+default options (cuDNN's plain LSTM of the same size), the target it is compared with; a cell
+with no torch twin at all (the RRU) has torch.nn.LSTM of the same size, so its ratios are its
+cost against the LSTM's.
 ``reference`` is the plain-torch reference loop, to show what the kernels replace.
 
 The first line names the host: the CPU model, torch's ISA level (AVX2, AVX512, ...) and the
@@ -92,6 +94,8 @@ def build(cell: str, impl: str, B: int, T: int, I: int, H: int, device: str = "c
     twin = kind.torch_twin({**kind.options, **options})
     if impl == REFERENCE and twin is None:
         options, twin = {}, kind.torch_twin(kind.options)
+    if impl == REFERENCE and twin is None:  # a cell unlike any of torch's (the RRU): nn.LSTM's cost
+        name, options, twin = "lstm", {}, CELLS["lstm"].torch_twin(CELLS["lstm"].options)
     if BIDIRECTIONAL:
         import seqmodels.nn as snn
 
@@ -325,8 +329,12 @@ def main() -> None:
             choice = auto_choice(cell, size[0], size[3], by_impl, args.device)
             for row in rows:
                 row.update(choice, isa=machine["isa"], device=args.device, gpu=machine.get("gpu"))
-            fastest = max((n for n in by_impl if n not in (REFERENCE, "autograd")),
-                          key=lambda n: by_impl[n]["train_ratio_vs_autograd"])
+            fast = [n for n in by_impl if n not in (REFERENCE, "autograd")]
+            if not fast:
+                print(f"{'':18} autograd only (no hand-written backward); impl auto trains with "
+                      f"{choice['auto_measured']}", flush=True)
+                continue
+            fastest = max(fast, key=lambda n: by_impl[n]["train_ratio_vs_autograd"])
             print(f"{'':18} {fastest} vs autograd, training: {by_impl[fastest]['train_ratio_vs_autograd']:.2f}x; "
                   f"impl auto trains with {choice['auto_measured']} here (measured; unmeasured: "
                   f"{choice['auto_static']})", flush=True)

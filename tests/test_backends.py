@@ -89,3 +89,21 @@ def test_each_decision_is_said_once(capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("seqmodels: gru")]
     assert lines == ["seqmodels: gru 1x8 at train B≤2 T≤4 on " + next(iter(stack.backends)).split("|")[0] +
                      " runs on torch (torch's fused op; impl: auto, rule: the only candidate)"]
+
+
+def test_the_cells_benchmark_measures_a_cell_without_a_torch_twin_against_the_lstm():
+    """benchmarks/cells.py --cells rru: its rows are torch.nn.LSTM of the same size (nn) and
+    autograd, the RRU's only backend; it says so instead of naming a faster path."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cells.py"), "--cells", "rru", "--size", "2", "3",
+                          "4", "5", "--repeats", "1", "--warmup", "0", "--no-memory", "--json"],
+                         capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    rows = json.loads(out.strip().splitlines()[-1])["results"]
+    assert [(r["cell"], r["impl"]) for r in rows] == [("rru", "nn"), ("rru", "autograd")]
+    assert all(r["train_tokens_per_s"] > 0 for r in rows)
+    assert "autograd only (no hand-written backward)" in out
