@@ -16,7 +16,8 @@ not run again, so an interrupted table resumes), then prints and writes, from ev
 there for these files and models (other seeds of an earlier command too), ``<out>/table.md`` (each
 model's mean test NLL over the seeds with the min-max range, the published rows with their
 sources, the baselines) and ``<out>/nll.png`` (test NLL per model and file, each seed a point).
-``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
+``--no-run`` only writes the table and the plot from what ``runs.jsonl`` holds (runs
+logged by other commands or machines). ``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
 each, less where needed).
 
 ``--patience N`` ends the run N epochs after the best validation NLL (EarlyStopping), so its
@@ -113,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", default=",".join(MODELS), help="with --table: comma-separated, from " + ",".join(MODELS))
     parser.add_argument("--seeds", default="1234,1,2", help="with --table: comma-separated seeds")
     parser.add_argument("--budget", type=float, default=None, help="with --table: hours for the whole table")
+    parser.add_argument("--no-run", action="store_true",
+                        help="with --table: run nothing, write the table and plot from the runs logged in --out")
     parser.add_argument("--out", default="runs/chorales-table", help="with --table: where runs.jsonl, table.md, nll.png go")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
     parser.add_argument("--config", default=None, help="default: configs/jsb_gru.yaml for --model gru, jsb_rru.yaml for rru, else jsb_lstm.yaml")
@@ -296,7 +299,7 @@ def run_table(args: argparse.Namespace) -> dict:
         with log.open("a") as f:  # a line torn by an interrupted write stays alone on its line
             f.write("\n")
     plan = [(str(Path(p).resolve()), m, s) for p in args.path for m in args.models for s in args.seeds]
-    todo = [run for run in plan if run not in done]
+    todo = [] if args.no_run else [run for run in plan if run not in done]
     minutes = args.minutes
     if args.budget is not None and todo:
         # a run takes its training budget plus ~1 min (start, best-checkpoint test, baselines)

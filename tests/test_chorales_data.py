@@ -238,6 +238,9 @@ def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path,
     chorales.main(argv)  # again: only the two failed runs
     assert [(c[c.index("--model") + 1], c[c.index("--seed") + 1]) for c in commands] == [("rnn", "1"), ("rnn", "2")]
 
+    commands.clear()  # --no-run: the table from what is logged, the two missing runs not run
+    chorales.main([*argv, "--no-run"])
+    assert not commands and (out / "table.md").read_text() == table
     commands.clear()  # one seed of one model on one file: nothing to run, and the table shows every seed logged
     chorales.main(["--table", "--path", str(a), "--models", "lstm", "--seeds", "1", "--out", str(out)])
     assert not commands and "| seqmodels LSTM, this table (2 seeds) | **8.14** (8.00–8.28) |" in (out / "table.md").read_text()
