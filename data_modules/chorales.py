@@ -28,8 +28,7 @@ from data_modules.resumable import ResumableLoader, epoch_of, rank_and_world, sh
 
 from seqmodels.caches import default_cache_dir
 from seqmodels.errors import ConfigError
-from seqmodels.formats import N_PITCHES
-from seqmodels.music import rru_windows
+from seqmodels.formats import N_PITCHES, rru_windows
 
 
 # ---- torch side ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import Metric
 
-from seqmodels.formats import LOWEST_NOTE, N_PITCHES
+from seqmodels.formats import LOWEST_NOTE, N_PITCHES, RRU_WINDOW, rru_windows  # noqa: F401 (rru_windows: re-exported)
 
 
 # ---- metrics -------------------------------------------------------------------------------
@@ -67,23 +67,7 @@ class FrameAccuracy(Metric):
 
 
 # ---- the RRU paper's protocol (for benchmarks/chorales.py) -----------------------------------
-RRU_WINDOW, RRU_BATCH = 200, 16
-
-
-def rru_windows(length: int, window: int = RRU_WINDOW, step: int | None = None) -> list[tuple[int, int]]:
-    """The windows LUMII-Syslab/RRU cuts a sequence of ``length`` frames into
-    (``mm_utils.split_data_in_parts``; step = window for validation and testing, window / 2 for
-    training): (a, b), input frames a..b-1, targets a+1..b. Full windows at a = 0, step, ...
-    while a < length − window, then the rest after the last one's a + step if it predicts at
-    least one frame. With step = window every frame but the first is a target exactly once."""
-    step = window if step is None else step
-    spans, last = [], 0
-    for a in range(0, length - window, step):
-        spans.append((a, a + window))
-        last = a + step
-    if length - last >= 2:
-        spans.append((last, length - 1))
-    return spans
+RRU_BATCH = 16
 
 
 @torch.no_grad()
