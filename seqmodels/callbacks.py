@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, EMAWeightAveraging
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from seqmodels.audio import SAMPLE_RATE, write_wav
@@ -211,3 +212,32 @@ class PredictionFiles(BasePredictionWriter):
         path = folder / "predictions.npz"
         np.savez_compressed(path, **arrays)
         print(f"predictions: {', '.join(sorted(parts))} for the predict split -> {os.path.relpath(path)}")
+
+
+class EMAWeights(EMAWeightAveraging):
+    """An exponential moving average of the weights, w_avg <- decay * w_avg + (1 - decay) * w after
+    every optimizer step: Lightning's ``EMAWeightAveraging``, which validates on the average and
+    saves it as the checkpoint's ``state_dict`` (the raw weights go under ``current_model_state``).
+
+    Two changes:
+    - Buffers are not averaged but follow the model: the music model's buffers are the openings
+      seen in training (binary frames and a count), which an average would blur.
+    - Outside ``fit`` the checkpoint's average is kept. Lightning's callback, still holding its
+      average after a fit, would on ``trainer.test(ckpt_path=...)`` load the checkpoint's raw
+      weights over it, so that the test would score other weights than the validation chose.
+    """
+
+    def __init__(self, decay: float = 0.998, update_starting_at_step: int | None = None) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMAWeights decay={decay}: give a number between 0 and 1, e.g. 0.998")
+        super().__init__(use_buffers=False, decay=decay, update_starting_at_step=update_starting_at_step)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        with torch.no_grad():
+            for mine, current in zip(self._average_model.module.buffers(), pl_module.buffers()):
+                mine.copy_(current)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -364,3 +364,50 @@ def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_d
     wandb.finish()
     assert (files / "samples" / "continuation-generated.mid").is_file()
     assert (files / "samples" / "continuation-generated.wav").is_file() != logged
+
+
+def test_ema_weights_are_the_checkpoint_and_what_test_scores(in_tmp_dir):
+    """seqmodels.callbacks.EMAWeights: the checkpoint holds the running average of the weights after
+    each optimizer step (recomputed here by hand), and ``test`` with that checkpoint scores the
+    average, not the raw weights saved beside it (Lightning's own callback loads the raw ones)."""
+    from lightning.pytorch import Callback
+
+    from seqmodels.callbacks import EMAWeights
+    from seqmodels.cli import main
+
+    class Steps(Callback):  # the raw weights after every optimizer step
+        def __init__(self):
+            self.weights = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.weights.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+    songs = {s: [[tuple(60 + (t + k) % 5 for k in range(3)) for t in range(6 + i)] for i in range(n)]
+             for s, n in (("train", 4), ("valid", 2), ("test", 2))}
+    data = write_pickle(in_tmp_dir / "tiny.pickle", songs)
+    steps, decay = Steps(), 0.6
+    cli = main(["fit", "--config", str(ROOT / "configs" / "jsb_lstm.yaml"), f"--data.path={data}", *TINY[:4],
+                "--data.init_args.batch_size=2", "--trainer.logger=false",
+                "--trainer.callbacks+=seqmodels.callbacks.EMAWeights", f"--trainer.callbacks.decay={decay}",
+                "--trainer.callbacks.update_starting_at_step=1"],
+               trainer_defaults={"callbacks": [steps]})
+    assert len(steps.weights) == 4  # 2 epochs x 2 batches
+    average = dict(steps.weights[1])  # the first update (after step index 1) copies the weights
+    for w in steps.weights[2:]:
+        average = {k: decay * average[k] + (1 - decay) * w[k] for k in average}
+    path = Path(cli.trainer.checkpoint_callback.best_model_path)
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    weight = "stack.weight_hh_l0"
+    for name, _ in cli.model.named_parameters():
+        torch.testing.assert_close(saved["state_dict"][name], average[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(saved["current_model_state"][name], steps.weights[-1][name])
+    for name, _ in cli.model.named_buffers():  # the openings seen: the model's, not averaged
+        if name in saved["state_dict"]:
+            torch.testing.assert_close(saved["state_dict"][name], steps.weights[-1][name], rtol=0, atol=0)
+    assert saved["state_dict"]["n_openings"] > 0
+    assert not torch.equal(saved["state_dict"][weight], saved["current_model_state"][weight])
+    cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=str(path), verbose=False)
+    torch.testing.assert_close(cli.model.state_dict()[weight], average[weight], rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match="decay=1.0: give a number between 0 and 1"):
+        EMAWeights(decay=1.0)
