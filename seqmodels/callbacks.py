@@ -231,6 +231,7 @@ class EMAWeights(EMAWeightAveraging):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMAWeights decay={decay}: give a number between 0 and 1, e.g. 0.998")
         super().__init__(use_buffers=False, decay=decay, update_starting_at_step=update_starting_at_step)
+        self.decay = decay
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)

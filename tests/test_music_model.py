@@ -315,6 +315,9 @@ def test_the_rru_config_trains_on_windows_of_a_tiny_file(in_tmp_dir):
     cli = main(["fit", "--config", str(ROOT / "configs" / "jsb_rru.yaml"), f"--data.path={data}", *TINY[:4],
                 "--data.init_args.batch_size=2", "--data.init_args.train_window=4", "--trainer.logger=false"])
     assert cli.model.stack.cell_type == "rru" and cli.model.stack.layers[0].cell.middle_dropout == 0.48
+    names = [type(c).__name__ for c in cli.trainer.callbacks]  # the average is in place before the continuation
+    assert names.index("EMAWeights") < names.index("ContinuationComparison")
+    assert cli.trainer.callbacks[names.index("EMAWeights")].decay == 0.998
     assert [len(r) for r in cli.datamodule.train_set.rolls] == [5, 5, 5, 3, 5, 5, 5, 4, 5, 5, 5, 5, 3]
     assert [len(r) for r in cli.datamodule.val_set.rolls] == [9, 10]
     assert math.isfinite(float(cli.trainer.callback_metrics["val/nll"]))
