@@ -406,6 +406,30 @@ def test_reused_buffers_never_leak_between_calls(variant, monkeypatch):
     bptt.clear_buffer_pool()
 
 
+@pytest.mark.parametrize("variant", ["rnn_tanh", "lstm"])
+def test_buffers_made_under_inference_mode_are_not_reused_outside_it(variant, monkeypatch):
+    """Lightning tests and predicts under torch.inference_mode, whose buffers are inference
+    tensors that nothing may write in place outside it: a pass with gradients, or under
+    no_grad, after one under inference_mode (as a script evaluating after ``trainer.test``)
+    gets other buffers, and the same outputs."""
+    from seqmodels import bptt
+    monkeypatch.setattr(bptt.fast._POOL, "min_bytes", 0)  # pool every buffer, however small
+    bptt.clear_buffer_pool()
+    stack = make_stack(variant, input_size=3, hidden_size=8, num_layers=2)
+    stack.impl = "cpp"
+    x = torch.randn(4, 7, 3, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = stack(x)[0]
+    bptt.clear_buffer_pool()  # from here, the pool holds only what inference_mode gave back
+    with torch.inference_mode():
+        stack(x)
+        torch.testing.assert_close(stack(x)[0], expected, rtol=0, atol=0)  # its own buffers, reused
+    with torch.no_grad():
+        torch.testing.assert_close(stack(x)[0], expected, rtol=0, atol=0)
+    stack(x)[0].sum().backward()
+    bptt.clear_buffer_pool()
+
+
 def graph_size(t: torch.Tensor) -> int:
     seen, todo = set(), [t.grad_fn]
     while todo:

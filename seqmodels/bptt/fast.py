@@ -102,18 +102,20 @@ class _BufferPool:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def _key(self, numel: int, like: Tensor):
+    def _key(self, numel: int, like: Tensor, inference: bool):
         nbytes = numel * like.element_size()
         if like.device.type != "cpu" or nbytes < self.min_bytes:
             return None
-        return numel, like.dtype
+        # a buffer made under torch.inference_mode (Lightning's test and predict) is an inference
+        # tensor, which no in-place op may write outside that mode: each mode has its own buffers
+        return numel, like.dtype, inference
 
     def empty(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialized tensor of ``shape`` with ``like``'s dtype and device."""
         numel = 1
         for n in shape:
             numel *= n
-        key = self._key(numel, like)
+        key = self._key(numel, like, torch.is_inference_mode_enabled())
         if key is not None:
             with self._lock:
                 free = self._free.get(key)
@@ -125,7 +127,7 @@ class _BufferPool:
     def release(self, *tensors: Optional[Tensor]) -> None:
         """Give buffers back; the caller must hold no other reference to their memory."""
         for t in tensors:
-            key = None if t is None else self._key(t.numel(), t)
+            key = None if t is None else self._key(t.numel(), t, t.is_inference())
             if key is None or not t.is_contiguous() or t.storage_offset() != 0:
                 continue
             nbytes = t.numel() * t.element_size()
