@@ -248,7 +248,8 @@ def _host(device: str) -> str:
     from benchmarks.cells import host
 
     info = host("cuda" if device.startswith("cuda") else "cpu")
-    return info.get("gpu") or f"{info['cpu']}, {info['isa']}, {info['threads']} threads"
+    threads = f"{info['threads']} thread" + ("s" if info["threads"] != 1 else "")
+    return info.get("gpu") or f"{info['cpu']}, {info['isa']}, {threads}"
 
 
 class EpochClock(Callback):

@@ -389,8 +389,8 @@ def test_ema_weights_are_the_checkpoint_and_what_test_scores(in_tmp_dir):
              for s, n in (("train", 4), ("valid", 2), ("test", 2))}
     data = write_pickle(in_tmp_dir / "tiny.pickle", songs)
     steps, decay = Steps(), 0.6
-    cli = main(["fit", "--config", str(ROOT / "configs" / "jsb_lstm.yaml"), f"--data.path={data}", *TINY[:4],
-                "--data.init_args.batch_size=2", "--trainer.logger=false",
+    cli = main(["fit", "--config", str(ROOT / "configs" / "jsb_gru.yaml"), f"--data.path={data}", *TINY[:4],
+                "--data.init_args.batch_size=2", "--trainer.logger=false",  # jsb_gru.yaml has no EMAWeights of its own
                 "--trainer.callbacks+=seqmodels.callbacks.EMAWeights", f"--trainer.callbacks.decay={decay}",
                 "--trainer.callbacks.update_starting_at_step=1"],
                trainer_defaults={"callbacks": [steps]})
