@@ -17,7 +17,8 @@ there for these files and models (other seeds of an earlier command too), ``<out
 model's mean test NLL over the seeds with the min-max range, the published rows with their
 sources, the baselines) and ``<out>/nll.png`` (test NLL per model and file, each seed a point).
 ``--no-run`` only writes the table and the plot from what ``runs.jsonl`` holds (runs
-logged by other commands or machines). ``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
+logged by other commands or machines: a run counts for a file given if it ran on a file of the
+same name, in any folder). ``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
 each, less where needed).
 
 ``--patience N`` ends the run N epochs after the best validation NLL (EarlyStopping), so its
@@ -326,8 +327,10 @@ def run_table(args: argparse.Namespace) -> dict:
               f"{result['test_nll']:.3f} (val {result['val_nll']:.3f}), {(time.perf_counter() - start) / 60:.1f} min",
               flush=True)
     # every logged run of these files and models, also those of other seeds (an earlier command's)
+    # and those of a file of the same name in another folder (runs logged on another machine)
     files, models = {path for path, _, _ in plan}, set(args.models)
-    runs = [r for r in read_runs(log) if r["path"] in files and r["model"] in models]
+    names = {Path(path).name for path in files}
+    runs = [r for r in read_runs(log) if (r["path"] in files or Path(r["path"]).name in names) and r["model"] in models]
     table = markdown_table(runs)
     (out / "table.md").write_text(table)
     print("\n" + table)

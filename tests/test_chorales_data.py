@@ -249,6 +249,11 @@ def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path,
     chorales.main(["--table", "--path", str(a), str(b), "--models", "gru", "--seeds", "1", "--out", str(out)])
     assert "| seqmodels GRU, this table (2 seeds, fewer where noted) | **8.40** (8.30–8.50) | **8.60** (1 seed) |" in \
         (out / "table.md").read_text()
+    with (out / "runs.jsonl").open("a") as f:  # logged on another machine: a file of the same name, elsewhere
+        f.write(json.dumps(fake_run(Path("/elsewhere/a.mat"), "gru", 3, 8.4)) + "\n")
+    chorales.main(["--table", "--path", str(a), str(b), "--models", "gru", "--seeds", "1", "--out", str(out), "--no-run"])
+    assert "| seqmodels GRU, this table (3 seeds, fewer where noted) | **8.40** (8.30–8.50) | **8.60** (1 seed) |" in \
+        (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize("argv, message", [
