@@ -18,7 +18,7 @@ model's mean test NLL over the seeds with the min-max range, the published rows 
 sources, the baselines) and ``<out>/nll.png`` (test NLL per model and file, each seed a point).
 ``--no-run`` only writes the table and the plot from what ``runs.jsonl`` holds (runs
 logged by other commands or machines: a run counts for a file given if it ran on a file of the
-same name, in any folder). ``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
+same name, in any folder; the files need not be here). ``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
 each, less where needed).
 
 ``--patience N`` ends the run N epochs after the best validation NLL (EarlyStopping), so its
@@ -27,7 +27,8 @@ reports the minutes to its best epoch.
 
 Training goes through the CLI with ``configs/jsb_lstm.yaml`` (``--model rnn`` swaps in the
 vanilla RNN settings of ``RNN_OVERRIDES``; ``--model gru`` and ``rru`` use ``jsb_gru.yaml`` and
-``jsb_rru.yaml``), so the run is logged like any other (W&B, checkpoints under runs/). The NLL is the published one: Σ over sequences of the BCE summed over
+``jsb_rru.yaml``; on MuseData the LSTM adds the overlay ``musedata_lstm.yaml``: ``FILE_CONFIGS``;
+``--config`` replaces them all), so the run is logged like any other (W&B, checkpoints under runs/). The NLL is the published one: Σ over sequences of the BCE summed over
 the 88 pitches, divided by Σ (T_i − 1); the first frame of a sequence is never predicted.
 
 The file is identified by its content, the number of sequences in each split (``identify_dataset``:
@@ -97,6 +98,9 @@ RRU_PROTOCOL = ("RRU's protocol (its mm_main.py): 200-frame windows from the zer
 MODELS = ("lstm", "gru", "rnn", "rru")
 # each model's config (the vanilla RNN: jsb_lstm.yaml with RNN_OVERRIDES)
 CONFIGS = {"gru": "jsb_gru.yaml", "rru": "jsb_rru.yaml"}
+# A file's own overlay, given after the model's config where the file is identified as that
+# dataset (and no --config is given): chosen on that file's validation split (docs/results.md).
+FILE_CONFIGS = {("lstm", "MuseData"): "musedata_lstm.yaml"}
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
 RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.network.nonlinearity=tanh",
@@ -119,7 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --table: run nothing, write the table and plot from the runs logged in --out")
     parser.add_argument("--out", default="runs/chorales-table", help="with --table: where runs.jsonl, table.md, nll.png go")
     parser.add_argument("--minutes", type=float, default=20.0, help="training time budget")
-    parser.add_argument("--config", default=None, help="default: configs/jsb_gru.yaml for --model gru, jsb_rru.yaml for rru, else jsb_lstm.yaml")
+    parser.add_argument("--config", default=None, help="default: configs/jsb_gru.yaml for --model gru, jsb_rru.yaml for rru, else jsb_lstm.yaml, and the file's overlay of FILE_CONFIGS")
     parser.add_argument("--seed", type=int, default=None, help="seed_everything (default: the config's)")
     parser.add_argument("--patience", type=int, default=None,
                         help="stop N epochs after the best val/nll (default: train for the whole budget)")
@@ -140,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.budget is not None and args.budget <= 0:
             parser.error(f"--budget {args.budget}: give the hours for the whole table, > 0")
         missing = [p for p in args.path if not Path(p).is_file()]
-        if missing:
+        if missing and not args.no_run:  # --no-run reads only runs.jsonl: the files may be elsewhere
             parser.error(f"--path {missing[0]}: no such file (a canonical .mat or pickle file)")
     elif len(args.path) > 1:
         parser.error("one --path per run; several files make a table: add --table")
@@ -187,16 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = identify_dataset(rolls)
     counts = "/".join(str(len(rolls[s])) for s in ("train", "valid", "test"))
     base = baselines(rolls)
-    seconds = int(round(args.minutes * 60))
-    config = args.config or str(ROOT / "configs" / CONFIGS.get(args.model, "jsb_lstm.yaml"))
-    cli_args = ["fit", "--config", config, f"--data.path={args.path}",
-                f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
-                "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false"]
-    if args.model == "rnn":
-        cli_args += RNN_OVERRIDES
-    if args.seed is not None:
-        cli_args.append(f"--seed_everything={args.seed}")
-    cli_args += args.overrides
+    configs = config_files(args, dataset)
+    cli_args = cli_arguments(args, configs)
     clock = EpochClock()
     callbacks = [clock]
     if args.patience is not None:
@@ -234,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"test acc {results['test/acc']:.4f}; {trainer.current_epoch} epochs in {trained / 60:.1f} min "
           f"(budget {args.minutes:g}), the best after {to_best:.1f} min, on {device}; checkpoint {checkpoint.best_model_path}")
     published = {model: nll for model, (nll, _) in PUBLISHED.get(dataset, {}).items()}
-    summary = {"model": args.model, "seed": args.seed, "file": name, "dataset": dataset, "published": published, "test_nll": round(test_nll, 4), "test_nll_rru": round(test_nll_rru, 4), "val_nll": round(val_nll, 4),
+    summary = {"model": args.model, "seed": args.seed, "file": name, "configs": [Path(c).name for c in configs], "dataset": dataset, "published": published, "test_nll": round(test_nll, 4), "test_nll_rru": round(test_nll_rru, 4), "val_nll": round(val_nll, 4),
                "baseline_frequency": round(base["frequency"], 4), "baseline_previous": round(base["previous"], 4),
                "minutes": round(total / 60, 2), "train_minutes": round(trained / 60, 2),
                "epochs": trainer.current_epoch, "best_epoch": best_epoch, "minutes_to_best": round(to_best, 2),
@@ -242,6 +238,27 @@ def main(argv: list[str] | None = None) -> dict:
                "test_acc": round(float(results["test/acc"]), 4)}
     print(json.dumps(summary))
     return summary
+
+
+def config_files(args: argparse.Namespace, dataset: str | None) -> list[str]:
+    """The configs of a run, in order: ``--config``, or the model's config and the file's overlay."""
+    if args.config:
+        return [args.config]
+    overlay = FILE_CONFIGS.get((args.model, dataset))
+    return [str(ROOT / "configs" / name) for name in (CONFIGS.get(args.model, "jsb_lstm.yaml"), overlay) if name]
+
+
+def cli_arguments(args: argparse.Namespace, configs: list[str]) -> list[str]:
+    """The CLI's arguments for one run: its configs, the file, the time budget, the seed."""
+    seconds = int(round(args.minutes * 60))
+    cli_args = ["fit", *(a for config in configs for a in ("--config", config)), f"--data.path={args.path}",
+                f"--trainer.max_time=00:{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
+                "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false"]
+    if args.model == "rnn":
+        cli_args += RNN_OVERRIDES
+    if args.seed is not None:
+        cli_args.append(f"--seed_everything={args.seed}")
+    return cli_args + args.overrides
 
 
 def _host(device: str) -> str:

@@ -254,6 +254,39 @@ def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path,
     chorales.main(["--table", "--path", str(a), str(b), "--models", "gru", "--seeds", "1", "--out", str(out), "--no-run"])
     assert "| seqmodels GRU, this table (3 seeds, fewer where noted) | **8.40** (8.30–8.50) | **8.60** (1 seed) |" in \
         (out / "table.md").read_text()
+    chorales.main(["--table", "--path", "/nowhere/a.mat", "--models", "gru", "--out", str(out), "--no-run"])  # not here
+    assert "| seqmodels GRU, this table (3 seeds) | **8.40** (8.30–8.50) |\n" in (out / "table.md").read_text()
+
+
+def test_on_musedata_the_lstm_adds_its_overlay_to_the_config(capsys):
+    """A MuseData run of the LSTM reads jsb_lstm.yaml, then musedata_lstm.yaml (half the
+    regularization, chosen on MuseData's validation split), whose settings win; other files,
+    other models and an explicit --config read one config."""
+    import yaml
+
+    from benchmarks import chorales
+    from seqmodels.cli import main
+
+    def configs(dataset, *argv):
+        return chorales.config_files(chorales.parse_args(["--path", "x.mat", *argv]), dataset)
+
+    assert [Path(c).name for c in configs("MuseData")] == ["jsb_lstm.yaml", "musedata_lstm.yaml"]
+    assert [Path(c).name for c in configs("JSB Chorales")] == ["jsb_lstm.yaml"]
+    assert [Path(c).name for c in configs(None)] == ["jsb_lstm.yaml"]
+    assert [Path(c).name for c in configs("MuseData", "--model", "rru")] == ["jsb_rru.yaml"]
+    assert configs("MuseData", "--config", "mine.yaml") == ["mine.yaml"]
+    args = chorales.parse_args(["--path", "MuseData.mat", "--seed", "3", "--minutes", "30"])
+    cli_args = chorales.cli_arguments(args, configs("MuseData"))
+    assert cli_args[:6] == ["fit", "--config", configs("MuseData")[0], "--config", configs("MuseData")[1],
+                            "--data.path=MuseData.mat"]
+    assert "--trainer.max_time=00:00:30:00" in cli_args and cli_args[-1] == "--seed_everything=3"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*cli_args, "--print_config"])
+    assert exit_info.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    assert model["network"]["cell"] == "lstm" and model["network"]["hidden_size"] == 256  # jsb_lstm.yaml's
+    assert (model["network"]["weight_drop"], model["network"]["recurrent_dropout"]) == (0.3, 0.1)  # the overlay's
+    assert (model["input_dropout"], model["output_dropout"]) == (0.1, 0.25)
 
 
 @pytest.mark.parametrize("argv, message", [
