@@ -345,9 +345,8 @@ def run_table(args: argparse.Namespace) -> dict:
               flush=True)
     # every logged run of these files and models, also those of other seeds (an earlier command's)
     # and those of a file of the same name in another folder (runs logged on another machine)
-    files, models = {path for path, _, _ in plan}, set(args.models)
-    names = {Path(path).name for path in files}
-    runs = [r for r in read_runs(log) if (r["path"] in files or Path(r["path"]).name in names) and r["model"] in models]
+    names, models = {Path(path).name for path, _, _ in plan}, set(args.models)
+    runs = [r for r in read_runs(log) if Path(r["path"]).name in names and r["model"] in models]
     table = markdown_table(runs)
     (out / "table.md").write_text(table)
     print("\n" + table)
