@@ -7,9 +7,9 @@ budget and the parameters as dotted LightningCLI keys (``read_space``). Every tr
 normal ``fit`` of the project's CLI (``SeqCLI``: base.yaml, the config, its callbacks, its
 logger) from a config file of its own, ``<output>/<study>/trials/trial-NNN.yaml``, which
 ``python cli.py fit --config`` reruns as it is. Trials only fit and validate: no trial ever
-runs ``test``, and the callbacks of ``seqmodels.callbacks`` (samples, continuations,
+runs ``test``, and the output callbacks of ``seqmodels.callbacks`` (samples, continuations,
 prediction files: one run's outputs for a person, and ``ContinuationComparison`` reads the test
-split) are left out of their configs.
+split) are left out of their configs; ``EMAWeights`` stays, since it decides what is validated.
 
 The study lives in ``<output>/<study>/study.db`` (SQLite): running the same command again
 resumes it. Trials a killed process left RUNNING are marked failed and do not count; finished
@@ -47,7 +47,11 @@ BUDGET_KEYS = ("trials", "minutes", "max_epochs", "max_time")
 PARAM_KEYS = {"int": ("type", "low", "high", "step", "log"), "float": ("type", "low", "high", "step", "log"),
               "categorical": ("type", "choices")}
 PRUNERS = ("median", "percentile", "threshold", "none")
-LEFT_OUT_CALLBACKS = "seqmodels.callbacks."  # samples and prediction files: not for a search
+# Outputs for a person (samples, continuations, prediction files) are left out of a trial: not for
+# a search, and ContinuationComparison reads the test split. EMAWeights stays: it decides which
+# weights are validated, so the trials must rank what the config will train.
+LEFT_OUT_CALLBACKS = tuple(f"seqmodels.callbacks.{name}" for name in
+                           ("TextSamples", "PianoRollSamples", "ContinuationComparison", "PredictionFiles"))
 MIN_TRIALS_FOR_IMPORTANCES = 5
 MAX_FAILURES_IN_A_ROW = 3  # a trial that fails (not the first of a command) is noted and the search goes on, up to this
 DEFAULT_PRUNER = {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 5}
@@ -288,7 +292,7 @@ def trial_args(space: Space, base_args: list[str], command_line, values: dict, l
 
 
 def trial_config(config: dict, study: str, number: int) -> dict:
-    """A trial's config: the callbacks of ``seqmodels.callbacks`` left out, the W&B run named
+    """A trial's config: the output callbacks (``LEFT_OUT_CALLBACKS``) left out, the W&B run named
     after the trial and grouped by study."""
     config = dict(config)
     trainer = dict(config.get("trainer") or {})

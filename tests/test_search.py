@@ -16,7 +16,7 @@ pytest.importorskip("optuna_integration")
 
 from optuna.trial import TrialState  # noqa: E402
 
-from seqmodels.search import compose, main  # noqa: E402
+from seqmodels.search import compose, main, trial_config  # noqa: E402
 
 SONGS = {s: [[tuple(60 + (t + k + i) % 5 for k in range(3)) for t in range(6 + i)] for i in range(n)]
          for s, n in (("train", 4), ("valid", 2), ("test", 2))}
@@ -50,6 +50,15 @@ def load(tmp, study="tiny"):
     return optuna.load_study(study_name=study, storage=f"sqlite:///{tmp / 'runs' / 'search' / study / 'study.db'}")
 
 
+def test_a_trial_keeps_the_averaged_weights_and_leaves_out_the_outputs_for_a_person():
+    """EMAWeights decides which weights are validated, so a trial ranks what the config will train;
+    samples and continuations are outputs (and ContinuationComparison reads the test split)."""
+    config = yaml.safe_load((ROOT / "configs" / "jsb_lstm.yaml").read_text())
+    config["trainer"]["callbacks"] = config["trainer"].pop("callbacks+")
+    names = [c["class_path"].rsplit(".", 1)[-1] for c in trial_config(config, "s", 3)["trainer"]["callbacks"]]
+    assert names == ["EMAWeights", "EarlyStopping"]
+
+
 @pytest.mark.slow
 def test_a_tiny_search_writes_trials_the_best_config_and_a_plot(tiny):
     """Two trials, then a fit of best.yaml (~14 s); the quick subset checks the outputs in the next test."""
@@ -63,11 +72,12 @@ def test_a_tiny_search_writes_trials_the_best_config_and_a_plot(tiny):
     folder = tiny / "runs" / "search" / "tiny"
     assert (folder / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # each trial's own config: the trial's values and limits, no callbacks of seqmodels.callbacks
+    # each trial's own config: the trial's values and limits, no output callbacks, the averaged weights kept
     trial_config = yaml.safe_load((folder / "trials" / "trial-001.yaml").read_text())
     assert trial_config["trainer"]["max_epochs"] == 2
     assert trial_config["model"]["init_args"]["network"]["hidden_size"] == trials[1].params["model.network.hidden_size"]
-    assert not [c for c in trial_config["trainer"]["callbacks"] if c["class_path"].startswith("seqmodels.callbacks.")]
+    kept = [c["class_path"].rsplit(".", 1)[-1] for c in trial_config["trainer"]["callbacks"]]
+    assert "EMAWeights" in kept and not {"PianoRollSamples", "ContinuationComparison"} & set(kept)
 
     # best.yaml: the best trial's values over the config, without the trials' limits; it parses and trains
     best = study.best_trial
