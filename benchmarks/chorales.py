@@ -16,10 +16,11 @@ not run again, so an interrupted table resumes), then prints and writes, from ev
 there for these files and models (other seeds of an earlier command too), ``<out>/table.md`` (each
 model's mean test NLL over the seeds with the min-max range, the published rows with their
 sources, the baselines) and ``<out>/nll.png`` (test NLL per model and file, each seed a point).
-``--no-run`` only writes the table and the plot from what ``runs.jsonl`` holds (runs
-logged by other commands or machines: a run counts for a file given if it ran on a file of the
-same name, in any folder; the files need not be here). ``--budget H`` caps the whole table at H hours: the runs left share it (at most ``--minutes``
-each, less where needed).
+A logged run counts for a file given, in the table and as done, if it ran on a file of the same
+name, in any folder (runs logged by other commands or machines). ``--no-run`` only writes the
+table and the plot from what ``runs.jsonl`` holds; the files need not be here. ``--budget H``
+caps the whole table at H hours: the runs left share it (at most ``--minutes`` each, less where
+needed).
 
 ``--patience N`` ends the run N epochs after the best validation NLL (EarlyStopping), so its
 wall time says how long the model needs, not how long it was allowed. Either way the run
@@ -290,8 +291,9 @@ def torch_load_epoch(ckpt_path: str) -> int:
 
 
 # ---- the whole table (--table) ------------------------------------------------------------
-def _run_key(result: dict) -> tuple:
-    return result["path"], result["model"], result["seed"]
+def _run_key(path: str, model: str, seed: int) -> tuple:
+    # a file is known by its name, as in the table: a run logged on another machine counts as done
+    return Path(path).name, model, seed
 
 
 def read_runs(path: Path) -> list[dict]:
@@ -313,19 +315,22 @@ def run_table(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "runs.jsonl"
-    done = {_run_key(r) for r in read_runs(log)}
+    done = {_run_key(r["path"], r["model"], r["seed"]) for r in read_runs(log)}
     if log.is_file() and not log.read_bytes().endswith(b"\n"):
         with log.open("a") as f:  # a line torn by an interrupted write stays alone on its line
             f.write("\n")
     plan = [(str(Path(p).resolve()), m, s) for p in args.path for m in args.models for s in args.seeds]
-    todo = [] if args.no_run else [run for run in plan if run not in done]
+    missing = [run for run in plan if _run_key(*run) not in done]
+    todo = [] if args.no_run else missing
     minutes = args.minutes
     if args.budget is not None and todo:
         # a run takes its training budget plus ~1 min (start, best-checkpoint test, baselines)
         minutes = min(minutes, max(0.1, args.budget * 60 / len(todo) - 1))
     print(f"{len(plan)} runs ({len(args.models)} models x {len(args.path)} files x {len(args.seeds)} seeds), "
-          f"{len(plan) - len(todo)} already in {log}; {len(todo)} to run, {minutes:.1f} min of training each "
-          f"(about {len(todo) * (minutes + 1) / 60:.1f} h)", flush=True)
+          f"{len(plan) - len(missing)} already in {log}; " + (
+              f"{len(missing)} not run (--no-run)" if args.no_run else
+              f"{len(todo)} to run, {minutes:.1f} min of training each (about {len(todo) * (minutes + 1) / 60:.1f} h)"),
+          flush=True)
     for k, (path, model, seed) in enumerate(todo, 1):
         command = [sys.executable, str(Path(__file__).resolve()), "--path", path, "--model", model,
                    "--seed", str(seed), "--minutes", f"{minutes:g}", *args.overrides]

@@ -251,9 +251,13 @@ def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path,
         (out / "table.md").read_text()
     with (out / "runs.jsonl").open("a") as f:  # logged on another machine: a file of the same name, elsewhere
         f.write(json.dumps(fake_run(Path("/elsewhere/a.mat"), "gru", 3, 8.4)) + "\n")
-    chorales.main(["--table", "--path", str(a), str(b), "--models", "gru", "--seeds", "1", "--out", str(out), "--no-run"])
+    capsys.readouterr()
+    chorales.main(["--table", "--path", str(a), str(b), "--models", "gru", "--seeds", "1,3", "--out", str(out), "--no-run"])
+    assert "4 runs (1 models x 2 files x 2 seeds), 3 already in" in capsys.readouterr().out  # b.mat's seed 3 is not
     assert "| seqmodels GRU, this table (3 seeds, fewer where noted) | **8.40** (8.30–8.50) | **8.60** (1 seed) |" in \
         (out / "table.md").read_text()
+    chorales.main(["--table", "--path", str(a), "--models", "gru", "--seeds", "3", "--out", str(out)])
+    assert not commands, "seed 3 of a.mat is logged, from another folder: not run again"
     chorales.main(["--table", "--path", "/nowhere/a.mat", "--models", "gru", "--out", str(out), "--no-run"])  # not here
     assert "| seqmodels GRU, this table (3 seeds) | **8.40** (8.30–8.50) |\n" in (out / "table.md").read_text()
 
