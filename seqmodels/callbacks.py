@@ -23,7 +23,8 @@ from seqmodels.tasks import CharLanguageModel, PolyphonicMusicModel
 
 
 class TextSamples(Callback):
-    """After every validation, generate a few texts: printed to the console, appended to
+    """After every validation, generate a few texts with the weights the validation scored
+    (``EMAWeights``' average where there is one): printed to the console, appended to
     ``samples.txt`` in the run's directory, and logged to W&B as a table (``samples``).
 
     Args:
@@ -43,7 +44,8 @@ class TextSamples(Callback):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or not isinstance(pl_module, CharLanguageModel):
             return
-        samples = [generate_text(pl_module, p, self.length, self.temperature, self.top_k, self.seed)
+        model = validated_module(trainer, pl_module)
+        samples = [generate_text(model, p, self.length, self.temperature, self.top_k, self.seed)
                    for p in self.primes]
         header = f"--- samples at epoch {trainer.current_epoch}, step {trainer.global_step} ---"
         print("\n".join([header, *samples]), flush=True)
@@ -59,7 +61,8 @@ class TextSamples(Callback):
 
 class PianoRollSamples(Callback):
     """At the end of each validation (every ``every_n_epochs``), generate a piano roll from
-    scratch (``sampling.generate_roll``) with a fixed seed, write it as a PNG into the run's
+    scratch (``sampling.generate_roll``) with a fixed seed and the weights the validation scored
+    (``EMAWeights``' average where there is one), write it as a PNG into the run's
     directory (``<run>/samples/epochNNN.png``) and log it to W&B when the logger is a
     WandbLogger (key ``samples/piano_roll``). The global random state is left untouched.
 
@@ -82,7 +85,8 @@ class PianoRollSamples(Callback):
             return
         if trainer.current_epoch % self.every_n_epochs or not trainer.is_global_zero:
             return
-        roll = generate_roll(pl_module, self.length, temperature=self.temperature, seed=self.seed)
+        roll = generate_roll(validated_module(trainer, pl_module), self.length, temperature=self.temperature,
+                             seed=self.seed)
         epoch = trainer.current_epoch
         path = Path(run_dir(trainer)) / "samples" / f"epoch{epoch:03d}.png"
         plot_roll(roll, path, title=f"epoch {epoch}, seed {self.seed}, temperature {self.temperature:g}")
@@ -239,6 +243,30 @@ class EMAWeights(EMAWeightAveraging):
             for mine, current in zip(self._average_model.module.buffers(), pl_module.buffers()):
                 mine.copy_(current)
 
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_epoch_start(trainer, pl_module)  # the average goes into the module
+        self._swapped_in = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_epoch_end(trainer, pl_module)  # and out again
+        self._swapped_in = False
+
+    def averaged(self, pl_module: LightningModule) -> LightningModule:
+        """The module that holds the average now: ``pl_module`` while a validation has it swapped
+        in (or before there is an average), else the callback's copy."""
+        if self._average_model is None or getattr(self, "_swapped_in", False):
+            return pl_module
+        return self._average_model.module
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == TrainerFn.FITTING:
             super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+def validated_module(trainer: Trainer, pl_module: LightningModule) -> LightningModule:
+    """The weights a validation scores: an ``EMAWeights`` callback's average where there is one
+    (wherever the callback stands in the list), else the module itself."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMAWeights):
+            return callback.averaged(pl_module)
+    return pl_module

@@ -414,3 +414,45 @@ def test_ema_weights_are_the_checkpoint_and_what_test_scores(in_tmp_dir):
 
     with pytest.raises(ValueError, match="decay=1.0: give a number between 0 and 1"):
         EMAWeights(decay=1.0)
+
+
+@pytest.mark.slow  # a fit of 2 epochs: ~15 s
+def test_piano_roll_samples_come_from_the_weights_the_validation_scored(in_tmp_dir, monkeypatch):
+    """With EMAWeights first in the list (as in jsb_lstm.yaml), Lightning swaps the raw weights back
+    before PianoRollSamples runs: the samples must still come from the average, as val/nll does."""
+    from lightning.pytorch import Callback
+
+    from seqmodels import callbacks
+    from seqmodels.cli import main
+
+    class Validated(Callback):  # the weights in the module while validation scores it, and the raw ones
+        def __init__(self):
+            self.weights, self.raw = [], {}
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            self.raw = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+        def on_validation_batch_end(self, trainer, pl_module, *args):
+            if not trainer.sanity_checking:
+                self.weights.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+    sampled, real_generate_roll = [], callbacks.generate_roll
+
+    def generate_roll(model, *args, **kwargs):
+        sampled.append(({k: v.detach().clone() for k, v in model.named_parameters()}, dict(validated.weights[-1])))
+        return real_generate_roll(model, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "generate_roll", generate_roll)
+    validated = Validated()
+    songs = {s: [[tuple(60 + (t + k) % 5 for k in range(3)) for t in range(6 + i)] for i in range(n)]
+             for s, n in (("train", 4), ("valid", 1), ("test", 1))}
+    data = write_pickle(in_tmp_dir / "tiny.pickle", songs)
+    cli = main(["fit", "--config", str(ROOT / "configs" / "jsb_lstm.yaml"), f"--data.path={data}", *TINY,
+                "--trainer.logger=false"], trainer_defaults={"callbacks": [validated]})
+    names = [type(c).__name__ for c in cli.trainer.callbacks]
+    assert names.index("EMAWeights") < names.index("PianoRollSamples")
+    assert len(sampled) == 3  # the config's PianoRollSamples at epoch 0, TINY's at epochs 0 and 1
+    for weights, scored in sampled:
+        for name in weights:
+            torch.testing.assert_close(weights[name], scored[name], rtol=0, atol=0)
+    assert not torch.equal(sampled[-1][0]["head.weight"], validated.raw["head.weight"]), "the average, not the raw"
