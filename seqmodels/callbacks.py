@@ -16,6 +16,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from seqmodels.audio import SAMPLE_RATE, write_wav
+from seqmodels.compat import averaged_module
 from seqmodels.music import plot_roll, plot_roll_pair, write_midi
 from seqmodels.runs import log_audio, log_image, run_dir
 from seqmodels.sampling import generate_roll, generate_text
@@ -240,12 +241,12 @@ class EMAWeights(EMAWeightAveraging):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
         with torch.no_grad():
-            for mine, current in zip(self._average_model.module.buffers(), pl_module.buffers()):
+            for mine, current in zip(averaged_module(self).buffers(), pl_module.buffers()):
                 mine.copy_(current)
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_epoch_start(trainer, pl_module)  # the average goes into the module
-        self._swapped_in = self._average_model is not None
+        self._swapped_in = averaged_module(self) is not None
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_validation_epoch_end(trainer, pl_module)  # and out again
@@ -254,9 +255,8 @@ class EMAWeights(EMAWeightAveraging):
     def averaged(self, pl_module: LightningModule) -> LightningModule:
         """The module that holds the average now: ``pl_module`` while a validation has it swapped
         in (or before there is an average), else the callback's copy."""
-        if self._average_model is None or getattr(self, "_swapped_in", False):
-            return pl_module
-        return self._average_model.module
+        average = averaged_module(self)
+        return pl_module if average is None or getattr(self, "_swapped_in", False) else average
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == TrainerFn.FITTING:

@@ -22,6 +22,8 @@ Lightning
     ``ModelCheckpoint._should_skip_saving_checkpoint`` / ``_save_last_checkpoint`` /
     ``_monitor_candidates``: saving ``last.ckpt`` at a moment of our choosing.
     ``LightningCLI._parse_ckpt_path``: replaced, so the config stays the source of truth.
+    ``WeightAveraging._average_model``: the ``AveragedModel`` holding ``EMAWeights``' average
+    (its buffers follow the model's; samples during training come from it).
     ``WandbLogger._wandb_init``: the keyword arguments its ``experiment`` passes to
     ``wandb.init``. Lightning always puts ``anonymous=None`` there, which wandb >= 0.19
     answers with "The anonymous setting has no effect" on every run; dropped when unset.
@@ -161,6 +163,12 @@ def save_last_checkpoint(callback, trainer) -> None:
     Lightning says not to save now, e.g. while sanity checking)."""
     if not callback._should_skip_saving_checkpoint(trainer):
         callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def averaged_module(callback):
+    """The module inside a ``WeightAveraging`` callback's ``AveragedModel`` (None before ``setup``)."""
+    average = callback._average_model
+    return None if average is None else average.module
 
 
 def wandb_init_kwargs(logger) -> dict:
