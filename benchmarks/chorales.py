@@ -101,7 +101,7 @@ MODELS = ("lstm", "gru", "rnn", "rru")
 CONFIGS = {"gru": "jsb_gru.yaml", "rru": "jsb_rru.yaml"}
 # A file's own overlay, given after the model's config where the file is identified as that
 # dataset (and no --config is given): chosen on that file's validation split (docs/results.md).
-FILE_CONFIGS = {("lstm", "MuseData"): "musedata_lstm.yaml"}
+FILE_CONFIGS = {("lstm", "MuseData"): "musedata_lstm.yaml", ("lstm", "Piano-midi.de"): "piano_midi_lstm.yaml"}
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
 RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.network.nonlinearity=tanh",
