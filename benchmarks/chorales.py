@@ -28,7 +28,8 @@ reports the minutes to its best epoch.
 
 Training goes through the CLI with ``configs/jsb_lstm.yaml`` (``--model rnn`` swaps in the
 vanilla RNN settings of ``RNN_OVERRIDES``; ``--model gru`` and ``rru`` use ``jsb_gru.yaml`` and
-``jsb_rru.yaml``; on MuseData the LSTM adds the overlay ``musedata_lstm.yaml``: ``FILE_CONFIGS``;
+``jsb_rru.yaml``; on MuseData and Piano-midi.de the LSTM adds the overlay ``musedata_lstm.yaml`` or
+``piano_midi_lstm.yaml``: ``FILE_CONFIGS``;
 ``--config`` replaces them all), so the run is logged like any other (W&B, checkpoints under runs/). The NLL is the published one: Σ over sequences of the BCE summed over
 the 88 pitches, divided by Σ (T_i − 1); the first frame of a sequence is never predicted.
 
