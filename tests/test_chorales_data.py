@@ -292,27 +292,8 @@ def test_on_musedata_the_lstm_adds_its_overlay_to_the_config(capsys):
     assert (model["network"]["weight_drop"], model["network"]["recurrent_dropout"]) == (0.3, 0.1)  # the overlay's
     assert (model["input_dropout"], model["output_dropout"]) == (0.1, 0.25)
 
-
-def test_on_piano_midi_the_lstm_adds_the_searched_overlay(capsys):
-    """Piano-midi.de's LSTM reads jsb_lstm.yaml, then piano_midi_lstm.yaml: the values the search
-    chose on that file's validation split (docs/results.md), with 30 minutes."""
-    import yaml
-
-    from benchmarks import chorales
-    from seqmodels.cli import main
-
-    args = chorales.parse_args(["--path", "Piano_midi.mat", "--minutes", "29.3"])
-    configs = chorales.config_files(args, "Piano-midi.de")
-    assert [Path(c).name for c in configs] == ["jsb_lstm.yaml", "piano_midi_lstm.yaml"]
-    with pytest.raises(SystemExit) as exit_info:
-        main([*chorales.cli_arguments(args, configs), "--print_config"])
-    assert exit_info.value.code == 0
-    config = yaml.safe_load(capsys.readouterr().out)
-    model = config["model"]["init_args"]
-    assert (model["network"]["hidden_size"], model["network"]["weight_drop"], model["output_dropout"]) == (512, 0.608, 0.0068)
-    assert config["optimizer"]["init_args"]["lr"] == 0.00865 and config["trainer"]["max_time"] == "00:00:29:18"
-    overlay = yaml.safe_load(Path(configs[1]).read_text())
-    assert overlay["trainer"]["max_time"] == "00:00:30:00"
+    for dataset in ("JSB Chorales", "Piano-midi.de", "Nottingham"):  # their own settings: jsb_lstm.yaml's
+        assert [Path(c).name for c in configs(dataset)] == ["jsb_lstm.yaml"]
 
 
 @pytest.mark.parametrize("argv, message", [
