@@ -237,6 +237,7 @@ class EMAWeights(EMAWeightAveraging):
             raise ValueError(f"EMAWeights decay={decay}: give a number between 0 and 1, e.g. 0.998")
         super().__init__(use_buffers=False, decay=decay, update_starting_at_step=update_starting_at_step)
         self.decay = decay
+        self._swapped_in = False  # whether a validation has the average in the module now
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
@@ -256,7 +257,7 @@ class EMAWeights(EMAWeightAveraging):
         """The module that holds the average now: ``pl_module`` while a validation has it swapped
         in (or before there is an average), else the callback's copy."""
         average = averaged_module(self)
-        return pl_module if average is None or getattr(self, "_swapped_in", False) else average
+        return pl_module if average is None or self._swapped_in else average
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if trainer.state.fn == TrainerFn.FITTING:

@@ -47,11 +47,12 @@ BUDGET_KEYS = ("trials", "minutes", "max_epochs", "max_time")
 PARAM_KEYS = {"int": ("type", "low", "high", "step", "log"), "float": ("type", "low", "high", "step", "log"),
               "categorical": ("type", "choices")}
 PRUNERS = ("median", "percentile", "threshold", "none")
-# Outputs for a person (samples, continuations, prediction files) are left out of a trial: not for
-# a search, and ContinuationComparison reads the test split. EMAWeights stays: it decides which
-# weights are validated, so the trials must rank what the config will train.
-LEFT_OUT_CALLBACKS = tuple(f"seqmodels.callbacks.{name}" for name in
-                           ("TextSamples", "PianoRollSamples", "ContinuationComparison", "PredictionFiles"))
+# The callbacks of seqmodels.callbacks are outputs for a person (samples, continuations, prediction
+# files), left out of a trial: not for a search, and ContinuationComparison reads the test split;
+# a new one is left out too until it is named here. EMAWeights stays: it decides which weights
+# are validated, so the trials must rank what the config will train.
+LEFT_OUT_CALLBACKS = "seqmodels.callbacks."
+KEPT_CALLBACKS = ("seqmodels.callbacks.EMAWeights",)
 MIN_TRIALS_FOR_IMPORTANCES = 5
 MAX_FAILURES_IN_A_ROW = 3  # a trial that fails (not the first of a command) is noted and the search goes on, up to this
 DEFAULT_PRUNER = {"type": "median", "n_startup_trials": 5, "n_warmup_steps": 5}
@@ -292,13 +293,14 @@ def trial_args(space: Space, base_args: list[str], command_line, values: dict, l
 
 
 def trial_config(config: dict, study: str, number: int) -> dict:
-    """A trial's config: the output callbacks (``LEFT_OUT_CALLBACKS``) left out, the W&B run named
+    """A trial's config: the output callbacks (``LEFT_OUT_CALLBACKS`` but ``KEPT_CALLBACKS``) left out, the W&B run named
     after the trial and grouped by study."""
     config = dict(config)
     trainer = dict(config.get("trainer") or {})
     callbacks = trainer.get("callbacks") or []
-    trainer["callbacks"] = [c for c in callbacks
-                            if not str(c.get("class_path", "") if isinstance(c, dict) else c).startswith(LEFT_OUT_CALLBACKS)]
+    names = [str(c.get("class_path", "") if isinstance(c, dict) else c) for c in callbacks]
+    trainer["callbacks"] = [c for c, name in zip(callbacks, names)
+                            if name in KEPT_CALLBACKS or not name.startswith(LEFT_OUT_CALLBACKS)]
     logger = trainer.get("logger")
     if isinstance(logger, dict) and str(logger.get("class_path", "")).endswith("WandbLogger"):
         args = dict(logger.get("init_args") or {})
