@@ -28,7 +28,8 @@ reports the minutes to its best epoch.
 
 Training goes through the CLI with ``configs/jsb_lstm.yaml`` (``--model rnn`` swaps in the
 vanilla RNN settings of ``RNN_OVERRIDES``; ``--model gru`` and ``rru`` use ``jsb_gru.yaml`` and
-``jsb_rru.yaml``; on MuseData the LSTM adds the overlay ``musedata_lstm.yaml``: ``FILE_CONFIGS``;
+``jsb_rru.yaml``; on MuseData and Piano-midi.de the LSTM adds the overlay ``musedata_lstm.yaml`` or
+``piano_midi_lstm.yaml``: ``FILE_CONFIGS``;
 ``--config`` replaces them all), so the run is logged like any other (W&B, checkpoints under runs/). The NLL is the published one: Σ over sequences of the BCE summed over
 the 88 pitches, divided by Σ (T_i − 1); the first frame of a sequence is never predicted.
 
@@ -101,7 +102,7 @@ MODELS = ("lstm", "gru", "rnn", "rru")
 CONFIGS = {"gru": "jsb_gru.yaml", "rru": "jsb_rru.yaml"}
 # A file's own overlay, given after the model's config where the file is identified as that
 # dataset (and no --config is given): chosen on that file's validation split (docs/results.md).
-FILE_CONFIGS = {("lstm", "MuseData"): "musedata_lstm.yaml"}
+FILE_CONFIGS = {("lstm", "MuseData"): "musedata_lstm.yaml", ("lstm", "Piano-midi.de"): "piano_midi_lstm.yaml"}
 
 # The vanilla RNN's settings on top of configs/jsb_lstm.yaml (the same as configs/chorales_rnn.yaml).
 RNN_OVERRIDES = ["--model.init_args.network.cell=rnn", "--model.init_args.network.nonlinearity=tanh",

@@ -266,10 +266,7 @@ def test_on_musedata_the_lstm_adds_its_overlay_to_the_config(capsys):
     """A MuseData run of the LSTM reads jsb_lstm.yaml, then musedata_lstm.yaml (half the
     regularization, chosen on MuseData's validation split), whose settings win; other files,
     other models and an explicit --config read one config."""
-    import yaml
-
     from benchmarks import chorales
-    from seqmodels.cli import main
 
     def configs(dataset, *argv):
         return chorales.config_files(chorales.parse_args(["--path", "x.mat", *argv]), dataset)
@@ -284,16 +281,44 @@ def test_on_musedata_the_lstm_adds_its_overlay_to_the_config(capsys):
     assert cli_args[:6] == ["fit", "--config", configs("MuseData")[0], "--config", configs("MuseData")[1],
                             "--data.path=MuseData.mat"]
     assert "--trainer.max_time=00:00:30:00" in cli_args and cli_args[-1] == "--seed_everything=3"
-    with pytest.raises(SystemExit) as exit_info:
-        main([*cli_args, "--print_config"])
-    assert exit_info.value.code == 0
-    model = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
+    model, _ = printed_config(capsys, cli_args)
     assert model["network"]["cell"] == "lstm" and model["network"]["hidden_size"] == 256  # jsb_lstm.yaml's
     assert (model["network"]["weight_drop"], model["network"]["recurrent_dropout"]) == (0.3, 0.1)  # the overlay's
     assert (model["input_dropout"], model["output_dropout"]) == (0.1, 0.25)
 
-    for dataset in ("JSB Chorales", "Piano-midi.de", "Nottingham"):  # their own settings: jsb_lstm.yaml's
+    for dataset in ("JSB Chorales", "Nottingham"):  # their own settings: jsb_lstm.yaml's
         assert [Path(c).name for c in configs(dataset)] == ["jsb_lstm.yaml"]
+
+
+def test_on_piano_midi_the_lstm_adds_the_searchs_best_trial(capsys):
+    """A Piano-midi.de run of the LSTM reads jsb_lstm.yaml, then piano_midi_lstm.yaml: trial 0 of
+    the Piano-midi.de search (docs/search-piano/trials.jsonl), every searched value of it."""
+    from benchmarks import chorales
+
+    configs = chorales.config_files(chorales.parse_args(["--path", "Piano_midi.mat"]), "Piano-midi.de")
+    assert [Path(c).name for c in configs] == ["jsb_lstm.yaml", "piano_midi_lstm.yaml"]
+    model, optimizer = printed_config(capsys, chorales.cli_arguments(
+        chorales.parse_args(["--path", "Piano_midi.mat"]), configs))
+    trial = next(t for t in map(json.loads, (Path(__file__).parents[1] / "docs/search-piano/trials.jsonl").read_text().splitlines())
+                 if t["trial"] == 0)
+    got = {"model.network.hidden_size": model["network"]["hidden_size"], "optimizer.lr": optimizer["lr"],
+           **{f"model.network.{k}": model["network"][k] for k in ("weight_drop", "recurrent_dropout")},
+           **{f"model.{k}": model[k] for k in ("input_dropout", "output_dropout")}}
+    assert got == trial["params"]
+    assert model["network"]["cell"] == "lstm"  # the rest is jsb_lstm.yaml's
+
+
+def printed_config(capsys, cli_args):
+    """The model's and the optimizer's init_args as the CLI composes them from ``cli_args``."""
+    import yaml
+
+    from seqmodels.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*cli_args, "--print_config"])
+    assert exit_info.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    return config["model"]["init_args"], config["optimizer"]["init_args"]
 
 
 @pytest.mark.parametrize("argv, message", [
