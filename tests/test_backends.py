@@ -91,6 +91,7 @@ def test_each_decision_is_said_once(capsys):
                      " runs on torch (torch's fused op; impl: auto, rule: the only candidate)"]
 
 
+@pytest.mark.slow
 def test_the_cells_benchmark_measures_a_cell_without_a_torch_twin_against_the_lstm():
     """benchmarks/cells.py --cells rru: its rows are torch.nn.LSTM of the same size (nn) and
     autograd, the RRU's only backend; it says so instead of naming a faster path."""

@@ -99,6 +99,7 @@ def bad_checkpoints(trained, tmp_path):
 
 
 @pytest.mark.parametrize("subcommand", ["test", "fit"])
+@pytest.mark.slow
 def test_corrupt_truncated_or_missing_checkpoints(subcommand, trained, in_tmp_dir, capsys):
     before = digest(trained)
     for name, message in bad_checkpoints(trained, in_tmp_dir).items():
@@ -108,6 +109,7 @@ def test_corrupt_truncated_or_missing_checkpoints(subcommand, trained, in_tmp_di
     assert digest(trained) == before
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_size_cell_or_task(trained, in_tmp_dir, capsys):
     before = digest(trained)
     line = run_failing(["test", "--config", SUMS, *TINY_SUMS, "--model.init_args.network.hidden_size=7",
@@ -159,6 +161,7 @@ def notices(capsys) -> list[str]:
 
 
 @no_cuda
+@pytest.mark.slow
 def test_gpu_config_without_a_gpu_runs_on_the_cpu_with_a_notice(in_tmp_dir, capsys):
     corpus = in_tmp_dir / "corpus.txt"
     corpus.write_text("to be or not to be, that is the question\n" * 200)
@@ -193,6 +196,7 @@ def test_peephole_overlay_turns_the_gpu_config_into_a_peephole_lstm(in_tmp_dir, 
 
 
 @no_cuda
+@pytest.mark.slow
 def test_float16_mixed_precision_on_the_cpu_falls_back_to_32_true(in_tmp_dir, capsys):
     cli = main(["fit", "--config", SUMS, *TINY_SUMS, "--trainer.precision=16-mixed", "--trainer.accelerator=cpu",
                 "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
@@ -231,6 +235,7 @@ def test_ckpt_path_last_without_any_run_is_one_line(subcommand, in_tmp_dir, caps
     assert not (in_tmp_dir / "runs").exists()
 
 
+@pytest.mark.slow
 def test_predict_writes_beside_the_checkpoint_and_refuses_another_tasks(trained, in_tmp_dir, capsys):
     import numpy as np
 
@@ -290,6 +295,7 @@ def test_framework_errors_while_building_are_one_line(args, in_tmp_dir, capsys):
 
 
 @pytest.mark.parametrize("arg", list(FIT_ERRORS))
+@pytest.mark.slow
 def test_framework_errors_inside_fit_before_the_first_batch_are_one_line(arg, in_tmp_dir, capsys):
     line = one_line_without_traceback(["fit", "--config", SUMS, *TINY_SUMS, *CSV, arg], capsys)
     assert line.startswith(FIT_ERRORS[arg]), line
@@ -311,6 +317,7 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arg", list(FIT_ERRORS))
+@pytest.mark.slow
 def test_a_resume_that_fails_while_building_keeps_the_run_as_it_was(arg, trained_run, in_tmp_dir, capsys):
     """--ckpt_path last continues in the run's own folder: its checkpoints and config stay."""
     import shutil

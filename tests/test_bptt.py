@@ -261,6 +261,7 @@ def test_fused_tanh_and_sigmoid_match_torch_over_a_wide_range():
 
 
 @pytest.mark.cxx
+@pytest.mark.slow
 def test_fused_loops_leave_torch_rng_alone():
     """Their first call in a process checks the BLAS against at::mm; that check must not draw
     from torch's RNG (it would shift dropout masks: a resumed run would not match). A fresh

@@ -15,6 +15,7 @@ from torch import nn
 from seqmodels import GRUCell, LSTMCell, RecurrentStack, RNNCell, RRUCell, backends
 from seqmodels.errors import ConfigError
 from seqmodels.registry import CELLS, CellType
+from tests.helpers import mark_slow
 
 B, T, I, H = 4, 7, 5, 6
 LENGTHS = torch.tensor([7, 3, 5, 1])
@@ -156,7 +157,7 @@ def test_every_backend_equals_autograd(name, variant, dtype):
     check_backends_agree(name, variant, dtype)
 
 
-@pytest.mark.parametrize("name, variant", cases())
+@pytest.mark.parametrize("name, variant", mark_slow(cases(), "lstm-peephole=True", "gru", "rru"))  # 1-3 s each
 def test_gradcheck_every_backend(name, variant):
     check_gradcheck(name, variant)
 

@@ -190,6 +190,7 @@ def fake_run(path, model, seed, nll, dataset="JSB Chorales") -> dict:
             "device": "cpu"}
 
 
+@pytest.mark.slow
 def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path, monkeypatch, capsys):
     """--table: every model x file x seed not yet in runs.jsonl runs once, in a fresh process of
     the script with its own seed and the budget's minutes; a failed run is reported and not
@@ -368,6 +369,7 @@ def test_the_benchmark_identifies_the_canonical_files():
 
 
 # ---- the embedded corpus -----------------------------------------------------------------
+@pytest.mark.slow
 def test_embedded_corpus_is_converted_once_then_loaded_from_the_cache(tmp_path, monkeypatch):
     import data_modules.bach_corpus as bach_corpus
 

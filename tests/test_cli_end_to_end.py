@@ -63,6 +63,7 @@ def test_print_config_shows_the_resolved_config(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_config_is_logged_once_and_flat(in_tmp_dir):
     """With a CSVLogger, hparams.yaml holds the resolved CLI config, flat, and nothing else
     (the modules' own hyperparameters are not logged a second time)."""

@@ -113,6 +113,7 @@ def test_exploding_demo_without_clipping_diverges_and_is_stopped(in_tmp_dir, cap
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), ckpt
 
 
+@pytest.mark.slow
 def test_exploding_demo_with_clipping_trains_and_writes_plots(in_tmp_dir, capsys):
     cli = main(["fit", "--config", EXPLODE, *SMALL, "--trainer.max_epochs=3",
                 "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"])
@@ -130,6 +131,7 @@ def test_exploding_demo_with_clipping_trains_and_writes_plots(in_tmp_dir, capsys
     assert "<- training length" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_gets_images_and_histograms(in_tmp_dir):
     cli = main(["fit", "--config", EXPLODE, *SMALL])
     import wandb
@@ -145,6 +147,7 @@ def test_wandb_offline_run_gets_images_and_histograms(in_tmp_dir):
     assert "train/grad_norm" in cli.trainer.logged_metrics
 
 
+@pytest.mark.slow
 def test_wandb_disabled_still_writes_plots(in_tmp_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     main(["fit", "--config", EXPLODE, *SMALL, "--trainer.max_epochs=1"])
@@ -163,6 +166,7 @@ def test_temporal_norms_of_the_music_model_with_padding():
     assert norms.shape == (1, 9) and (norms[0, :5] > 0).all()
 
 
+@pytest.mark.slow
 def test_tensorboard_logger_gets_plots_and_metrics(in_tmp_dir):
     cli = main(["fit", "--config", EXPLODE, *SMALL, "--trainer.max_epochs=1",
                 "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", "--trainer.logger.save_dir=runs"])

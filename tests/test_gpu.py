@@ -251,6 +251,7 @@ FIT_DEVICES = DEVICES
 
 @pytest.mark.parametrize("device", FIT_DEVICES)
 @pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.slow
 def test_short_fit_learns_under_every_precision(task, device, tmp_path):
     results = {}
     for precision in PRECISIONS[device]:

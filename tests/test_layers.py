@@ -171,6 +171,7 @@ def test_an_untested_version_warns_in_one_line():
     assert set(compat.installed_versions()) == {"torch", "lightning", "torchdata"}
 
 
+@pytest.mark.slow
 def test_the_cells_load_neither_lightning_nor_data():
     """In a fresh process: the cells, the stack and the hand-written backward import torch and
     the project's own leaf modules only (none of these imports loads any of them, since together

@@ -226,6 +226,7 @@ def test_drums_and_notes_outside_the_piano_are_dropped_and_times_are_sampled(tmp
     assert midi_to_roll(path, steps_per_quarter=4)[10, 67 - 21] == 1  # at 1/16 it is seen (time 2.5)
 
 
+@pytest.mark.slow
 def test_the_music_model_trains_and_samples_from_a_midi_folder_through_the_cli(in_tmp_dir):
     """The README's "Your own data" commands on a folder the project wrote itself."""
     from seqmodels.cli import main

@@ -256,6 +256,7 @@ TINY = ["--model.init_args.network.hidden_size=8", "--trainer.max_epochs=2", "--
         "--trainer.callbacks.length=12", "--trainer.callbacks.every_n_epochs=1"]
 
 
+@pytest.mark.slow
 def test_cli_fit_then_sample_on_a_tiny_file(in_tmp_dir, capsys):
     from seqmodels.cli import main
 
@@ -306,6 +307,7 @@ def test_cli_fit_then_sample_on_a_tiny_file(in_tmp_dir, capsys):
     assert abs(bce / sum(len(p) for p in probs) - nll) < 1e-3 * nll
 
 
+@pytest.mark.slow
 def test_the_rru_config_trains_on_windows_of_a_tiny_file(in_tmp_dir):
     from seqmodels.cli import main
 
@@ -333,6 +335,7 @@ def test_cli_bad_data_path_is_one_line(in_tmp_dir, capsys):
     assert err[-1].startswith("error: data.path missing.mat does not exist")
 
 
+@pytest.mark.slow
 def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_dir):
     """ContinuationComparison (in the JSB and chorales configs): the first 8 frames of a test
     sequence given, the real and the generated continuation as one PNG (logged to W&B), two
@@ -369,6 +372,7 @@ def test_at_the_end_of_training_a_continuation_sits_beside_the_real_one(in_tmp_d
     assert (files / "samples" / "continuation-generated.wav").is_file() != logged
 
 
+@pytest.mark.slow
 def test_ema_weights_are_the_checkpoint_and_what_test_scores(in_tmp_dir):
     """seqmodels.callbacks.EMAWeights: the checkpoint holds the running average of the weights after
     each optimizer step (recomputed here by hand), and ``test`` with that checkpoint scores the

@@ -14,6 +14,7 @@ import seqmodels.nn as snn
 from seqmodels import backends
 from seqmodels.errors import ConfigError
 from seqmodels.registry import CELLS
+from tests.helpers import mark_slow
 
 NAMES = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}  # registry cell -> module name (torch's and ours)
 I, H, B, T = 3, 4, 3, 5
@@ -70,7 +71,7 @@ def check_equal_to_torch(cell: str, device: str = "cpu", atol: float = 1e-9) -> 
     return ran
 
 
-@pytest.mark.parametrize("cell", list(NAMES))
+@pytest.mark.parametrize("cell", mark_slow(list(NAMES), "rnn", "gru"))  # 1-2 s each
 def test_equal_to_torch_in_float64(cell):
     assert check_equal_to_torch(cell) == 32 * len(impls_for(cell))
 
@@ -205,7 +206,8 @@ def test_every_registered_cell_with_a_torch_twin_has_a_module():
 
 
 # ---- someone else's script (tests/helpers/word_lm.py: PyTorch's word-level LM example) ---------------
-@pytest.mark.parametrize("rnn_type", ["LSTM", *(pytest.param(t, marks=pytest.mark.slow) for t in ("GRU", "RNN_TANH"))])
+@pytest.mark.slow
+@pytest.mark.parametrize("rnn_type", ["LSTM", "GRU", "RNN_TANH"])
 def test_a_word_language_model_trains_the_same_with_either_import(rnn_type):
     """One epoch from the same seed, changing only the module the script builds its layers
     from: with dropout 0 in float64 (impl autograd) every training loss agrees to 1e-5; with

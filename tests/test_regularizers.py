@@ -12,6 +12,7 @@ from seqmodels.registry import CELLS
 from seqmodels.errors import ConfigError
 from seqmodels import backends
 from tests.helpers.fake_cuda import FakeCuda
+from tests.helpers import mark_slow
 
 ALL = dict(recurrent_dropout=0.3, zoneout_h=0.2, zoneout_c=0.4, weight_drop=0.5)
 
@@ -138,7 +139,7 @@ def test_at_evaluation_dropouts_are_off_and_zoneout_is_its_expectation(cell):
     check_evaluation(cell)
 
 
-@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("cell", mark_slow(list(CELLS), "rru", "gru"))  # 2-5 s each
 def test_gradcheck_through_every_regularizer(cell):
     check_gradcheck_with_every_regularizer(cell)
 

@@ -69,6 +69,7 @@ SCHEDULE = ["--lr_scheduler=seqmodels.schedules.WarmupCosineLR", "--lr_scheduler
             "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=runs"]
 
 
+@pytest.mark.slow
 def test_cli_steps_it_every_step_and_sizes_it_to_the_run(in_tmp_dir):
     from seqmodels.cli import main
 
@@ -94,6 +95,7 @@ def test_cli_follows_the_time_limit_without_max_epochs(in_tmp_dir):
     assert cli.trainer.optimizers[0].param_groups[0]["lr"] < 0.05 * scheduler.base_lrs[0], "annealed by the clock"
 
 
+@pytest.mark.slow
 def test_epoch_interval_is_cosine_annealing_sized_to_the_run(in_tmp_dir):
     """interval: epoch, no warm-up: the learning rate of every epoch is torch's
     CosineAnnealingLR(T_max = max_epochs), and it follows max_epochs given on the command line

@@ -10,6 +10,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.test_chorales_data import write_pickle
+from tests.helpers import mark_slow
 
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("optuna_integration")
@@ -123,6 +124,7 @@ def test_a_trial_left_running_by_a_killed_process_does_not_block_the_resume(tiny
     assert namespace["model.init_args.network.hidden_size"] == trials[1].params["model.network.hidden_size"]
 
 
+@pytest.mark.slow
 def test_a_trial_that_fails_is_noted_and_the_search_goes_on_unless_it_is_the_first(tiny, monkeypatch, capsys):
     """A later trial that fails (an internal error, a value that breaks the model) is marked
     failed with its error and counted; the first trial of a command, or three in a row, stop
@@ -170,6 +172,7 @@ def test_a_resumed_search_draws_what_an_uninterrupted_one_draws(tiny):
     assert len({t.params["optimizer.lr"] for t in fresh}) == 3
 
 
+@pytest.mark.slow
 def test_bad_trials_are_pruned_after_a_validation(tiny):
     space = write_space(tiny, budget={"trials": 1, "max_epochs": 3},
                         pruner={"type": "threshold", "upper": 0.0, "n_warmup_steps": 0})  # val/nll > 0: pruned
@@ -215,6 +218,7 @@ def watched_test_split(monkeypatch):
     return WatchedRolls.reads
 
 
+@pytest.mark.slow
 def test_the_search_never_reads_the_test_split(tiny, watched_test_split):
     run(write_space(tiny, budget={"trials": 1, "max_epochs": 1}))
     assert load(tiny).trials[0].state == TrialState.COMPLETE
@@ -248,7 +252,7 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", mark_slow(list(BAD), "a choice the config refuses"))  # it composes the config
 def test_bad_input_is_one_line(tiny, capsys, case):
     changes, expected = BAD[case]
     with pytest.raises(SystemExit) as info:
@@ -267,6 +271,7 @@ def test_a_missing_space_file_is_one_line(tiny, capsys):
     assert err == ["error: search space file configs/search/no_such.yaml does not exist; e.g. configs/search/jsb_lstm.yaml"]
 
 
+@pytest.mark.slow
 def test_the_shipped_space_files_name_keys_of_their_configs(tmp_path):
     from seqmodels.search import check_keys, read_space
 

@@ -261,6 +261,7 @@ def server(tmp_path):
     httpd.server_close()
 
 
+@pytest.mark.slow
 def test_url_is_downloaded_into_datasets_cache_and_read(server, tmp_path, datasets_cache, corpus):
     (server.root / "plays.txt").write_text(TRAIN, encoding="utf-8")
     url = f"{server.url}/plays.txt"

@@ -136,10 +136,10 @@ def with_plan(monkeypatch, plan_: gpu.Plan) -> None:
     monkeypatch.setattr(gpu, "plan", lambda B, H, sms: plan_)
 
 
-# the quick subset: every cell as one persistent program with every option, the per-step grid
-# for the two extremes (tanh RNN, peephole LSTM); the rest with ``slow``
-FLOAT64_CASES = [pytest.param(cell, mode, options, marks=[] if options and (mode == "persistent" or cell in (
-    "rnn_tanh", "lstm_peephole", "gru")) else [pytest.mark.slow], id=f"{cell}-{mode}-{'options' if options else 'plain'}")
+# the quick subset: every cell as one persistent program with every option; the per-step grid
+# (1.5-2.6 s a cell in the interpreter) and the plain cells with ``slow``
+FLOAT64_CASES = [pytest.param(cell, mode, options, marks=[] if options and mode == "persistent" else [pytest.mark.slow],
+                              id=f"{cell}-{mode}-{'options' if options else 'plain'}")
     for cell in CELLS for mode in sorted(PLANS) for options in (True, False)]
 
 
@@ -181,6 +181,7 @@ def test_bfloat16_operands_accumulate_in_float32(cell, device, monkeypatch):
 
 
 @pytest.mark.parametrize("cell", ["lstm_peephole", "gru"])
+@pytest.mark.slow
 def test_persistent_launch_that_times_out_reruns_one_step_per_launch(cell, monkeypatch):
     """Two programs in one persistent launch: the interpreter runs them one after the other, so
     the first waits at the grid barrier for a program that has not started. The wait gives up,

@@ -35,6 +35,7 @@ def offline_fit(tmp_path_factory):
     return run, OfflineRun(folders[0]), folders[0].relative_to(tmp_path)
 
 
+@pytest.mark.slow
 def test_offline_without_a_key_is_one_line_with_the_sync_command(offline_fit):
     run, _, folder = offline_fit
     console = (run.stdout + run.stderr).splitlines()
@@ -44,6 +45,7 @@ def test_offline_without_a_key_is_one_line_with_the_sync_command(offline_fit):
     assert "anonymous" not in run.stderr
 
 
+@pytest.mark.slow
 def test_run_name_tags_and_group_say_what_ran(offline_fit):
     _, logged, _ = offline_fit
     assert logged.run.display_name == "sums-lstm-1x8"
@@ -51,6 +53,7 @@ def test_run_name_tags_and_group_say_what_ran(offline_fit):
     assert logged.run.run_group == "sums_lstm"
 
 
+@pytest.mark.slow
 def test_config_is_flat_and_logged_once(offline_fit):
     _, logged, _ = offline_fit
     config = logged.config
@@ -62,6 +65,7 @@ def test_config_is_flat_and_logged_once(offline_fit):
     assert logged.config_updates["model.hidden_size"] == 1, "the config is logged once"
 
 
+@pytest.mark.slow
 def test_summary_keeps_the_best_validation_loss(offline_fit):
     _, logged, _ = offline_fit
     defined = {m.name: m.summary for m in logged.metrics if m.name}
@@ -72,6 +76,7 @@ def test_summary_keeps_the_best_validation_loss(offline_fit):
     assert math.isclose(logged.summary["val/loss"]["last"], history[-1])
 
 
+@pytest.mark.slow
 def test_gradient_histograms_come_from_watch_and_checkpoints_are_artifacts(offline_fit):
     _, logged, _ = offline_fit
     histograms = {k.removesuffix("/_type") for row in logged.history for k, v in row.items()  # nested keys come flat
@@ -81,6 +86,7 @@ def test_gradient_histograms_come_from_watch_and_checkpoints_are_artifacts(offli
     assert models and "best" in {alias for a in models for alias in a.aliases}
 
 
+@pytest.mark.slow
 def test_name_tags_and_group_can_be_overridden(in_tmp_dir):
     from seqmodels.cli import main
 
