@@ -263,11 +263,12 @@ def test_the_table_runs_what_is_missing_in_fresh_processes_and_resumes(tmp_path,
     assert "| seqmodels GRU, this table (3 seeds) | **8.40** (8.30–8.50) |\n" in (out / "table.md").read_text()
 
 
-def test_on_musedata_the_lstm_adds_its_overlay_to_the_config(capsys):
+def test_on_musedata_the_lstm_adds_its_overlay_to_the_config():
     """A MuseData run of the LSTM reads jsb_lstm.yaml, then musedata_lstm.yaml (half the
     regularization, chosen on MuseData's validation split), whose settings win; other files,
     other models and an explicit --config read one config."""
     from benchmarks import chorales
+    from seqmodels.search import compose
 
     def configs(dataset, *argv):
         return chorales.config_files(chorales.parse_args(["--path", "x.mat", *argv]), dataset)
@@ -282,44 +283,32 @@ def test_on_musedata_the_lstm_adds_its_overlay_to_the_config(capsys):
     assert cli_args[:6] == ["fit", "--config", configs("MuseData")[0], "--config", configs("MuseData")[1],
                             "--data.path=MuseData.mat"]
     assert "--trainer.max_time=00:00:30:00" in cli_args and cli_args[-1] == "--seed_everything=3"
-    model, _ = printed_config(capsys, cli_args)
-    assert model["network"]["cell"] == "lstm" and model["network"]["hidden_size"] == 256  # jsb_lstm.yaml's
-    assert (model["network"]["weight_drop"], model["network"]["recurrent_dropout"]) == (0.3, 0.1)  # the overlay's
-    assert (model["input_dropout"], model["output_dropout"]) == (0.1, 0.25)
+    config, _ = compose(cli_args[1:])  # what `python cli.py fit ...` runs
+    network = "model.init_args.network."
+    assert config[network + "cell"] == "lstm" and config[network + "hidden_size"] == 256  # jsb_lstm.yaml's
+    assert (config[network + "weight_drop"], config[network + "recurrent_dropout"]) == (0.3, 0.1)  # the overlay's
+    assert (config["model.init_args.input_dropout"], config["model.init_args.output_dropout"]) == (0.1, 0.25)
 
     for dataset in ("JSB Chorales", "Nottingham"):  # their own settings: jsb_lstm.yaml's
         assert [Path(c).name for c in configs(dataset)] == ["jsb_lstm.yaml"]
 
 
-def test_on_piano_midi_the_lstm_adds_the_searchs_best_trial(capsys):
+def test_on_piano_midi_the_lstm_adds_the_searchs_best_trial():
     """A Piano-midi.de run of the LSTM reads jsb_lstm.yaml, then piano_midi_lstm.yaml: trial 0 of
-    the Piano-midi.de search (docs/search-piano/trials.jsonl), every searched value of it."""
+    the Piano-midi.de search (docs/search-piano/trials.jsonl), every value its space searched."""
     from benchmarks import chorales
+    from seqmodels.search import compose, read_space
 
-    configs = chorales.config_files(chorales.parse_args(["--path", "Piano_midi.mat"]), "Piano-midi.de")
+    root = Path(__file__).parents[1]
+    args = chorales.parse_args(["--path", "Piano_midi.mat"])
+    configs = chorales.config_files(args, "Piano-midi.de")
     assert [Path(c).name for c in configs] == ["jsb_lstm.yaml", "piano_midi_lstm.yaml"]
-    model, optimizer = printed_config(capsys, chorales.cli_arguments(
-        chorales.parse_args(["--path", "Piano_midi.mat"]), configs))
-    trial = next(t for t in map(json.loads, (Path(__file__).parents[1] / "docs/search-piano/trials.jsonl").read_text().splitlines())
+    config, _ = compose(chorales.cli_arguments(args, configs)[1:])
+    trial = next(t for t in map(json.loads, (root / "docs/search-piano/trials.jsonl").read_text().splitlines())
                  if t["trial"] == 0)
-    got = {"model.network.hidden_size": model["network"]["hidden_size"], "optimizer.lr": optimizer["lr"],
-           **{f"model.network.{k}": model["network"][k] for k in ("weight_drop", "recurrent_dropout")},
-           **{f"model.{k}": model[k] for k in ("input_dropout", "output_dropout")}}
-    assert got == trial["params"]
-    assert model["network"]["cell"] == "lstm"  # the rest is jsb_lstm.yaml's
-
-
-def printed_config(capsys, cli_args):
-    """The model's and the optimizer's init_args as the CLI composes them from ``cli_args``."""
-    import yaml
-
-    from seqmodels.cli import main
-
-    with pytest.raises(SystemExit) as exit_info:
-        main([*cli_args, "--print_config"])
-    assert exit_info.value.code == 0
-    config = yaml.safe_load(capsys.readouterr().out)
-    return config["model"]["init_args"], config["optimizer"]["init_args"]
+    space = read_space(root / "configs/search/piano_midi_lstm.yaml")
+    assert {p.name: config[p.key] for p in space.params} == trial["params"]
+    assert config["model.init_args.network.cell"] == "lstm"  # the rest is jsb_lstm.yaml's
 
 
 @pytest.mark.parametrize("argv, message", [
